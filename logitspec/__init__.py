@@ -1,0 +1,1 @@
+"""LogitSpec speculative decoding."""

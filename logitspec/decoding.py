@@ -1,0 +1,300 @@
+"""The decoding loop: vanilla, PLD and LogitSpec through one engine.
+
+One step, as named phases::
+
+    root   = the token carried from the last step (greedy: argmax of the last logit)
+    draft  : tree = drafter.draft(root, last_logits)          (vanilla: the root alone)
+    verify : logits = model(tree.tokens, positions, cache, tree_mask)
+    accept : path = longest path the target agrees with; bonus = target's token after it
+    update : cache.keep(path); drafter.extend(accepted tokens); root = bonus
+
+A step emits the root plus the accepted drafts (its *accept length*); the bonus token is not
+emitted yet but carried as the next root. Generation stops at the first end-of-sequence token
+(kept, nothing after it) or at ``max_new_tokens`` (the overshoot cut). Every method counts new
+tokens and steps the same way, so vanilla decoding has a mean accepted length of exactly 1.
+
+A :class:`Decoder` keeps its cache and context between calls: a follow-up turn whose prompt
+extends the previous context only prefills the new tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .acceptance import GreedyVerifier, Verifier
+from .drafters import Drafter, LogitSpecConfig, LogitSpecDrafter, PoolConfig, PromptLookupDrafter
+from .model import Transformer
+from .tree import DraftTree
+
+DEFAULT_CONTEXT = 4096
+
+
+class PromptTooLongError(ValueError):
+    """The prompt (plus the tokens to generate) does not fit the model's context."""
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How much to generate and when to stop. Greedy only for now (``temperature == 0``)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.temperature > 0:
+            raise NotImplementedError("sampling (temperature > 0) is not supported yet")
+
+
+@dataclass
+class StepTimes:
+    """Seconds spent per phase (``time.perf_counter``, device synchronized at phase ends)."""
+
+    prefill: float = 0.0
+    draft: float = 0.0
+    verify: float = 0.0
+    accept: float = 0.0
+    update: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.prefill + self.draft + self.verify + self.accept + self.update
+
+    @property
+    def overhead(self) -> float:
+        """Drafting, tree building and acceptance: the method's own host work."""
+        return self.draft + self.accept
+
+
+@dataclass
+class GenerationResult:
+    """What one generation produced and what it cost."""
+
+    output_ids: list[int]
+    accept_lengths: list[int]
+    draft_lengths: list[int]
+    stop_reason: str  # "eos" or "length"
+    times: StepTimes = field(default_factory=StepTimes)
+    wall_time: float = 0.0
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def decoding_steps(self) -> int:
+        return len(self.accept_lengths)
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        return self.new_tokens / max(self.decoding_steps, 1)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Decoder:
+    """Decodes with ``model`` and an optional ``drafter``; owns the KV cache.
+
+    ``capacity``: the cache size in tokens (default: the model's context, at most
+    ``DEFAULT_CONTEXT``, plus the tree budget). It grows when a prompt needs more, up to the
+    model's context plus the tree budget.
+    """
+
+    def __init__(
+        self, model: Transformer, drafter: Drafter | None = None, *, capacity: int | None = None
+    ) -> None:
+        self.model = model
+        self.drafter = drafter
+        self.tree_capacity = drafter.tree_capacity if drafter is not None else 1
+        self.max_context = model.config.max_position_embeddings
+        default = min(self.max_context, DEFAULT_CONTEXT) + self.tree_capacity
+        self.cache = model.new_cache(capacity or default, mask_rows=max(self.tree_capacity, 1))
+        self.context: list[int] = []
+
+    def reset(self) -> None:
+        """Forgets the context (the cache buffer is kept)."""
+        self.cache.reset()
+        self.context = []
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> GenerationResult:
+        """Generates after ``prompt_ids`` (the whole conversation so far)."""
+        prompt = [int(t) for t in prompt_ids]
+        self._check_fits(prompt, config)
+        device = self.model.device
+        synchronize(device)
+        start = time.perf_counter()
+        verifier = self._verifier(config)
+        last_logits = self._prefill(prompt)
+        root = verifier.first_token(last_logits)
+        prefill_end = time.perf_counter()
+        result = self._decode(root, last_logits, config, verifier)
+        synchronize(device)
+        end = time.perf_counter()
+        result.times.prefill = prefill_end - start
+        result.wall_time = end - start
+        return result
+
+    def _check_fits(self, prompt: list[int], config: GenerationConfig) -> None:
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        needed = len(prompt) + config.max_new_tokens
+        if needed > self.max_context:
+            raise PromptTooLongError(
+                f"prompt of {len(prompt)} tokens + max_new_tokens {config.max_new_tokens} "
+                f"exceeds the model's context of {self.max_context} tokens"
+            )
+        if needed + self.tree_capacity > self.cache.capacity:
+            self._grow_cache(needed + self.tree_capacity)
+
+    def _grow_cache(self, capacity: int) -> None:
+        old = self.cache
+        self.cache = self.model.new_cache(capacity, mask_rows=old._mask.shape[0])
+        self.cache.buffer[:, :, :, : old.length] = old.buffer[:, :, :, : old.length]
+        self.cache.length = old.length
+
+    def _prefill(self, prompt: list[int]) -> torch.Tensor:
+        """Fills the cache with ``prompt`` (reusing the common prefix); returns the last logit."""
+        reused = _common_prefix(self.context, prompt)
+        reused = min(reused, len(prompt) - 1, self.cache.length)
+        self.cache.truncate(reused)
+        device = self.model.device
+        tokens = torch.tensor(prompt[reused:], device=device)
+        positions = torch.arange(reused, len(prompt), device=device)
+        hidden = self.model.hidden(tokens, positions, self.cache)
+        self.cache.commit(len(tokens))
+        self.context = prompt
+        if self.drafter is not None:
+            self.drafter.begin(prompt, reused)
+        return self.model.lm_head(hidden[-1])
+
+    def _verifier(self, config: GenerationConfig) -> Verifier:
+        return GreedyVerifier()
+
+    def _decode(
+        self, root: int, last_logits: torch.Tensor, config: GenerationConfig, verifier: Verifier
+    ) -> GenerationResult:
+        eos = frozenset(config.eos_token_ids)
+        result = GenerationResult([], [], [], "length")
+        times = result.times
+        output = result.output_ids
+        while True:
+            output.append(root)
+            if root in eos or len(output) >= config.max_new_tokens:
+                result.accept_lengths.append(1)
+                result.draft_lengths.append(0)
+                break
+            t0 = time.perf_counter()
+            tree = self._draft(root, last_logits, config.max_new_tokens - len(output))
+            t1 = time.perf_counter()
+            logits = self._verify(tree)
+            predicted = verifier.predict(logits)
+            t2 = time.perf_counter()
+            path, bonus = verifier.accept(tree, predicted)
+            path = _cut_path(tree, path, eos, config.max_new_tokens - len(output))
+            t3 = time.perf_counter()
+            accepted = [tree.tokens[i] for i in path[1:]]
+            self._update(tree, path)
+            output.extend(accepted)
+            result.accept_lengths.append(len(path))
+            result.draft_lengths.append(tree.num_draft_tokens)
+            last_logits, root = logits[path[-1]], bonus
+            times.draft += t1 - t0
+            times.verify += t2 - t1
+            times.accept += t3 - t2
+            times.update += time.perf_counter() - t3
+            if (accepted and accepted[-1] in eos) or len(output) >= config.max_new_tokens:
+                break
+        result.stop_reason = "eos" if output[-1] in eos else "length"
+        return result
+
+    def _draft(self, root: int, last_logits: torch.Tensor, max_depth: int) -> DraftTree:
+        if self.drafter is None:
+            return DraftTree((root,), (-1,), (0,))
+        return self.drafter.draft(root, last_logits, max_depth)
+
+    def _verify(self, tree: DraftTree) -> torch.Tensor:
+        """Logits (T, V) of every tree node, from one forward pass."""
+        device = self.model.device
+        base = len(self.context)
+        rows = np.array([tree.tokens, tree.depths], dtype=np.int64)
+        rows[1] += base
+        packed = torch.from_numpy(rows).to(device, non_blocking=True)
+        tree_mask = None
+        if len(tree) > 1 and max(tree.depths) < len(tree) - 1:  # not a plain chain
+            tree_mask = torch.from_numpy(tree.tree_mask()).to(device, non_blocking=True)
+        return self.model(packed[0], packed[1], self.cache, tree_mask)
+
+    def _update(self, tree: DraftTree, path: list[int]) -> None:
+        self.cache.keep(path)
+        tokens = [tree.tokens[i] for i in path]
+        self.context.extend(tokens)
+        if self.drafter is not None:
+            self.drafter.extend(tokens, tree, path)
+
+
+def _cut_path(tree: DraftTree, path: list[int], eos: frozenset[int], room: int) -> list[int]:
+    """Cuts the accepted drafts after the first EOS and to ``room`` tokens (root kept)."""
+    drafts = path[1:1 + room]
+    for i, node in enumerate(drafts):
+        if tree.tokens[node] in eos:
+            drafts = drafts[: i + 1]
+            break
+    return path[:1] + drafts
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def generate(
+    model: Transformer,
+    prompt_ids: Sequence[int],
+    config: GenerationConfig,
+    drafter: Drafter | None = None,
+) -> GenerationResult:
+    """One-shot generation (a fresh :class:`Decoder`)."""
+    return Decoder(model, drafter).generate(prompt_ids, config)
+
+
+def generate_vanilla(model: Transformer, prompt_ids: Sequence[int], config: GenerationConfig) -> GenerationResult:
+    """Plain greedy decoding, one token per forward pass."""
+    return generate(model, prompt_ids, config)
+
+
+def generate_pld(
+    model: Transformer,
+    prompt_ids: Sequence[int],
+    config: GenerationConfig,
+    pool: PoolConfig = PoolConfig(),
+    draft_tree_capacity: int = 64,
+) -> GenerationResult:
+    """Prompt lookup decoding: one retrieved chain per step."""
+    return generate(model, prompt_ids, config, PromptLookupDrafter(pool, draft_tree_capacity))
+
+
+def generate_logitspec(
+    model: Transformer,
+    prompt_ids: Sequence[int],
+    config: GenerationConfig,
+    logitspec: LogitSpecConfig = LogitSpecConfig(),
+) -> GenerationResult:
+    """LogitSpec decoding: next-token and next-next-token retrieval in one tree."""
+    return generate(model, prompt_ids, config, LogitSpecDrafter(logitspec))

@@ -1,0 +1,211 @@
+"""A compact Llama-family causal LM with explicit positions and tree attention.
+
+One sequence at a time (no batch dimension): ``forward(tokens (T,), positions (T,), cache,
+tree_mask (T, T) | None) -> logits (T, V)``. The new tokens attend to every committed token of
+``cache`` and, among themselves, to what ``tree_mask`` allows (causal order when None). Their
+keys/values are written to the cache's pending slots; the caller decides which to keep.
+
+Numerics follow HF transformers' Llama: RMSNorm in float32, RoPE tables in float32 with the
+``rotate_half`` convention, everything else in the weights' dtype. Weight names are HF's
+(``model.layers.0.self_attn.q_proj.weight`` ...); the loader fuses q/k/v and gate/up into one
+matrix each (see :mod:`logitspec.loading`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, RopeConfig
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies (head_dim / 2,) in float32, scaled as ``rope.kind`` says."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (rope.theta ** exponents)
+    if rope.kind == "linear":
+        return inv_freq / rope.factor
+    if rope.kind == "llama3":
+        return _llama3_scale(inv_freq, rope)
+    return inv_freq
+
+
+def _llama3_scale(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+    """Llama 3.1 scaling: long wavelengths divided by ``factor``, short ones kept, a linear
+    blend (in 1 / wavelength) between ``old_ctx / low_freq_factor`` and
+    ``old_ctx / high_freq_factor``."""
+    old_ctx = rope.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = old_ctx / rope.low_freq_factor
+    high_wavelen = old_ctx / rope.high_freq_factor
+    smooth = (old_ctx / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
+    blended = (1 - smooth) * inv_freq / rope.factor + smooth * inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    middle = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return torch.where(middle, blended, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        q_dim = cfg.num_heads * cfg.head_dim
+        kv_dim = cfg.num_kv_heads * cfg.head_dim
+        self.split = (q_dim, kv_dim, kv_dim)
+        self.wqkv = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.attention_bias)
+        self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.attention_out_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        layer: int,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.wqkv(x).split(self.split, dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim).transpose(0, 1)  # (H, T, D)
+        k = k.view(T, self.num_kv_heads, self.head_dim).transpose(0, 1)  # (H_kv, T, D)
+        v = v.view(T, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        keys, values = cache.write(layer, k, v)  # (H_kv, S, D)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+            attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads,
+        )  # (1, H, T, D)
+        return self.wo(out[0].transpose(0, 1).reshape(T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache: KVCache, layer: int, mask) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """The decoder. ``forward`` returns logits; ``hidden`` the final normed hidden states."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.rope, cfg.head_dim), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def new_cache(self, capacity: int, *, mask_rows: int = 128) -> KVCache:
+        """A cache sized for this model, on its device and in its dtype."""
+        cfg = self.config
+        return KVCache(
+            len(self.layers), cfg.num_kv_heads, cfg.head_dim, capacity,
+            dtype=self.dtype, device=self.device, mask_rows=mask_rows,
+        )
+
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, D) for ``positions`` (T,), computed in float32, cast to the dtype."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, D/2)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+
+    def hidden(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        tree_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final normed hidden states (T, hidden) of ``tokens`` (T,) at ``positions`` (T,).
+
+        Writes the tokens' K/V to the cache's pending slots (see :class:`KVCache`).
+        """
+        num_new = tokens.shape[0]
+        cache.begin(num_new)
+        mask = cache.attention_mask(tree_mask, num_new)
+        cos, sin = self.rope_tables(positions)
+        x = self.embed(tokens)  # (T, hidden)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, cache, i, mask)
+        return self.norm(x)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        tree_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (T, V) of ``tokens`` (T,); see :meth:`hidden`."""
+        return self.lm_head(self.hidden(tokens, positions, cache, tree_mask))
+
+    def truncated(self, num_layers: int) -> "Transformer":
+        """A layer-skip view: the first ``num_layers`` blocks, the final norm and the LM head,
+        sharing this model's weights (no copy). It needs a cache of its own."""
+        if not 1 <= num_layers <= len(self.layers):
+            raise ValueError(f"num_layers must be in 1..{len(self.layers)}, got {num_layers}")
+        view = Transformer.__new__(Transformer)
+        nn.Module.__init__(view)
+        view.config = self.config
+        view.embed = self.embed
+        view.layers = nn.ModuleList(self.layers[:num_layers])
+        view.norm = self.norm
+        view.lm_head = self.lm_head
+        view.register_buffer("inv_freq", self.inv_freq, persistent=False)
+        return view

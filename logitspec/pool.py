@@ -1,0 +1,113 @@
+"""The n-gram pool: where retrieval-based drafters look up continuations.
+
+The pool indexes a growing token sequence (prompt + accepted output). For every ``n`` in
+``1..max_ngram_size`` it maps each n-gram to one or a few of its occurrences (the position of
+the n-gram's last token); an occurrence's *continuation* is the up to ``num_pred_tokens`` tokens
+that follow it in the sequence, read at lookup time (so it grows as the sequence grows).
+
+Which occurrence wins (``max_continuations = 1``, the reference policy): an n-gram is stored at
+its first occurrence that has at least one following token; a later occurrence replaces the
+stored one as soon as its continuation is full (``num_pred_tokens`` long). In words: the most
+recent occurrence with a full continuation, else the earliest one (whose continuation is the
+longest). With ``max_continuations = k > 1`` the pool keeps the ``k`` most recent winners with
+pairwise different continuations' first tokens, newest first (see :meth:`NGramPool.lookup_all`).
+
+Worked example, ``max_ngram_size = 2``, ``num_pred_tokens = 2``::
+
+    tokens  = [5, 6, 7, 5, 6, 8]   (positions 0..5)
+    (5, 6) first occurs ending at 1 (continuation [7, 5], full)
+           again ending at 4 (continuation [8], not full): position 1 stays
+    lookup([9, 5, 6]) -> [7, 5]         (longest suffix first: (5, 6) matches)
+    extend([9])       -> position 4's continuation [8, 9] is full: (5, 6) now -> [8, 9]
+
+Updates are incremental: appending ``m`` tokens touches ``O((m + num_pred_tokens) *
+max_ngram_size)`` entries; nothing is ever rebuilt except by :meth:`NGramPool.truncate`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+class NGramPool:
+    """n-gram -> occurrence index over ``self.tokens``; see the module docstring."""
+
+    def __init__(
+        self, max_ngram_size: int = 3, num_pred_tokens: int = 20, max_continuations: int = 1
+    ) -> None:
+        if max_ngram_size < 1:
+            raise ValueError(f"max_ngram_size must be >= 1, got {max_ngram_size}")
+        if num_pred_tokens < 1:
+            raise ValueError(f"num_pred_tokens must be >= 1, got {num_pred_tokens}")
+        if max_continuations < 1:
+            raise ValueError(f"max_continuations must be >= 1, got {max_continuations}")
+        self.max_ngram_size = max_ngram_size
+        self.num_pred_tokens = num_pred_tokens
+        self.max_continuations = max_continuations
+        self.tokens: list[int] = []
+        # n-gram -> occurrence end positions, newest first (at most max_continuations)
+        self._index: dict[tuple[int, ...], list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def reset(self, tokens: Sequence[int] = ()) -> None:
+        self.tokens = []
+        self._index = {}
+        self.extend(tokens)
+
+    def truncate(self, length: int) -> None:
+        """Keeps only ``tokens[:length]`` (re-indexes them: stored occurrences may be lost)."""
+        if length < len(self.tokens):
+            self.reset(self.tokens[:length])
+
+    def extend(self, new_tokens: Sequence[int]) -> None:
+        """Appends tokens and updates the index (incremental)."""
+        start = len(self.tokens)
+        self.tokens.extend(int(t) for t in new_tokens)
+        end = len(self.tokens)
+        pred = self.num_pred_tokens
+        # Positions whose continuation appears (>= start - 1) or just became full.
+        for pos in range(max(0, start - pred), end - 1):
+            full = pos + pred <= end - 1
+            newly_full = full and pos + pred > start - 1
+            first_seen = pos >= start - 1
+            if newly_full or first_seen:
+                self._index_position(pos, full)
+
+    def _index_position(self, pos: int, full: bool) -> None:
+        tokens = self.tokens
+        for n in range(1, min(self.max_ngram_size, pos + 1) + 1):
+            key = tuple(tokens[pos - n + 1:pos + 1])
+            stored = self._index.get(key)
+            if stored is None:
+                self._index[key] = [pos]
+            elif full and stored[0] < pos:
+                self._promote(stored, pos)
+
+    def _promote(self, stored: list[int], pos: int) -> None:
+        """Makes ``pos`` the newest winner, keeping older ones with other first tokens."""
+        if self.max_continuations == 1:
+            stored[0] = pos
+            return
+        first = self.tokens[pos + 1]
+        kept = [p for p in stored if self.tokens[p + 1] != first]
+        stored[:] = ([pos] + kept)[: self.max_continuations]
+
+    def lookup(self, query: Sequence[int], max_tokens: int | None = None) -> list[int]:
+        """The continuation of the longest suffix of ``query`` (n = max_ngram_size .. 1) found
+        in the pool; [] when no suffix is found. At most ``max_tokens`` tokens."""
+        found = self.lookup_all(query, max_tokens)
+        return found[0] if found else []
+
+    def lookup_all(self, query: Sequence[int], max_tokens: int | None = None) -> list[list[int]]:
+        """All stored continuations (newest first) of the longest matching suffix of ``query``."""
+        limit = self.num_pred_tokens if max_tokens is None else min(max_tokens, self.num_pred_tokens)
+        if limit <= 0:
+            return []
+        tokens = self.tokens
+        for n in range(min(self.max_ngram_size, len(query)), 0, -1):
+            stored = self._index.get(tuple(query[len(query) - n:]))
+            if stored is not None:
+                return [tokens[p + 1:p + 1 + limit] for p in stored]
+        return []
