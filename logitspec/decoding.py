@@ -40,19 +40,34 @@ class PromptTooLongError(ValueError):
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """How much to generate and when to stop. Greedy only for now (``temperature == 0``)."""
+    """How much to generate, how to pick tokens and when to stop.
+
+    ``temperature == 0`` is greedy decoding (``top_p``, ``top_k`` and ``seed`` unused).
+    ``top_k == 0`` and ``top_p == 1.0`` disable those filters.
+    """
 
     max_new_tokens: int = 256
-    temperature: float = 0.0
     eos_token_ids: tuple[int, ...] = ()
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
+        if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.temperature > 0:
             raise NotImplementedError("sampling (temperature > 0) is not supported yet")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
 
 @dataclass
