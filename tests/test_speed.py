@@ -1,0 +1,365 @@
+"""Report math of evaluation/speed.py on synthetic answer files."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from evaluation import speed  # noqa: E402
+
+Capsys = pytest.CaptureFixture[str]
+
+
+def answer(
+    qid: int | str,
+    category: str = "alpha",
+    tokens: Sequence[int] = (10,),
+    times: Sequence[float] = (1.0,),
+    steps: Sequence[int] | None = None,
+    accept: Sequence[int] | None = None,
+    drafts: Sequence[int] | None = None,
+    texts: Sequence[str] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One answer line; by default one token per step (a vanilla generator)."""
+    steps = list(tokens) if steps is None else list(steps)
+    choice: dict[str, Any] = {
+        "index": 0,
+        "turns": list(texts or [f"answer {qid} turn {i}" for i in range(len(tokens))]),
+        "decoding_steps": steps,
+        "new_tokens": list(tokens),
+        "wall_time": list(times),
+        "accept_lengths": list(accept) if accept is not None else [1] * sum(steps),
+    }
+    if drafts is not None:
+        choice["draft_lengths"] = list(drafts)
+    line: dict[str, Any] = {"question_id": qid, "category": category, "answer_id": f"a{qid}",
+                            "model_id": "m", "tstamp": 0.0, "choices": [choice]}
+    if meta is not None:
+        line["meta"] = meta
+    return line
+
+
+def failure(qid: int | str, category: str = "alpha") -> dict[str, Any]:
+    return {"question_id": qid, "category": category, "choices": [], "error": "RuntimeError: boom"}
+
+
+def write(path: Path, lines: Sequence[dict[str, Any] | str]) -> str:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return str(path)
+
+
+def compare(tmp_path: Path, method: Sequence[Any], base: Sequence[Any]) -> speed.Report:
+    m = write(tmp_path / "method.jsonl", method)
+    b = write(tmp_path / "base.jsonl", base)
+    return speed.aggregate(speed.load_answers(m), speed.load_answers(b))
+
+
+def run_cli(capsys: Capsys, argv: list[str]) -> tuple[int, str, str]:
+    code = speed.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def row(report: speed.Report, name: str) -> speed.RowReport:
+    return next(r for r in report.rows if r.category == name)
+
+
+@pytest.mark.parametrize(
+    "method, base, expected",
+    [
+        pytest.param(  # totals: 40 tok / 2 s vs 40 tok / 5 s; rates (30, 10) vs (10, 5)
+            [answer(1, tokens=[30], times=[1.0], steps=[10]),
+             answer(2, tokens=[10], times=[1.0], steps=[10])],
+            [answer(1, tokens=[30], times=[3.0]), answer(2, tokens=[10], times=[2.0])],
+            {"m_tps": 20.0, "b_tps": 8.0, "speedup": 2.5, "m_rate": 20.0, "b_rate": 7.5,
+             "rate_speedup": 20.0 / 7.5, "m_mat": 2.0, "b_mat": 1.0},
+            id="two-questions",
+        ),
+        pytest.param(  # two turns: sums over turns
+            [answer(1, tokens=[12, 8], times=[0.5, 0.5], steps=[4, 4])],
+            [answer(1, tokens=[12, 8], times=[1.0, 1.0])],
+            {"m_tps": 20.0, "b_tps": 10.0, "speedup": 2.0, "m_rate": 20.0, "b_rate": 10.0,
+             "rate_speedup": 2.0, "m_mat": 2.5, "b_mat": 1.0},
+            id="two-turns",
+        ),
+        pytest.param(  # a slower method: speedup below one
+            [answer(1, tokens=[10], times=[4.0], steps=[10])],
+            [answer(1, tokens=[10], times=[2.0])],
+            {"m_tps": 2.5, "b_tps": 5.0, "speedup": 0.5, "m_rate": 2.5, "b_rate": 5.0,
+             "rate_speedup": 0.5, "m_mat": 1.0, "b_mat": 1.0},
+            id="slowdown",
+        ),
+    ],
+)
+def test_rates_speedup_and_mat(tmp_path: Path, method: list, base: list, expected: dict) -> None:
+    overall = compare(tmp_path, method, base).overall
+    got = {
+        "m_tps": overall.method.tokens_per_s, "b_tps": overall.baseline.tokens_per_s,
+        "speedup": overall.speedup, "m_rate": overall.method.mean_rate,
+        "b_rate": overall.baseline.mean_rate, "rate_speedup": overall.mean_rate_speedup,
+        "m_mat": overall.method.mat, "b_mat": overall.baseline.mat,
+    }
+    assert got == pytest.approx(expected)
+
+
+def test_histogram_acceptance_rate_and_tokens_per_call(tmp_path: Path) -> None:
+    method = [
+        answer(1, tokens=[6], steps=[3], accept=[3, 1, 2], drafts=[4, 4, 2]),
+        answer(2, tokens=[4], steps=[2], accept=[3, 1], drafts=[2, 0]),
+    ]
+    overall = compare(tmp_path, method, [answer(1, tokens=[6]), answer(2, tokens=[4])]).overall
+    assert overall.method.accept_histogram == {1: 2, 2: 1, 3: 2}
+    assert overall.baseline.accept_histogram == {1: 10}
+    assert overall.acceptance_rate == pytest.approx((2 + 0 + 1 + 2 + 0) / (4 + 4 + 2 + 2 + 0))
+    assert overall.tokens_per_target_call == pytest.approx(10 / 5)
+
+
+def test_acceptance_rate_is_null_without_draft_lengths(tmp_path: Path) -> None:
+    report = compare(tmp_path, [answer(1, steps=[5], accept=[2] * 5)], [answer(1)])
+    assert report.overall.acceptance_rate is None
+
+
+@pytest.mark.parametrize(
+    "method_texts, base_texts, exact, turn_exact",
+    [
+        ([["a", "b"], ["c"]], [["a", "b"], ["c"]], 1.0, 1.0),
+        ([["a", "b"], ["c"]], [["a", "x"], ["c"]], 0.5, 2 / 3),
+        ([["a", "b"], ["c"]], [["a", "b", "z"], ["d"]], 0.0, 2 / 4),
+    ],
+)
+def test_exact_match(tmp_path: Path, method_texts: list, base_texts: list, exact: float,
+                     turn_exact: float) -> None:
+    def lines(all_texts: list[list[str]]) -> list[dict[str, Any]]:
+        return [answer(i, tokens=[1] * len(t), times=[1.0] * len(t), texts=t)
+                for i, t in enumerate(all_texts)]
+
+    overall = compare(tmp_path, lines(method_texts), lines(base_texts)).overall
+    assert overall.exact_match == pytest.approx(exact)
+    assert overall.turn_exact_match == pytest.approx(turn_exact)
+
+
+def test_several_choices_sum_and_choice_zero_is_compared(tmp_path: Path) -> None:
+    line = answer(1, tokens=[10], times=[1.0], texts=["same"])
+    extra = dict(line["choices"][0], index=1, turns=["different"], new_tokens=[30], wall_time=[1.0],
+                 decoding_steps=[30], accept_lengths=[1] * 30)
+    line["choices"].append(extra)
+    base = answer(1, tokens=[40], times=[4.0], texts=["same"])
+    overall = compare(tmp_path, [line], [base]).overall
+    assert overall.method.tokens == 40 and overall.method.wall_time == 2.0
+    assert overall.speedup == pytest.approx(2.0)
+    assert overall.exact_match == 1.0
+
+
+def test_mt_bench_categories_share_one_row_in_first_appearance_order(tmp_path: Path) -> None:
+    cats = ["translation", "writing", "qa", "math", "coding", "translation"]
+    lines = [answer(i, category=c) for i, c in enumerate(cats)]
+    report = compare(tmp_path, lines, lines)
+    names = [r.category for r in report.rows]
+    assert names == ["translation", "multi-turn conversation", "qa", "overall"]
+    assert row(report, "multi-turn conversation").questions == 3
+    assert report.overall.questions == 6
+
+
+def test_other_benchmark_categories_get_their_own_rows(tmp_path: Path) -> None:
+    lines = [answer(1, category="beta"), answer(2, category="alpha"), answer(3, category="beta")]
+    report = compare(tmp_path, lines, lines)
+    rows = [(r.category, r.questions) for r in report.rows]
+    assert rows == [("beta", 2), ("alpha", 1), ("overall", 3)]
+
+
+def test_error_entries_are_excluded_on_both_sides_and_listed(tmp_path: Path) -> None:
+    method = [answer(1, tokens=[10]), failure(2), answer(3, tokens=[10], category="gamma")]
+    base = [answer(1, tokens=[10]), answer(2, tokens=[1000]), failure(3, category="gamma")]
+    report = compare(tmp_path, method, base)
+    assert report.overall.questions == 1
+    assert report.overall.baseline.tokens == 10
+    assert report.errors == {
+        "method": {"count": 1, "ids": [2]}, "baseline": {"count": 1, "ids": [3]}
+    }
+    gamma = row(report, "gamma")  # every question failed: an empty row, no NaN
+    assert gamma.questions == 0 and gamma.speedup is None and gamma.method.mat is None
+    assert "NaN" not in json.dumps(report.to_json(), allow_nan=False)
+
+
+def test_zero_time_and_zero_steps_give_null(tmp_path: Path, capsys: Capsys) -> None:
+    m = write(tmp_path / "m.jsonl", [answer(1, tokens=[0], times=[0.0], steps=[0], accept=[])])
+    b = write(tmp_path / "b.jsonl", [answer(1, tokens=[0], times=[0.0], steps=[0], accept=[])])
+    code, out, _ = run_cli(capsys, ["--file-path", m, "--base-path", b])
+    overall = json.loads(out.strip().splitlines()[-1])["rows"][-1]
+    assert code == 0
+    assert overall["speedup"] is None and overall["method"]["tokens_per_s"] is None
+    assert overall["method"]["mat"] is None and overall["method"]["mean_rate"] is None
+
+
+def test_integer_and_string_ids_pair_up(tmp_path: Path) -> None:
+    report = compare(tmp_path, [answer(81)], [answer("81")])
+    assert report.overall.questions == 1
+
+
+def test_settings_from_meta_and_missing_meta(tmp_path: Path) -> None:
+    meta = {"method": "logitspec", "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0,
+            "dtype": "float32", "device": "cpu", "params": {"max_ngram_size": 3}}
+    report = compare(tmp_path, [answer(1, meta=meta)], [answer(1)])
+    assert report.settings["method"]["method"] == "logitspec"
+    assert report.settings["method"]["params"] == {"max_ngram_size": 3}
+    assert report.settings["baseline"] is None
+    bf16 = dict(meta, dtype="bfloat16")
+    other = compare(tmp_path, [answer(1, meta=meta)], [answer(1, meta=bf16)])
+    assert other.settings_differ == ("dtype",)
+
+
+def test_mismatched_ids_name_the_missing_ones(tmp_path: Path, capsys: Capsys) -> None:
+    m = write(tmp_path / "m.jsonl", [answer(i) for i in range(1, 20)])
+    b = write(tmp_path / "b.jsonl", [answer(i) for i in range(5, 25)] + [failure(99)])
+    code, out, err = run_cli(capsys, ["--file-path", m, "--base-path", b])
+    assert code != 0 and out == ""
+    assert err.count("\n") == 1 and err.startswith("speed.py: error: question ids differ")
+    assert f"missing from {b}: 1, 2, 3, 4;" in err
+    assert f"missing from {m}: 20, 21, 22, 23, 24, 99" in err
+
+
+def test_long_id_lists_are_truncated() -> None:
+    shown = speed.format_ids(str(i) for i in range(30, 0, -1))
+    assert shown == "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, ... (30 ids)"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (json.dumps(answer(1)) + "\n{not json\n", "b.jsonl:2: malformed JSON"),
+        (json.dumps(answer(1)) + "\n" + json.dumps(answer(1)) + "\n",
+         "b.jsonl:2: duplicate question_id 1"),
+        ("\n\n", "no answers (empty file)"),
+        ('{"question_id": 1, "category": "x", "choices": [{"turns": ["a"], "decoding_steps": [1],'
+         ' "new_tokens": [1, 2], "wall_time": [1.0]}]}\n', "b.jsonl:1: choice 0: 'turns'"),
+        ('[1, 2]\n', "b.jsonl:1: expected a JSON object"),
+    ],
+    ids=["malformed", "duplicate", "empty", "turn-lengths", "not-object"],
+)
+def test_bad_base_file_is_one_line_exit_2(tmp_path: Path, capsys: Capsys,
+                                          content: str, message: str) -> None:
+    m = write(tmp_path / "m.jsonl", [answer(1)])
+    b = tmp_path / "b.jsonl"
+    b.write_text(content)
+    code, out, err = run_cli(capsys, ["--file-path", m, "--base-path", str(b)])
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def make_tokenizer(directory: Path) -> str:
+    """A whitespace word-level tokenizer saved offline (unknown words map to [UNK])."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "the": 1, "cat": 2, "sat": 3}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
+    fast.save_pretrained(directory)
+    return str(directory)
+
+
+def test_tokenizer_counting_replaces_new_tokens_on_both_sides(
+    tmp_path: Path, capsys: Capsys
+) -> None:
+    tok = make_tokenizer(tmp_path / "tok")
+    m = write(tmp_path / "m.jsonl", [answer(1, tokens=[99, 99], times=[1.0, 1.0], steps=[2, 1],
+                                            texts=["the cat sat", "the cat"])])
+    b = write(tmp_path / "b.jsonl", [answer(1, tokens=[7, 7], times=[2.0, 3.0], steps=[3, 2],
+                                            texts=["the cat sat", "a dog ran off"])])
+    code, out, _ = run_cli(capsys, ["--file-path", m, "--base-path", b, "--tokenizer-path", tok])
+    result = json.loads(out.strip().splitlines()[-1])
+    overall = result["rows"][-1]
+    assert code == 0 and result["counting"] == "tokenizer" and result["tokenizer_path"] == tok
+    assert (overall["method"]["tokens"], overall["baseline"]["tokens"]) == (5, 7)
+    assert overall["method"]["mat"] == pytest.approx(5 / 3)
+    assert overall["speedup"] == pytest.approx((5 / 2) / (7 / 5))
+    assert "re-tokenized with" in out
+
+
+def test_default_counting_is_named(tmp_path: Path, capsys: Capsys) -> None:
+    m = write(tmp_path / "m.jsonl", [answer(1)])
+    code, out, _ = run_cli(capsys, ["--file-path", m, "--base-path", m])
+    assert code == 0 and "token counting: new_tokens" in out
+    assert json.loads(out.strip().splitlines()[-1])["counting"] == "new_tokens"
+
+
+def test_mean_report_mean_and_sample_std(tmp_path: Path, capsys: Capsys) -> None:
+    methods, bases = [], []
+    for run, seconds in enumerate([5.0, 10 / 3, 2.5]):  # speedups 2, 3, 4 against a 10 s baseline
+        method = answer(1, tokens=[10], times=[seconds], steps=[5])
+        methods.append(write(tmp_path / f"m{run}.jsonl", [method]))
+        bases.append(write(tmp_path / f"b{run}.jsonl", [answer(1, tokens=[10], times=[10.0])]))
+    argv = ["--mean-report", "--file-path", *methods, "--base-path", *bases]
+    code, out, _ = run_cli(capsys, argv)
+    result = json.loads(out.strip().splitlines()[-1])
+    overall = result["rows"][-1]
+    assert code == 0 and result["mode"] == "mean-report" and result["runs"] == 3
+    assert overall["category"] == "overall" and overall["runs"] == 3
+    assert overall["figures"]["speedup"]["mean"] == pytest.approx(3.0)
+    assert overall["figures"]["speedup"]["std"] == pytest.approx(1.0)
+    assert overall["figures"]["mat"] == {"mean": 2.0, "std": 0.0, "n": 3}
+    assert len(result["reports"]) == 3
+
+
+def test_mean_report_single_run_has_null_std() -> None:
+    assert speed.spread([2.0, None]) == speed.Spread(mean=2.0, std=None, n=1)
+
+
+def test_mean_report_needs_paired_files(tmp_path: Path, capsys: Capsys) -> None:
+    m = write(tmp_path / "m.jsonl", [answer(1)])
+    code, _, err = run_cli(capsys, ["--mean-report", "--file-path", m, m, "--base-path", m])
+    assert code == 2 and "--file-path has 2 files but --base-path has 1" in err
+
+
+def test_table_then_json_last_line_and_json_only(tmp_path: Path, capsys: Capsys) -> None:
+    m = write(tmp_path / "m.jsonl", [answer(1, category="writing", steps=[5], accept=[2] * 5)])
+    b = write(tmp_path / "b.jsonl", [answer(1, category="writing")])
+    code, out, _ = run_cli(capsys, ["--file-path", m, "--base-path", b])
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) > 3
+    assert any(line.startswith("multi-turn conversation") for line in lines)
+    assert "accepted-length histogram (method, overall): 2:5" in out
+    result = json.loads(lines[-1])
+    assert result["mode"] == "single" and result["rows"][-1]["method"]["mat"] == 2.0
+    code, out, _ = run_cli(capsys, ["--file-path", m, "--base-path", b, "--json"])
+    assert len(out.strip().splitlines()) == 1 and json.loads(out) == result
+
+
+def test_plot_writes_png(tmp_path: Path, capsys: Capsys) -> None:
+    method = [answer(1, steps=[4], accept=[3, 3, 2, 2]), answer(2, category="beta")]
+    m = write(tmp_path / "m.jsonl", method)
+    b = write(tmp_path / "b.jsonl", [answer(1), answer(2, category="beta")])
+    png = tmp_path / "speed.png"
+    code, out, _ = run_cli(capsys, ["--file-path", m, "--base-path", b, "--plot", str(png)])
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["plot"] == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+
+
+def test_script_mode_runs_without_the_package_on_the_path(tmp_path: Path) -> None:
+    m = write(tmp_path / "m.jsonl", [answer(1, tokens=[10], times=[1.0], steps=[5])])
+    b = write(tmp_path / "b.jsonl", [answer(1, tokens=[10], times=[2.0])])
+    script = str(ROOT / "evaluation" / "speed.py")
+
+    def run(base: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, script, "--file-path", m, "--base-path", base]
+        return subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=60)
+
+    done = run(b)
+    assert done.returncode == 0, done.stderr
+    speedup = json.loads(done.stdout.strip().splitlines()[-1])["rows"][-1]["speedup"]
+    assert math.isclose(speedup, 2.0)
+    bad = run(str(tmp_path / "missing.jsonl"))
+    assert bad.returncode == 2 and bad.stderr.startswith("speed.py: error: cannot read")
+    assert bad.stderr.count("\n") == 1
