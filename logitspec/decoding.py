@@ -29,6 +29,7 @@ import torch
 from .acceptance import GreedyVerifier, Verifier
 from .drafters import Drafter, LogitSpecConfig, LogitSpecDrafter, PoolConfig, PromptLookupDrafter
 from .model import Transformer
+from .sampling import SamplingVerifier
 from .tree import DraftTree
 
 DEFAULT_CONTEXT = 4096
@@ -42,8 +43,10 @@ class PromptTooLongError(ValueError):
 class GenerationConfig:
     """How much to generate, how to pick tokens and when to stop.
 
-    ``temperature == 0`` is greedy decoding (``top_p``, ``top_k`` and ``seed`` unused).
-    ``top_k == 0`` and ``top_p == 1.0`` disable those filters.
+    ``temperature == 0`` is greedy decoding (``top_p``, ``top_k`` and ``seed`` unused);
+    otherwise tokens are sampled (:mod:`logitspec.sampling`), the generator seeded with
+    ``seed`` at the start of every :meth:`Decoder.generate`. ``top_k == 0`` and
+    ``top_p == 1.0`` disable those filters.
     """
 
     max_new_tokens: int = 256
@@ -62,8 +65,6 @@ class GenerationConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.temperature > 0:
-            raise NotImplementedError("sampling (temperature > 0) is not supported yet")
 
     @property
     def greedy(self) -> bool:
@@ -196,7 +197,12 @@ class Decoder:
         return self.model.lm_head(hidden[-1])
 
     def _verifier(self, config: GenerationConfig) -> Verifier:
-        return GreedyVerifier()
+        if config.greedy:
+            return GreedyVerifier()
+        return SamplingVerifier(
+            config.temperature, config.top_k, config.top_p, seed=config.seed,
+            device=self.model.device,
+        )
 
     def _decode(
         self, root: int, last_logits: torch.Tensor, config: GenerationConfig, verifier: Verifier

@@ -1,0 +1,250 @@
+"""Speculative sampling keeps the target's output distribution exactly.
+
+The exact test: a fake second-order Markov target (tests/fakes.py) with known conditionals;
+the probability of every complete short output is computed exactly for vanilla sampling (an
+independent numpy implementation of temperature / top-k / top-p); the speculative sampler's
+empirical distribution over a fixed set of seeds must pass a chi-square goodness-of-fit test at
+ALPHA. Deterministic: fixed seeds, fixed model. A deliberately wrong acceptance rule (greedy
+matching of drafts with a sampled bonus token) must fail the same test (negative control).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from fakes import MarkovLM
+from logitspec.acceptance import greedy_accept
+from logitspec.decoding import Decoder, GenerationConfig
+from logitspec.drafters import LogitSpecConfig, LogitSpecDrafter, PoolConfig, PromptLookupDrafter
+from logitspec.sampling import SamplingVerifier, sampling_probs
+from logitspec.tree import build_tree
+
+ALPHA = 1e-3
+VOCAB = 5
+EOS = 4
+MAX_NEW = 3
+PROMPT = [0, 1, 2, 1, 0, 1]
+NUM_SAMPLES = 2000
+
+
+def reference_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """Independent of logitspec.sampling: plain numpy, explicit loops."""
+    scores = logits.astype(np.float64) / temperature
+    if top_k:
+        kth = np.sort(scores)[-top_k]
+        scores = np.where(scores < kth, -np.inf, scores)
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    if top_p < 1.0:
+        keep, mass = [], 0.0
+        for token in np.argsort(-probs, kind="stable"):
+            if mass >= top_p:
+                break
+            keep.append(token)
+            mass += probs[token]
+        kept = np.zeros_like(probs)
+        kept[keep] = probs[keep]
+        probs = kept / kept.sum()
+    return probs
+
+
+def exact_distribution(model: MarkovLM, settings: dict) -> dict[tuple[int, ...], float]:
+    """P(output) under vanilla sampling, for every complete output (EOS or MAX_NEW long)."""
+    table = model.table.numpy()
+    out: dict[tuple[int, ...], float] = {}
+
+    def walk(context: list[int], output: tuple[int, ...], prob: float) -> None:
+        if output and (output[-1] == EOS or len(output) == MAX_NEW):
+            out[output] = out.get(output, 0.0) + prob
+            return
+        row = table[(context[-2] + 1) * VOCAB + context[-1]]
+        probs = reference_probs(row, **settings)
+        for token in range(VOCAB):
+            if probs[token] > 0:
+                walk(context + [token], output + (token,), prob * probs[token])
+
+    walk(list(PROMPT), (), 1.0)
+    return out
+
+
+class FullTreeDrafter:
+    """Every token under the root, and every token under each of those: 1 + V + V^2 nodes."""
+
+    name = "full-tree"
+    tree_capacity = 1 + VOCAB + VOCAB**2
+
+    def begin(self, context, reused) -> None:
+        pass
+
+    def extend(self, tokens, tree, path) -> None:
+        pass
+
+    def draft(self, root, last_logits, max_depth):
+        chains = [[a, b] for a in range(VOCAB) for b in range(VOCAB)]
+        return build_tree(root, chains, self.tree_capacity, max_depth=max_depth)
+
+
+class GreedyMatchVerifier(SamplingVerifier):
+    """WRONG on purpose: accepts drafts by greedy matching, samples only the bonus token."""
+
+    def accept(self, tree, logits):
+        path = greedy_accept(tree.tokens, tree.parents, logits.argmax(dim=-1).tolist())
+        return path, self.draw(logits[path[-1]])
+
+
+class WrongDecoder(Decoder):
+    def _verifier(self, config):
+        return GreedyMatchVerifier(config.temperature, config.top_k, config.top_p, seed=config.seed)
+
+
+def chi_square_pvalue(counts: Counter, expected: dict[tuple[int, ...], float], n: int) -> float:
+    """Pearson chi-square p-value; outcomes expected fewer than 5 times are pooled."""
+    unexpected = set(counts) - set(expected)
+    assert not unexpected, f"outputs impossible under vanilla sampling: {unexpected}"
+    bins_obs, bins_exp, pool_obs, pool_exp = [], [], 0, 0.0
+    for outcome, prob in expected.items():
+        if prob * n >= 5:
+            bins_obs.append(counts[outcome])
+            bins_exp.append(prob * n)
+        else:
+            pool_obs += counts[outcome]
+            pool_exp += prob * n
+    if pool_exp > 0:
+        bins_obs.append(pool_obs)
+        bins_exp.append(pool_exp)
+    obs, exp = np.array(bins_obs, dtype=float), np.array(bins_exp)
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    dof = len(obs) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0), torch.tensor(stat / 2.0)))
+
+
+def sample_outputs(decoder: Decoder, settings: dict, n: int = NUM_SAMPLES) -> Counter:
+    counts: Counter = Counter()
+    for seed in range(n):
+        decoder.reset()
+        config = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=(EOS,), seed=seed, **settings)
+        counts[tuple(decoder.generate(PROMPT, config).output_ids)] += 1
+    return counts
+
+
+SETTINGS = {
+    "t1.0": dict(temperature=1.0, top_k=0, top_p=1.0),
+    "t0.7-topk3": dict(temperature=0.7, top_k=3, top_p=1.0),
+    "t1.3-topp0.8": dict(temperature=1.3, top_k=0, top_p=0.8),
+    "t1.0-topk2-topp0.9": dict(temperature=1.0, top_k=2, top_p=0.9),
+}
+DRAFTERS = {
+    "vanilla": lambda: None,
+    "full-tree": FullTreeDrafter,
+    "pld": lambda: PromptLookupDrafter(PoolConfig(2, 3), 4),
+    "logitspec": lambda: LogitSpecDrafter(
+        LogitSpecConfig(pool=PoolConfig(2, 3), draft_tree_capacity=8, rank_lengths=((2, 3),))
+    ),
+}
+CASES = [
+    ("vanilla", "t1.0"),
+    ("full-tree", "t1.0"),
+    ("full-tree", "t0.7-topk3"),
+    ("full-tree", "t1.3-topp0.8"),
+    ("full-tree", "t1.0-topk2-topp0.9"),
+    ("logitspec", "t0.7-topk3"),
+    ("logitspec", "t1.0"),
+    ("pld", "t1.3-topp0.8"),
+]
+
+
+@pytest.fixture(scope="module")
+def model() -> MarkovLM:
+    return MarkovLM(VOCAB, seed=3, scale=1.5)
+
+
+@pytest.mark.parametrize("drafter,setting", CASES, ids=[f"{d}-{s}" for d, s in CASES])
+def test_speculative_sampling_matches_exact_distribution(model, drafter, setting):
+    settings = SETTINGS[setting]
+    counts = sample_outputs(Decoder(model, DRAFTERS[drafter]()), settings)
+    pvalue = chi_square_pvalue(counts, exact_distribution(model, settings), NUM_SAMPLES)
+    assert pvalue > ALPHA, f"p = {pvalue:.2e}: output distribution differs from vanilla sampling"
+
+
+@pytest.mark.parametrize("drafter", ["full-tree", "logitspec"])
+def test_negative_control_wrong_acceptance_rule_is_detected(model, drafter):
+    settings = SETTINGS["t1.0"]
+    counts = sample_outputs(WrongDecoder(model, DRAFTERS[drafter]()), settings)
+    pvalue = chi_square_pvalue(counts, exact_distribution(model, settings), NUM_SAMPLES)
+    assert pvalue < ALPHA, f"p = {pvalue:.2e}: the test failed to detect a biased sampler"
+
+
+def test_drafts_are_accepted_while_sampling(model):
+    """The exact test is only meaningful if trees actually get accepted beyond the root."""
+    decoder = Decoder(model, FullTreeDrafter())
+    config = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=(EOS,), temperature=1.0)
+    lengths = []
+    for seed in range(50):
+        decoder.reset()
+        lengths += decoder.generate(PROMPT, GenerationConfig(**{**config.__dict__, "seed": seed})).accept_lengths
+    assert max(lengths) == MAX_NEW and sum(lengths) / len(lengths) > 1.5
+
+
+@pytest.mark.parametrize("drafter", ["vanilla", "logitspec"])
+def test_same_seed_same_output(model, drafter):
+    outputs = []
+    for _ in range(2):
+        decoder = Decoder(model, DRAFTERS[drafter]())
+        config = GenerationConfig(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=1234)
+        outputs.append(decoder.generate(PROMPT, config).output_ids)
+    assert outputs[0] == outputs[1]
+    other = Decoder(model, DRAFTERS[drafter]()).generate(
+        PROMPT, GenerationConfig(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=99)
+    )
+    assert other.output_ids != outputs[0]
+
+
+def test_temperature_zero_is_the_greedy_chain(model):
+    result = Decoder(model, DRAFTERS["logitspec"]()).generate(
+        PROMPT, GenerationConfig(max_new_tokens=10, temperature=0.0, top_k=2, seed=5)
+    )
+    context = list(PROMPT)
+    for _ in range(10):
+        context.append(int(model.logits_for(context[-2], context[-1]).argmax()))
+    assert result.output_ids == context[len(PROMPT):]
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p",
+    [(1.0, 0, 1.0), (0.5, 0, 1.0), (2.0, 3, 1.0), (1.0, 0, 0.5), (0.8, 10, 0.9), (1.0, 1, 1.0),
+     (1.0, 0, 1e-6), (1.0, 64, 1.0)],
+)
+def test_sampling_probs_matches_reference(temperature, top_k, top_p):
+    logits = torch.randn(2, 64, generator=torch.Generator().manual_seed(top_k + 7))
+    probs = sampling_probs(logits, temperature, top_k, top_p)
+    for row in range(2):
+        expected = reference_probs(logits[row].numpy(), temperature, top_k, top_p)
+        np.testing.assert_allclose(probs[row].numpy(), expected, atol=1e-6)
+
+
+def test_top_k_keeps_ties_and_top_p_keeps_the_crossing_token():
+    probs = sampling_probs(torch.tensor([2.0, 2.0, 1.0, 0.0]), 1.0, top_k=1)
+    assert probs[0] == probs[1] == pytest.approx(0.5) and probs[2] == probs[3] == 0
+    logits = torch.tensor([0.5, 0.3, 0.2]).log()
+    kept = sampling_probs(logits, 1.0, top_p=0.6)  # 0.5 < 0.6: the 0.3 token crosses, kept
+    np.testing.assert_allclose(kept.numpy(), [0.625, 0.375, 0.0], atol=1e-6)
+
+
+def test_sampling_rejects_zero_temperature():
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingVerifier(0.0)
+
+
+@pytest.mark.parametrize("drafter", ["full-tree", "pld", "logitspec"])
+def test_same_seed_reproduces_vanilla_sampling_token_for_token(model, drafter):
+    """The walk draws once per emitted token, in order, from the same generator stream as
+    vanilla sampling: with exact logits, the outputs are identical, not just equally
+    distributed."""
+    for seed in range(100):
+        config = GenerationConfig(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=seed)
+        vanilla = Decoder(model, None).generate(PROMPT, config).output_ids
+        assert Decoder(model, DRAFTERS[drafter]()).generate(PROMPT, config).output_ids == vanilla
