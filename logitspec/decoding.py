@@ -227,7 +227,7 @@ class Decoder:
             path = _cut_path(tree, path, eos, config.max_new_tokens - len(output))
             t3 = time.perf_counter()
             accepted = [tree.tokens[i] for i in path[1:]]
-            self._update(tree, path)
+            self._update(tree, path, logits)
             output.extend(accepted)
             result.accept_lengths.append(len(path))
             result.draft_lengths.append(tree.num_draft_tokens)
@@ -258,11 +258,12 @@ class Decoder:
             tree_mask = torch.from_numpy(tree.tree_mask()).to(device, non_blocking=True)
         return self.model(packed[0], packed[1], self.cache, tree_mask)
 
-    def _update(self, tree: DraftTree, path: list[int]) -> None:
+    def _update(self, tree: DraftTree, path: list[int], logits: torch.Tensor) -> None:
         self.cache.keep(path)
         tokens = [tree.tokens[i] for i in path]
         self.context.extend(tokens)
         if self.drafter is not None:
+            self.drafter.observe(tree, logits)
             self.drafter.extend(tokens, tree, path)
 
 

@@ -41,6 +41,10 @@ class Drafter(Protocol):
         """A tree under ``root``; ``last_logits`` (V,) is the target's logit that chose it.
         No path may be deeper than ``max_depth``."""
 
+    def observe(self, tree: DraftTree, logits: torch.Tensor) -> None:
+        """The target's logits (T, V) at every node of the verified ``tree`` (called before
+        :meth:`extend`; drafters that learn from the target's logits use it)."""
+
     def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
         """``tokens`` (the root and the accepted drafts, nodes ``path`` of ``tree``) joined
         the context."""
@@ -119,6 +123,9 @@ class _PoolDrafter:
     def begin(self, context: Sequence[int], reused: int) -> None:
         self.pool.truncate(min(reused, len(self.pool)))
         self.pool.extend(context[len(self.pool):])
+
+    def observe(self, tree: DraftTree, logits: torch.Tensor) -> None:
+        pass
 
     def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
         self.pool.extend(tokens)
