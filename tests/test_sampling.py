@@ -80,6 +80,9 @@ class FullTreeDrafter:
     def begin(self, context, reused) -> None:
         pass
 
+    def observe(self, tree, logits) -> None:
+        pass
+
     def extend(self, tokens, tree, path) -> None:
         pass
 
