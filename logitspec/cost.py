@@ -21,8 +21,8 @@ from typing import Sequence
 
 import torch
 
-from .decoding import synchronize
 from .model import Transformer
+from .timing import synchronize
 
 DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 

@@ -30,6 +30,7 @@ from .acceptance import GreedyVerifier, Verifier
 from .drafters import Drafter, LogitSpecConfig, LogitSpecDrafter, PoolConfig, PromptLookupDrafter
 from .model import Transformer
 from .sampling import SamplingVerifier
+from .timing import synchronize
 from .tree import DraftTree
 
 DEFAULT_CONTEXT = 4096
@@ -113,11 +114,6 @@ class GenerationResult:
     @property
     def mean_accepted_tokens(self) -> float:
         return self.new_tokens / max(self.decoding_steps, 1)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Decoder:

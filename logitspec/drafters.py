@@ -18,13 +18,16 @@ PLD is step 1 alone: LogitSpec without the next-next chains.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Iterator, Protocol, Sequence
 
 import torch
 
+from .cost import CostCurve
 from .pool import NGramPool
 from .tree import DraftTree, build_tree
+from .value_tree import DEPTH_BUCKETS, RANK_BUCKETS, AcceptanceStats, CandidateTrie, bucket, select_nodes
 
 
 class Drafter(Protocol):
@@ -78,20 +81,33 @@ class LogitSpecConfig:
     next-next tokens; ``None`` = ``draft_tree_capacity`` (the reference). ``rank_lengths``:
     ``((8, 4), (32, 3))`` means ranks 1-8 keep chains of up to 4 tokens, ranks 9-32 up to 3,
     and later ranks ``beyond_length`` tokens (the reference policy).
+
+    ``tree_policy``: ``reference`` hangs the chains in the order above until the budget is
+    spent; ``value`` ranks every candidate node by its estimated acceptance probability
+    (:mod:`logitspec.value_tree`) and keeps the best ones. ``draft_tree_capacity=None`` (auto,
+    value policy only) sizes each tree by the verification cost curve, up to
+    ``max_auto_capacity`` nodes.
     """
 
     pool: PoolConfig = PoolConfig()
-    draft_tree_capacity: int = 64
+    draft_tree_capacity: int | None = 64
     num_next_next: int | None = None
     rank_lengths: tuple[tuple[int, int], ...] = ((8, 4), (32, 3))
     beyond_length: int = 1
     merge_prefixes: bool = True
+    tree_policy: str = "reference"
+    max_auto_capacity: int = 64
+    value_chain_length: int = 8
 
     def __post_init__(self) -> None:
-        if self.draft_tree_capacity < 1:
-            raise ValueError(
-                f"draft_tree_capacity must be >= 1 (the root), got {self.draft_tree_capacity}"
-            )
+        if self.tree_policy not in ("reference", "value"):
+            raise ValueError(f"tree_policy must be 'reference' or 'value', got {self.tree_policy!r}")
+        if self.draft_tree_capacity is None and self.tree_policy != "value":
+            raise ValueError("an automatic draft_tree_capacity needs tree_policy='value'")
+        if self.capacity < 1:
+            raise ValueError(f"draft_tree_capacity must be >= 1 (the root), got {self.capacity}")
+        if self.value_chain_length < 1:
+            raise ValueError(f"value_chain_length must be >= 1, got {self.value_chain_length}")
         if self.num_next_next is not None and self.num_next_next < 0:
             raise ValueError(f"num_next_next must be >= 0, got {self.num_next_next}")
         if self.beyond_length < 1 or any(n < 1 for _, n in self.rank_lengths):
@@ -105,8 +121,13 @@ class LogitSpecConfig:
         return self.beyond_length
 
     @property
+    def capacity(self) -> int:
+        """The largest tree (root included) this configuration may build."""
+        return self.max_auto_capacity if self.draft_tree_capacity is None else self.draft_tree_capacity
+
+    @property
     def candidates(self) -> int:
-        return self.draft_tree_capacity if self.num_next_next is None else self.num_next_next
+        return self.capacity if self.num_next_next is None else self.num_next_next
 
 
 class _PoolDrafter:
@@ -155,7 +176,9 @@ class LogitSpecDrafter(_PoolDrafter):
     name = "logitspec"
 
     def __init__(self, config: LogitSpecConfig = LogitSpecConfig()) -> None:
-        super().__init__(config.pool, config.draft_tree_capacity)
+        if config.tree_policy != "reference":
+            raise ValueError("LogitSpecDrafter implements the reference policy; use ValueTreeDrafter")
+        super().__init__(config.pool, config.capacity)
         self.config = config
 
     def draft(self, root: int, last_logits: torch.Tensor, max_depth: int) -> DraftTree:
@@ -179,3 +202,84 @@ class LogitSpecDrafter(_PoolDrafter):
                 return
             length = self.config.chain_length(rank)
             yield [token] + self.pool.lookup(self._query(root, token), max_tokens=length - 1)
+
+
+def _value_prior(feature: tuple) -> float:
+    """Acceptance rates assumed before any step was observed."""
+    kind = feature[0]
+    if kind == "first":
+        return 0.3 / feature[1]
+    if kind == "alt":
+        return 0.2
+    return 0.5 if feature[-1] == 1 else 0.7
+
+
+class ValueTreeDrafter(_PoolDrafter):
+    """LogitSpec's candidates (next-token chains, next-next chains from the top-k of the last
+    logit), ranked by estimated acceptance probability learned online, the tree sized by the
+    budget or, with a cost curve and ``draft_tree_capacity=None``, by expected tokens per
+    second (:mod:`logitspec.value_tree`).
+
+    Features: ``("next", n, depth)`` for the next-token chain retrieved by an n-gram of order
+    ``n``, ``("alt", n, depth)`` for older stored continuations (``max_continuations > 1``),
+    ``("first", rank)`` for a next-next token of that rank, ``("cont", n, depth)`` for its
+    retrieved continuation (depth buckets :data:`DEPTH_BUCKETS`, ranks :data:`RANK_BUCKETS`).
+    """
+
+    name = "logitspec-value"
+
+    def __init__(self, config: LogitSpecConfig, cost_curve: CostCurve | None = None) -> None:
+        if config.tree_policy != "value":
+            raise ValueError("ValueTreeDrafter needs tree_policy='value'")
+        if config.draft_tree_capacity is None and cost_curve is None:
+            raise ValueError("an automatic draft_tree_capacity needs a cost curve")
+        super().__init__(config.pool, config.capacity)
+        self.config = config
+        self.cost = cost_curve.cost if config.draft_tree_capacity is None else None
+        self.stats = AcceptanceStats(_value_prior)
+        self.overhead = 0.0
+        self._features: list = []
+
+    def draft(self, root: int, last_logits: torch.Tensor, max_depth: int) -> DraftTree:
+        start = time.perf_counter()
+        trie = CandidateTrie(root)
+        if self.tree_capacity > 1 and max_depth > 0:
+            self._add_next_chains(trie, root)
+            k = min(self.config.candidates + 1, last_logits.shape[-1])
+            self._add_next_next_chains(trie, root, last_logits.topk(k).indices.tolist())
+        nodes = select_nodes(trie, self.tree_capacity, self.cost, self.overhead, max_depth)
+        tree, self._features = trie.to_tree(nodes)
+        self.overhead = 0.9 * self.overhead + 0.1 * (time.perf_counter() - start)
+        return tree
+
+    def _add_next_chains(self, trie: CandidateTrie, root: int) -> None:
+        n, conts = self.pool.match(self._query(root), max_tokens=self.tree_capacity - 1)
+        for j, cont in enumerate(conts):
+            kind = "next" if j == 0 else "alt"
+            features = [(kind, n, bucket(d, DEPTH_BUCKETS)) for d in range(1, len(cont) + 1)]
+            trie.add_chain(cont, features, [self.stats.rate(f) for f in features])
+
+    def _add_next_next_chains(self, trie: CandidateTrie, root: int, top: list[int]) -> None:
+        rank = 0
+        for token in top:
+            if token == root:
+                continue
+            rank += 1
+            if rank > self.config.candidates:
+                return
+            n, conts = self.pool.match(self._query(root, token), self.config.value_chain_length - 1)
+            cont = conts[0] if conts else []
+            features = [("first", bucket(rank, RANK_BUCKETS))]
+            features += [("cont", n, bucket(d, DEPTH_BUCKETS)) for d in range(2, len(cont) + 2)]
+            trie.add_chain([token] + cont, features, [self.stats.rate(f) for f in features])
+
+    def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
+        self.stats.update(self._features, tree.parents, set(path))
+        self.pool.extend(tokens)
+
+
+def make_logitspec_drafter(config: LogitSpecConfig, cost_curve: CostCurve | None = None) -> Drafter:
+    """The drafter for ``config.tree_policy``."""
+    if config.tree_policy == "value":
+        return ValueTreeDrafter(config, cost_curve)
+    return LogitSpecDrafter(config)

@@ -129,7 +129,10 @@ class KVCache:
         other pending tokens are dropped.
         """
         n = len(nodes)
-        if n and (nodes[-1] >= self.pending or any(b <= a for a, b in zip(nodes, nodes[1:]))):
+        if n and (
+            nodes[0] < 0 or nodes[-1] >= self.pending
+            or any(b <= a for a, b in zip(nodes, nodes[1:]))
+        ):
             raise ValueError(f"invalid node list {list(nodes)} for {self.pending} pending tokens")
         first_moved = next((i for i, node in enumerate(nodes) if node != i), n)
         if first_moved < n:

@@ -143,6 +143,15 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg.rope, cfg.head_dim), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.half()``...: ``inv_freq`` follows the device but stays
+        float32 (a bfloat16 copy would shift the rotary angles by up to ~0.5 rad at 400)."""
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.config.rope, self.config.head_dim).to(
+            self.inv_freq.device
+        )
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.embed.weight.device

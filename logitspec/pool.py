@@ -102,12 +102,17 @@ class NGramPool:
 
     def lookup_all(self, query: Sequence[int], max_tokens: int | None = None) -> list[list[int]]:
         """All stored continuations (newest first) of the longest matching suffix of ``query``."""
+        return self.match(query, max_tokens)[1]
+
+    def match(self, query: Sequence[int], max_tokens: int | None = None) -> tuple[int, list[list[int]]]:
+        """``(n, continuations)``: the order ``n`` of the longest suffix of ``query`` found
+        (0 when none) and its stored continuations, newest first, at most ``max_tokens`` long."""
         limit = self.num_pred_tokens if max_tokens is None else min(max_tokens, self.num_pred_tokens)
         if limit <= 0:
-            return []
+            return 0, []
         tokens = self.tokens
         for n in range(min(self.max_ngram_size, len(query)), 0, -1):
             stored = self._index.get(tuple(query[len(query) - n:]))
             if stored is not None:
-                return [tokens[p + 1:p + 1 + limit] for p in stored]
-        return []
+                return n, [tokens[p + 1:p + 1 + limit] for p in stored]
+        return 0, []

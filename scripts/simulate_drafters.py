@@ -1,0 +1,258 @@
+"""Offline drafter evaluation on recorded greedy traces: exact MAT, estimated speedup.
+
+Greedy verification accepts a draft node exactly when its path spells the target's own greedy
+continuation, and LogitSpec only reads the target's top-k at accepted positions. So one
+vanilla run that records, per generated token, the token and the top-k ids of the logit that
+chose it is enough to replay any retrieval drafter exactly, without the model:
+
+    python scripts/simulate_drafters.py record --bench-name spec_bench --questions-per-category 8 \
+        --max-new-tokens 256 --dtype bfloat16 --out results/traces-bf16.pt
+    python scripts/simulate_drafters.py replay --trace results/traces-bf16.pt \
+        --drafter pld:8 --drafter logitspec:64 --drafter logitspec:auto
+
+Replay reports MAT per category (exact for the recorded outputs) and a speedup estimated from
+the measured cost curve (verify forward of N tokens) plus the drafter's own measured host
+time. The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from logitspec.acceptance import greedy_accept
+from logitspec.cost import CostCurve, cost_curve_for
+from logitspec.decoding import Decoder, GenerationConfig
+from logitspec.drafters import Drafter
+from logitspec.loading import load
+from logitspec.tree import DraftTree
+
+MT_BENCH = {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}
+TOP_K = 64
+
+
+@dataclass
+class TurnTrace:
+    question_id: int | str
+    category: str
+    prompt: list[int]
+    output: list[int]
+    topk: torch.Tensor  # (len(output), TOP_K) int32: top-k ids of the logit choosing output[i]
+    max_new_tokens: int
+
+
+def group_of(category: str) -> str:
+    return "multi-turn conversation" if category in MT_BENCH else category
+
+
+def select_questions(path: Path, begin: int, end: int | None, per_category: int | None) -> list[dict]:
+    questions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    questions = questions[begin:end]
+    if per_category is None:
+        return questions
+    seen: dict[str, int] = defaultdict(int)
+    kept = []
+    for q in questions:
+        group = group_of(q["category"])
+        if seen[group] < per_category:
+            seen[group] += 1
+            kept.append(q)
+    return kept
+
+
+class _Recorder:
+    """A drafter that proposes nothing and records the top-k of every step's last logit."""
+
+    name = "recorder"
+    tree_capacity = 1
+
+    def __init__(self) -> None:
+        self.rows: list[torch.Tensor] = []
+
+    def begin(self, context, reused) -> None:
+        self.rows = []
+
+    def draft(self, root: int, last_logits: torch.Tensor, max_depth: int) -> DraftTree:
+        self.rows.append(last_logits.float().topk(TOP_K).indices.to(torch.int32).cpu())
+        return DraftTree((root,), (-1,), (0,))
+
+    def observe(self, tree, logits) -> None:
+        pass
+
+    def extend(self, tokens, tree, path) -> None:
+        pass
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def record(args: argparse.Namespace) -> int:
+    lm = load(args.model_path, dtype=args.dtype, device=args.device)
+    questions = select_questions(
+        Path(args.question_file or f"data/{args.bench_name}/question.jsonl"),
+        args.question_begin, args.question_end, args.questions_per_category,
+    )
+    recorder = _Recorder()
+    decoder = Decoder(lm.model, recorder)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, eos_token_ids=lm.eos_token_ids)
+    traces: list[TurnTrace] = []
+    for n, q in enumerate(questions):
+        decoder.reset()
+        messages: list[dict] = []
+        for turn in q["turns"]:
+            messages.append({"role": "user", "content": turn})
+            prompt = chat_ids(lm.tokenizer, messages)
+            result = decoder.generate(prompt, config)
+            rows = recorder.rows + [torch.full((TOP_K,), -1, dtype=torch.int32)]
+            traces.append(TurnTrace(q["question_id"], q["category"], prompt, result.output_ids,
+                                    torch.stack(rows[: result.new_tokens]), args.max_new_tokens))
+            text = lm.tokenizer.decode(result.output_ids, skip_special_tokens=True).strip()
+            messages.append({"role": "assistant", "content": text})
+        print(f"[{n + 1}/{len(questions)}] question {q['question_id']} ({q['category']})", file=sys.stderr)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"traces": [t.__dict__ for t in traces], "model": lm.name, "dtype": args.dtype,
+                "model_path": str(lm.path), "device": args.device}, args.out)
+    print(json.dumps({"out": args.out, "turns": len(traces), "tokens": sum(len(t.output) for t in traces)}))
+    return 0
+
+
+def replay_turn(drafter: Drafter, trace: TurnTrace, vocab_size: int) -> tuple[list[int], list[int], float]:
+    """Accept lengths and tree sizes of ``drafter`` on one recorded turn, and its host time."""
+    out, n = trace.output, len(trace.output)
+    drafter.begin(trace.prompt, 0)
+    accept_lengths, tree_sizes, host = [], [], 0.0
+    i = 0
+    while i < n:
+        if i == n - 1:
+            accept_lengths.append(1)
+            tree_sizes.append(0)
+            break
+        logits = torch.zeros(vocab_size)
+        logits[trace.topk[i].long()] = torch.arange(TOP_K, 0, -1, dtype=torch.float32)
+        start = time.perf_counter()
+        tree = drafter.draft(out[i], logits, trace.max_new_tokens - i - 1)
+        pred = _trace_predictions(tree, out, i)
+        path = greedy_accept(tree.tokens, tree.parents, pred)
+        drafter.observe(tree, None)
+        drafter.extend(out[i:i + len(path)], tree, path)
+        host += time.perf_counter() - start
+        accept_lengths.append(len(path))
+        tree_sizes.append(len(tree))
+        i += len(path)
+    return accept_lengths, tree_sizes, host
+
+
+def _trace_predictions(tree: DraftTree, out: Sequence[int], start: int) -> list[int]:
+    """The target's greedy token after each node: known for nodes on the recorded path."""
+    on_trace = [False] * len(tree)
+    pred = [-1] * len(tree)
+    for node in range(len(tree)):
+        parent, depth = tree.parents[node], tree.depths[node]
+        if node == 0 or (on_trace[parent] and start + depth < len(out) and tree.tokens[node] == out[start + depth]):
+            on_trace[node] = True
+            if start + depth + 1 < len(out):
+                pred[node] = out[start + depth + 1]
+    return pred
+
+
+def make_drafter(spec: str, curve: CostCurve) -> Drafter:
+    """``pld:<capacity>``, ``logitspec:<capacity>`` or ``logitspec:auto``, options after commas:
+    ``ngram=3,pred=20,conts=1`` (pool), ``nomerge``, ``value`` (value-ranked tree), ``k=32``
+    (next-next candidates), ``max=64`` (auto's largest tree), ``len=8`` (value chain length)."""
+    from logitspec.drafters import LogitSpecConfig, PoolConfig, PromptLookupDrafter, make_logitspec_drafter
+
+    kind, _, rest = spec.partition(":")
+    fields = rest.split(",") if rest else ["64"]
+    capacity, options = fields[0], dict(f.partition("=")[::2] for f in fields[1:])
+    pool = PoolConfig(int(options.get("ngram", 3)), int(options.get("pred", 20)),
+                      int(options.get("conts", 1)))
+    if kind == "pld":
+        return PromptLookupDrafter(pool, int(capacity))
+    if kind == "logitspec":
+        auto = capacity == "auto"
+        config = LogitSpecConfig(
+            pool=pool, draft_tree_capacity=None if auto else int(capacity),
+            merge_prefixes="nomerge" not in options,
+            tree_policy="value" if auto or "value" in options else "reference",
+            num_next_next=int(options["k"]) if "k" in options else None,
+            max_auto_capacity=int(options.get("max", 64)),
+            value_chain_length=int(options.get("len", 8)),
+        )
+        return make_logitspec_drafter(config, curve)
+    raise ValueError(f"unknown drafter spec {spec!r}")
+
+
+def replay(args: argparse.Namespace) -> int:
+    data = torch.load(args.trace, weights_only=False)
+    traces = [TurnTrace(**t) for t in data["traces"]]
+    lm = load(data["model_path"], dtype=data["dtype"], device=args.device)
+    curve = cost_curve_for(lm.model, str(lm.path))
+    vocab = lm.model.config.vocab_size
+    report = {}
+    for spec in args.drafter:
+        rows = defaultdict(lambda: {"tokens": 0, "steps": 0, "time": 0.0, "vanilla": 0.0, "host": 0.0})
+        for trace in traces:
+            drafter = make_drafter(spec, curve)
+            lengths, sizes, host = replay_turn(drafter, trace, vocab)
+            for key in (group_of(trace.category), "overall"):
+                row = rows[key]
+                row["tokens"] += sum(lengths)
+                row["steps"] += len(lengths)
+                row["time"] += sum(curve.cost(s) for s in sizes if s) + host
+                row["host"] += host
+                row["vanilla"] += (sum(lengths) - 1) * curve.cost(1)
+        report[spec] = {k: {"mat": r["tokens"] / r["steps"], "speedup": r["vanilla"] / r["time"],
+                            "host_share": r["host"] / r["time"]} for k, r in rows.items()}
+    _print_report(report)
+    print(json.dumps({"trace": args.trace, "model": data["model"], "dtype": data["dtype"], "report": report}))
+    return 0
+
+
+def _print_report(report: dict) -> None:
+    categories = list(next(iter(report.values())).keys())
+    width = max(len(s) for s in report) + 2
+    print(f"{'drafter':<{width}}" + "".join(f"{c[:14]:>16}" for c in categories))
+    for spec, rows in report.items():
+        cells = "".join(f"{rows[c]['mat']:>8.2f} {rows[c]['speedup']:>5.2f}x " for c in categories)
+        print(f"{spec:<{width}}{cells}")
+    print("(cells: MAT, estimated speedup)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("record", help="run vanilla greedy decoding and record traces")
+    rec.add_argument("--model-path", default=None)
+    rec.add_argument("--bench-name", default="demo")
+    rec.add_argument("--question-file", default=None)
+    rec.add_argument("--question-begin", type=int, default=0)
+    rec.add_argument("--question-end", type=int, default=None)
+    rec.add_argument("--questions-per-category", type=int, default=None)
+    rec.add_argument("--max-new-tokens", type=int, default=256)
+    rec.add_argument("--dtype", default="bfloat16")
+    rec.add_argument("--device", default="cpu")
+    rec.add_argument("--out", required=True)
+    rep = sub.add_parser("replay", help="replay drafters on recorded traces")
+    rep.add_argument("--trace", required=True)
+    rep.add_argument("--drafter", action="append", required=True)
+    rep.add_argument("--device", default="cpu")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return record(args) if args.command == "record" else replay(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
