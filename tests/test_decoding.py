@@ -1,0 +1,367 @@
+"""The decoding loop: speculative decoding == vanilla greedy, token for token.
+
+:class:`CopyLM` is a fake deterministic target that stores token ids in a real
+:class:`~logitspec.kv_cache.KVCache` and reads every new token's context through the real
+attention mask: a wrong tree mask, wrong positions or a wrong cache compaction give wrong
+contexts and so different outputs. Its rule copies earlier text (an induction head), so the
+retrieval drafters' guesses are often right and long accepted paths are frequent.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from logitspec.decoding import (
+    Decoder,
+    GenerationConfig,
+    PromptTooLongError,
+    generate_logitspec,
+    generate_pld,
+    generate_vanilla,
+)
+from logitspec.drafters import (
+    LogitSpecConfig,
+    LogitSpecDrafter,
+    PoolConfig,
+    PromptLookupDrafter,
+    make_logitspec_drafter,
+)
+from logitspec.kv_cache import KVCache
+
+COPY_BONUS = 8.0
+
+
+class CopyLM(nn.Module):
+    """``logits(context) = table[last two tokens] + COPY_BONUS * onehot(copy)`` where ``copy``
+    is the token that followed the most recent earlier occurrence of the context's last two
+    tokens (none when they never occurred before). Random table entries are distinct, so the
+    argmax is never tied."""
+
+    def __init__(self, vocab_size: int, *, seed: int = 0, max_position_embeddings: int = 512):
+        super().__init__()
+        rng = np.random.default_rng(seed)
+        self.vocab_size = vocab_size
+        self.table = rng.standard_normal(((vocab_size + 1) ** 2, vocab_size)).astype(np.float32)
+        self.config = SimpleNamespace(max_position_embeddings=max_position_embeddings)
+        self.forward_sizes: list[int] = []
+
+    device = torch.device("cpu")
+    dtype = torch.float32
+
+    def rule(self, context: list[int]) -> np.ndarray:
+        """Next-token logits (V,) after ``context`` (the pure function the cache must feed)."""
+        prev = context[-2] if len(context) > 1 else -1
+        logits = self.table[(prev + 1) * (self.vocab_size + 1) + context[-1] + 1].copy()
+        if len(context) > 2:
+            a, b = context[-2], context[-1]
+            for j in range(len(context) - 3, 0, -1):
+                if context[j] == b and context[j - 1] == a:
+                    logits[context[j + 1]] += COPY_BONUS
+                    break
+        return logits
+
+    def new_cache(self, capacity: int, *, mask_rows: int = 128) -> KVCache:
+        return KVCache(1, 1, 1, capacity, dtype=torch.float32, device="cpu", mask_rows=mask_rows)
+
+    def hidden(self, tokens, positions, cache: KVCache, tree_mask=None) -> torch.Tensor:
+        num_new = tokens.shape[0]
+        self.forward_sizes.append(num_new)
+        cache.begin(num_new)
+        mask = cache.attention_mask(tree_mask, num_new).numpy().copy()  # (T, S)
+        ids = tokens.float().view(1, num_new, 1)
+        keys, _ = cache.write(0, ids, ids)
+        seq = keys[0, :, 0].long().numpy()  # (S,) token ids in slot order
+        rows = []
+        for i in range(num_new):
+            visible = seq[mask[i]].tolist()
+            assert visible[-1] == int(tokens[i]), "a token must see itself last"
+            assert int(positions[i]) == len(visible) - 1, "position != number of tokens before"
+            rows.append(self.rule(visible))
+        return torch.from_numpy(np.stack(rows))
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+    def forward(self, tokens, positions, cache, tree_mask=None) -> torch.Tensor:
+        return self.hidden(tokens, positions, cache, tree_mask)
+
+
+def reference_greedy(model: CopyLM, prompt: list[int], config: GenerationConfig) -> list[int]:
+    """Greedy decoding straight from the rule: no cache, no tree, no drafter."""
+    context, output = list(prompt), []
+    while True:
+        token = int(np.argmax(model.rule(context)))
+        output.append(token)
+        if token in config.eos_token_ids or len(output) >= config.max_new_tokens:
+            return output
+        context.append(token)
+
+
+def check_invariants(result, config: GenerationConfig, capacity: int) -> None:
+    out = result.output_ids
+    assert sum(result.accept_lengths) == result.new_tokens == len(out)
+    assert 1 <= result.new_tokens <= config.max_new_tokens
+    assert len(result.draft_lengths) == len(result.accept_lengths) == result.decoding_steps
+    for accepted, drafted in zip(result.accept_lengths, result.draft_lengths):
+        assert 1 <= accepted <= capacity
+        assert 0 <= drafted <= capacity - 1
+        assert accepted <= drafted + 1
+    eos_at = [i for i, t in enumerate(out) if t in config.eos_token_ids]
+    if eos_at:
+        assert eos_at == [len(out) - 1]  # the first EOS ends the output
+        assert result.stop_reason == "eos"
+    else:
+        assert result.new_tokens == config.max_new_tokens and result.stop_reason == "length"
+
+
+def drafters_for(capacity: int, pool: PoolConfig, rank_lengths, merge: bool, num_next_next):
+    spec = LogitSpecConfig(pool=pool, draft_tree_capacity=capacity, rank_lengths=rank_lengths,
+                           merge_prefixes=merge, num_next_next=num_next_next)
+    value = LogitSpecConfig(pool=pool, draft_tree_capacity=capacity, tree_policy="value",
+                            num_next_next=num_next_next)
+    return {
+        "pld": PromptLookupDrafter(pool, capacity),
+        "logitspec": LogitSpecDrafter(spec),
+        "logitspec-value": make_logitspec_drafter(value),
+    }
+
+
+@st.composite
+def scenarios(draw):
+    vocab = draw(st.integers(8, 40))
+    alphabet = draw(st.integers(2, min(vocab, 6)))
+    segment = draw(st.lists(st.integers(0, alphabet - 1), min_size=1, max_size=10))
+    noise = draw(st.lists(st.integers(0, vocab - 1), max_size=5))
+    prompt = segment * draw(st.integers(1, 4)) + noise + segment[: draw(st.integers(0, 3))]
+    eos = draw(st.one_of(  # an EOS from the prompt is copied: it lands inside accepted paths
+        st.lists(st.integers(0, vocab - 1), max_size=2, unique=True),
+        st.lists(st.sampled_from(sorted(set(prompt))), min_size=1, max_size=1),
+    ))
+    ranks = sorted(draw(st.lists(st.integers(1, 12), max_size=3, unique=True)))
+    rank_lengths = tuple((r, draw(st.integers(1, 6))) for r in ranks)
+    return dict(
+        vocab=vocab,
+        seed=draw(st.integers(0, 2**16)),
+        prompt=prompt,
+        config=GenerationConfig(max_new_tokens=draw(st.integers(1, 60)),
+                                eos_token_ids=tuple(eos)),
+        capacity=draw(st.integers(1, 64)),
+        pool=PoolConfig(max_ngram_size=draw(st.integers(1, 4)),
+                        num_pred_tokens=draw(st.integers(1, 12)),
+                        max_continuations=draw(st.integers(1, 2))),
+        rank_lengths=rank_lengths,
+        merge=draw(st.booleans()),
+        num_next_next=draw(st.one_of(st.none(), st.integers(0, 10))),
+    )
+
+
+@settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(s=scenarios())
+def test_speculative_equals_vanilla(s):
+    model = CopyLM(s["vocab"], seed=s["seed"])
+    config, prompt, capacity = s["config"], s["prompt"], s["capacity"]
+    expected = reference_greedy(model, prompt, config)
+    vanilla = Decoder(model).generate(prompt, config)
+    assert vanilla.output_ids == expected
+    check_invariants(vanilla, config, 1)
+    assert set(vanilla.accept_lengths) == {1} and set(vanilla.draft_lengths) == {0}
+    drafters = drafters_for(capacity, s["pool"], s["rank_lengths"], s["merge"], s["num_next_next"])
+    for name, drafter in drafters.items():
+        result = Decoder(model, drafter).generate(prompt, config)
+        assert result.output_ids == expected, name
+        check_invariants(result, config, capacity)
+
+
+@settings(deadline=None, max_examples=30, suppress_health_check=[HealthCheck.too_slow])
+@given(s=scenarios(), extra=st.lists(st.integers(0, 7), min_size=1, max_size=8),
+       keep=st.integers(1, 30))
+def test_multi_turn_reuse_equals_fresh_decoder(s, extra, keep):
+    """Turn 2 extends turn 1's conversation (only the new tokens are prefilled); turn 3 diverges
+    inside the prompt (the cache and pool are cut back). Each equals a fresh decoder."""
+    model = CopyLM(s["vocab"], seed=s["seed"])
+    config, capacity = s["config"], s["capacity"]
+    args = (capacity, s["pool"], s["rank_lengths"], s["merge"], s["num_next_next"])
+    decoders = {name: Decoder(model, d) for name, d in drafters_for(*args).items()}
+    decoders["vanilla"] = Decoder(model)
+    first = {name: d.generate(s["prompt"], config).output_ids for name, d in decoders.items()}
+    assert len(set(map(tuple, first.values()))) == 1
+    second_prompt = s["prompt"] + first["vanilla"] + extra
+    third_prompt = second_prompt[: min(keep, len(second_prompt))] + extra[::-1] + [1]
+    for prompt in (second_prompt, third_prompt):
+        expected = reference_greedy(model, prompt, config)
+        for name, decoder in decoders.items():
+            assert decoder.generate(prompt, config).output_ids == expected, name
+            assert decoder.cache.length == len(decoder.context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic cases the properties rely on (they must keep happening)
+
+REPEATED = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4, 3, 3]
+
+
+def test_copy_model_makes_long_accepted_paths():
+    model = CopyLM(12, seed=1)
+    prompt = REPEATED[:20] + REPEATED[:20] + REPEATED[:3]
+    config = GenerationConfig(max_new_tokens=40)
+    for drafter in (PromptLookupDrafter(PoolConfig(), 16), LogitSpecDrafter(
+            LogitSpecConfig(draft_tree_capacity=16))):
+        result = Decoder(model, drafter).generate(prompt, config)
+        assert result.output_ids == reference_greedy(model, prompt, config)
+        assert max(result.accept_lengths) >= 8
+        assert result.mean_accepted_tokens > 3  # so the property tests are not vacuous
+
+
+def test_eos_inside_an_accepted_path():
+    """The copied text runs into EOS: it is accepted as a draft, then nothing after it."""
+    eos = 11
+    model = CopyLM(12, seed=2)
+    prompt = [1, 2, 3, 4, 5, 6, eos, 7, 8, 9, 0, 1, 2, 3]
+    config = GenerationConfig(max_new_tokens=30, eos_token_ids=(eos,))
+    expected = reference_greedy(model, prompt, config)
+    assert expected == [4, 5, 6, eos]
+    result = Decoder(model, PromptLookupDrafter(PoolConfig(), 16)).generate(prompt, config)
+    assert result.output_ids == expected and result.stop_reason == "eos"
+    # one step: root 4, drafts 5 6 EOS accepted; the drafts after EOS (7 8 ...) were right too
+    assert result.accept_lengths == [4] and result.draft_lengths[0] > 4
+
+
+def test_max_new_tokens_cuts_the_path():
+    model = CopyLM(12, seed=1)
+    prompt = REPEATED[:20] + REPEATED[:20] + REPEATED[:3]
+    drafter = lambda: PromptLookupDrafter(PoolConfig(), 16)  # noqa: E731
+    free = Decoder(model, drafter()).generate(prompt, GenerationConfig(max_new_tokens=40))
+    assert free.accept_lengths[0] >= 6
+    for limit in (1, 2, free.accept_lengths[0] - 1):
+        config = GenerationConfig(max_new_tokens=limit)
+        capped = Decoder(model, drafter()).generate(prompt, config)
+        assert capped.output_ids == free.output_ids[:limit]
+        assert capped.accept_lengths == [limit] and capped.stop_reason == "length"
+
+
+def test_generate_helpers_agree():
+    model = CopyLM(10, seed=3)
+    prompt = REPEATED[:12] * 2
+    config = GenerationConfig(max_new_tokens=25, eos_token_ids=(9,))
+    expected = reference_greedy(model, prompt, config)
+    assert generate_vanilla(model, prompt, config).output_ids == expected
+    assert generate_pld(model, prompt, config, draft_tree_capacity=5).output_ids == expected
+    small = LogitSpecConfig(draft_tree_capacity=7, rank_lengths=((2, 2),))
+    assert generate_logitspec(model, prompt, config, small).output_ids == expected
+
+
+def test_tree_forward_sizes_within_capacity():
+    model = CopyLM(12, seed=1)
+    prompt = REPEATED[:20] * 2
+    Decoder(model, LogitSpecDrafter(LogitSpecConfig(draft_tree_capacity=9))).generate(
+        prompt, GenerationConfig(max_new_tokens=30))
+    prefill, *steps = model.forward_sizes
+    assert prefill == len(prompt) and steps and max(steps) <= 9 and max(steps) > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The real (tiny, random) Llama
+
+
+def naive_greedy(model, prompt: list[int], config: GenerationConfig) -> list[int]:
+    """Recomputes the whole sequence with a fresh cache at every step (no KV reuse)."""
+    sequence, output = list(prompt), []
+    with torch.inference_mode():
+        while True:
+            cache = model.new_cache(len(sequence))
+            logits = model(torch.tensor(sequence), torch.arange(len(sequence)), cache)
+            token = int(logits[-1].argmax())
+            output.append(token)
+            if token in config.eos_token_ids or len(output) >= config.max_new_tokens:
+                return output
+            sequence.append(token)
+
+
+def test_vanilla_equals_naive_on_tiny_llama(tiny_model):
+    prompt = [(7 * i) % 97 for i in range(12)] * 3
+    config = GenerationConfig(max_new_tokens=24)
+    expected = naive_greedy(tiny_model, prompt, config)
+    assert generate_vanilla(tiny_model, prompt, config).output_ids == expected
+    # and the speculative methods, on a prompt that repeats itself
+    assert generate_pld(tiny_model, prompt, config, draft_tree_capacity=8).output_ids == expected
+    spec = LogitSpecConfig(draft_tree_capacity=12)
+    assert generate_logitspec(tiny_model, prompt, config, spec).output_ids == expected
+
+
+def test_tiny_llama_eos_stops(tiny_model):
+    prompt = [5, 6, 7, 8]
+    free = naive_greedy(tiny_model, prompt, GenerationConfig(max_new_tokens=12))
+    eos = free[5]
+    config = GenerationConfig(max_new_tokens=12, eos_token_ids=(eos,))
+    expected = free[: free.index(eos) + 1]
+    result = generate_vanilla(tiny_model, prompt, config)
+    assert result.output_ids == expected and result.stop_reason == "eos"
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors and the cache
+
+
+def test_empty_prompt():
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        Decoder(CopyLM(8)).generate([], GenerationConfig(max_new_tokens=4))
+
+
+def test_prompt_too_long():
+    model = CopyLM(8, max_position_embeddings=64)
+    decoder = Decoder(model, PromptLookupDrafter(PoolConfig(), 8))
+    with pytest.raises(PromptTooLongError, match="prompt of 60 tokens \\+ max_new_tokens 5 "
+                       "exceeds the model's context of 64 tokens"):
+        decoder.generate([1] * 60, GenerationConfig(max_new_tokens=5))
+    result = decoder.generate([1, 2] * 30, GenerationConfig(max_new_tokens=4))  # exactly fits
+    assert result.new_tokens == 4
+
+
+def test_cache_grows_when_needed():
+    model = CopyLM(10, seed=4)
+    prompt = REPEATED[:15] * 2
+    config = GenerationConfig(max_new_tokens=20)
+    expected = reference_greedy(model, prompt, config)
+    decoder = Decoder(model, LogitSpecDrafter(LogitSpecConfig(draft_tree_capacity=8)),
+                      capacity=12)
+    assert decoder.cache.capacity == 12
+    assert decoder.generate(prompt, config).output_ids == expected
+    assert decoder.cache.capacity >= len(prompt) + 20 + 8
+    # a longer follow-up grows it again and keeps the cached prefix
+    second = prompt + expected + REPEATED[:40]
+    config2 = GenerationConfig(max_new_tokens=30)
+    grown_from = decoder.cache.capacity
+    assert decoder.generate(second, config2).output_ids == reference_greedy(model, second, config2)
+    assert decoder.cache.capacity > grown_from
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+        ({"temperature": -0.5}, "temperature must be >= 0"),
+        ({"temperature": float("nan")}, "temperature must be >= 0"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"top_k": -1}, "top_k must be >= 0"),
+    ],
+    ids=["max-new-0", "negative-temperature", "nan-temperature", "top-p-0", "top-p-above-1",
+         "negative-top-k"],
+)
+def test_generation_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationConfig(**kwargs)
+
+
+def test_vanilla_counts():
+    model = CopyLM(9, seed=5)
+    result = Decoder(model).generate([1, 2, 3], GenerationConfig(max_new_tokens=7))
+    assert result.new_tokens == result.decoding_steps == 7
+    assert result.mean_accepted_tokens == 1.0
