@@ -202,7 +202,7 @@ def load_answers(path: str | Path) -> AnswerFile:
         raise InputError(f"cannot read {path}: {exc}") from None
     records: list[AnswerRecord] = []
     first_line: dict[str, int] = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"

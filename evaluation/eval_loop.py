@@ -1,0 +1,343 @@
+"""The evaluation loop every ``evaluation.inference_*`` command runs.
+
+For each selected question not yet answered in the answer file, for each choice: reset the
+method's generator, then answer the turns in order, the conversation growing as in FastChat.
+Each question becomes one answer line (Spec-Bench/FastChat schema plus ``draft_lengths``,
+``time_breakdown`` and ``meta``; see data/README.md), appended as soon as it is done.
+
+Policies:
+
+- Timing: a turn's ``wall_time`` is the decoder's own (device synchronized,
+  ``time.perf_counter``): that turn's prefill and decoding, not tokenization, templating,
+  model loading or warm-up. Warm-up runs ``--warmup`` short generations (at most 32 new
+  tokens) on the first question to answer whose first turn fits, before anything is timed,
+  and discards them.
+- Tokens: ``new_tokens`` counts the tokens the decoder emitted (up to and including an EOS),
+  the same way for every method; the stored text is decoded without special tokens, stripped
+  and, for FastChat templates, cut at the template's stop string.
+- Failures: a question whose prompt does not fit the model's context becomes an error entry
+  (one line on stderr) and the run goes on; the run then ends with exit code 3 and a summary
+  line. Everything else that stops a run (bad flags, question file, model, answer file) is one
+  line on stderr and exit code 2, with nothing already written lost.
+- Resume: see :mod:`evaluation.answer_file`. A file written with other settings (method,
+  params, model, dtype, device, template, generation settings) is refused rather than mixed.
+- Workers: one, in this process. :func:`build_context` and :func:`answer_question` are all a
+  worker needs, so several workers can share this code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import shortuuid
+import torch
+from tqdm import tqdm
+
+from logitspec.decoding import GenerationConfig, GenerationResult, PromptTooLongError
+from logitspec.loading import LoadedModel, ModelLoadError, load
+
+from .answer_file import (
+    AnswerFileError, AnswerWriter, ExistingAnswers, drop_entries, read_answers, repair_tail,
+)
+from .args import RunConfig, parse_args
+from .methods import Method, TurnGenerator
+from .prompts import PromptTemplate, resolve_template
+from .questions import Question, QuestionFileError, load_questions, select_questions
+from .speed import format_ids
+
+EXIT_USAGE = 2
+EXIT_QUESTIONS_FAILED = 3
+WARMUP_MAX_NEW_TOKENS = 32
+PHASES = ("prefill", "draft", "verify", "accept", "update")  # GenerationResult.times fields
+TEST_EXIT_AFTER_ENV = "LOGITSPEC_TEST_EXIT_AFTER"  # tests: os._exit(9) after N answers
+RESUME_KEYS = (
+    "method", "params", "model_path", "dtype", "device", "template",
+    "max_new_tokens", "temperature", "top_p", "top_k", "seed", "num_choices",
+)
+
+
+class RunError(Exception):
+    """Stops the run: one line on stderr, exit code 2."""
+
+
+@dataclass
+class EvalContext:
+    """Everything a worker needs to answer questions."""
+
+    model_id: str
+    loaded: LoadedModel
+    generator: TurnGenerator
+    template: PromptTemplate
+    generation: GenerationConfig
+    num_choices: int
+    meta: dict[str, Any]
+
+
+def build_context(run: RunConfig) -> EvalContext:
+    """Loads the model and builds the method's generator (the one of the whole run)."""
+    settings = run.settings
+    try:
+        loaded = load(settings.model_path, dtype=settings.resolved_dtype,
+                      device=settings.resolved_device)
+    except (ModelLoadError, ValueError) as exc:
+        raise RunError(str(exc)) from None
+    template = resolve_template(loaded.tokenizer, settings.model_name, settings.template)
+    eos = tuple(dict.fromkeys(loaded.eos_token_ids + template.stop_token_ids))
+    return EvalContext(
+        model_id=run.model_id,
+        loaded=loaded,
+        generator=run.method.make_generator(loaded, run.params),
+        template=template,
+        generation=settings.generation_config(eos),
+        num_choices=settings.num_choices,
+        meta=run_meta(run, template.name),
+    )
+
+
+def run_meta(run: RunConfig, template_name: str) -> dict[str, Any]:
+    """The ``meta`` object of every answer line of this run."""
+    import transformers
+
+    e = run.settings
+    device = str(torch.device(e.resolved_device))
+    return {
+        "method": run.method.name, "params": asdict(run.params),
+        "model_path": e.model_location, "dtype": e.resolved_dtype, "device": device,
+        "template": template_name, "max_new_tokens": e.max_new_tokens,
+        "temperature": e.temperature, "top_p": e.top_p, "top_k": e.top_k, "seed": e.seed,
+        "num_choices": e.num_choices, "torch": torch.__version__,
+        "transformers": transformers.__version__, "hardware": hardware_description(device),
+    }
+
+
+def hardware_description(device: str) -> str:
+    """``"<CPU model>, <N> threads"``, plus ``"; <GPU name>"`` on cuda."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    text = f"{cpu}, {torch.get_num_threads()} threads"
+    if device.startswith("cuda"):
+        text += f"; {torch.cuda.get_device_name(torch.device(device))}"
+    return text
+
+
+@dataclass
+class ChoiceRecord:
+    """One choice of an answer line, filled turn by turn (field names are the schema's)."""
+
+    index: int
+    turns: list[str] = field(default_factory=list)
+    decoding_steps: list[int] = field(default_factory=list)
+    new_tokens: list[int] = field(default_factory=list)
+    wall_time: list[float] = field(default_factory=list)
+    accept_lengths: list[int] = field(default_factory=list)
+    draft_lengths: list[int] = field(default_factory=list)
+    time_breakdown: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
+    def add(self, text: str, result: GenerationResult) -> None:
+        self.turns.append(text)
+        self.decoding_steps.append(result.decoding_steps)
+        self.new_tokens.append(result.new_tokens)
+        self.wall_time.append(result.wall_time)
+        self.accept_lengths.extend(result.accept_lengths)
+        self.draft_lengths.extend(result.draft_lengths)
+        for phase in self.time_breakdown:
+            self.time_breakdown[phase] += getattr(result.times, phase)
+
+
+def answer_choice(ctx: EvalContext, question: Question, index: int) -> dict[str, Any]:
+    """All turns of ``question`` as choice ``index`` (sampling seed: seed + index)."""
+    config = replace(ctx.generation, seed=ctx.generation.seed + index)
+    ctx.generator.reset()
+    conversation = ctx.template.start()
+    record = ChoiceRecord(index)
+    for user_turn in question.turns:
+        conversation.add_user(user_turn)
+        result = ctx.generator.generate(conversation.prompt_ids(), config)
+        text = conversation.answer_text(result.output_ids)
+        conversation.add_answer(text)
+        record.add(text, result)
+    return asdict(record)
+
+
+def answer_question(ctx: EvalContext, question: Question) -> dict[str, Any]:
+    """The answer line of ``question``: its choices, or an error entry when it cannot be
+    answered (a prompt longer than the model's context)."""
+    line: dict[str, Any] = {
+        "question_id": question.question_id, "category": question.category,
+        "answer_id": shortuuid.uuid(), "model_id": ctx.model_id,
+    }
+    try:
+        choices = [answer_choice(ctx, question, i) for i in range(ctx.num_choices)]
+    except PromptTooLongError as exc:
+        error = " ".join(f"{type(exc).__name__}: {exc}".split())
+        return {**line, "tstamp": time.time(), "choices": [], "error": error, "meta": ctx.meta}
+    return {**line, "tstamp": time.time(), "choices": choices, "meta": ctx.meta}
+
+
+def warm_up(ctx: EvalContext, questions: Sequence[Question], count: int) -> None:
+    """``count`` discarded short generations on the first question whose first turn fits."""
+    if count == 0:
+        return
+    config = replace(
+        ctx.generation, max_new_tokens=min(WARMUP_MAX_NEW_TOKENS, ctx.generation.max_new_tokens)
+    )
+    for question in questions:
+        conversation = ctx.template.start()
+        conversation.add_user(question.turns[0])
+        prompt = conversation.prompt_ids()
+        try:
+            for _ in range(count):
+                ctx.generator.reset()
+                ctx.generator.generate(prompt, config)
+            return
+        except PromptTooLongError:
+            continue
+        finally:
+            ctx.generator.reset()
+
+
+@dataclass
+class Totals:
+    """Running figures of this run's answers, for the progress bar and the summary."""
+
+    tokens: int = 0
+    wall_time: float = 0.0
+    steps: int = 0
+    failed: list[str] = field(default_factory=list)
+
+    def add(self, line: dict[str, Any]) -> None:
+        if "error" in line:
+            self.failed.append(str(line["question_id"]))
+        for choice in line["choices"]:
+            self.tokens += sum(choice["new_tokens"])
+            self.wall_time += sum(choice["wall_time"])
+            self.steps += sum(choice["decoding_steps"])
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens / self.wall_time if self.wall_time else None
+
+    @property
+    def mat(self) -> float | None:
+        return self.tokens / self.steps if self.steps else None
+
+
+def _exit_after() -> int | None:
+    value = os.environ.get(TEST_EXIT_AFTER_ENV)
+    return int(value) if value else None
+
+
+def answer_all(ctx: EvalContext, questions: Sequence[Question], writer: AnswerWriter,
+               prog: str) -> Totals:
+    """Answers ``questions`` in order, appending each line as soon as it is done."""
+    totals = Totals()
+    exit_after = _exit_after()
+    bar = tqdm(questions, desc=ctx.model_id, unit="q", file=sys.stderr, dynamic_ncols=True)
+    for question in bar:
+        line = answer_question(ctx, question)
+        writer.write(line)
+        if writer.written == exit_after:
+            os._exit(9)
+        totals.add(line)
+        if "error" in line:
+            tqdm.write(f"{prog}: question {question.question_id}: {line['error']}", file=sys.stderr)
+        bar.set_postfix_str(_postfix(totals), refresh=False)
+    bar.close()
+    return totals
+
+
+def _postfix(totals: Totals) -> str:
+    rate, mat = totals.tokens_per_s, totals.mat
+    return f"{rate or 0:.1f} tok/s, MAT {mat or 0:.2f}"
+
+
+def check_resumable(existing: ExistingAnswers, meta: dict[str, Any], path: Path) -> None:
+    """Refuses to append to a file whose ``meta`` differs in :data:`RESUME_KEYS`."""
+    if existing.meta is None:
+        return
+    differ = [k for k in RESUME_KEYS if k in existing.meta and existing.meta[k] != meta.get(k)]
+    if differ:
+        details = ", ".join(f"{k} {existing.meta[k]!r} != {meta.get(k)!r}" for k in differ)
+        raise RunError(
+            f"{path} was written with other settings ({details}): pass another --answer-file"
+        )
+
+
+def _prepare_answer_file(path: Path, prog: str) -> ExistingAnswers:
+    """Repairs a crash's partial last line (said on stderr) and reads what is answered."""
+    try:
+        repair = repair_tail(path)
+    except OSError as exc:
+        raise AnswerFileError(f"cannot write answer file {path}: {exc.strerror}") from None
+    if repair.action == "cut":
+        print(f"{prog}: {path}: removed an incomplete last line ({repair.bytes_removed} bytes)",
+              file=sys.stderr)
+    elif repair.action == "terminated":
+        print(f"{prog}: {path}: added the missing newline after the last line", file=sys.stderr)
+    return read_answers(path)
+
+
+def _select(run: RunConfig) -> list[Question]:
+    e = run.settings
+    questions = select_questions(
+        load_questions(e.question_path), e.question_begin, e.question_end,
+        e.questions_per_category,
+    )
+    if not questions:
+        raise RunError(f"no questions selected from {e.question_path}")
+    return questions
+
+
+def run(config: RunConfig) -> int:
+    """Answers the selected questions; returns the exit code (0, or 3 if some failed)."""
+    prog, path = config.method.prog, config.answer_path
+    questions = _select(config)
+    existing = _prepare_answer_file(path, prog)
+    todo = [q for q in questions if q.key not in existing.answered]
+    if todo:
+        AnswerWriter(path).close()  # an unwritable path fails now, before the model loads
+        ctx = build_context(config)
+        check_resumable(existing, ctx.meta, path)
+        drop_entries(path, existing.failed & {q.key for q in todo})
+        warm_up(ctx, todo, config.settings.warmup)
+        with AnswerWriter(path) as writer:
+            totals = answer_all(ctx, todo, writer, prog)
+    else:
+        print(f"{prog}: all {len(questions)} selected questions are already answered in {path}",
+              file=sys.stderr)
+        totals = Totals()
+    print(json.dumps({
+        "answer_file": str(path), "model_id": config.model_id, "method": config.method.name,
+        "selected": len(questions), "skipped": len(questions) - len(todo),
+        "answered": len(todo) - len(totals.failed), "failed": totals.failed,
+        "tokens": totals.tokens, "wall_time": totals.wall_time,
+        "tokens_per_s": totals.tokens_per_s, "mat": totals.mat,
+    }))
+    if totals.failed:
+        print(f"{prog}: {len(totals.failed)} of {len(todo)} questions failed: ids "
+              f"{format_ids(totals.failed)} (error entries in {path}; a re-run retries them)",
+              file=sys.stderr)
+        return EXIT_QUESTIONS_FAILED
+    return 0
+
+
+def main(method: Method, argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point of an inference command; returns the exit code."""
+    config = parse_args(method, argv)
+    try:
+        return run(config)
+    except (RunError, QuestionFileError, AnswerFileError) as exc:
+        print(f"{method.prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,387 @@
+"""The inference commands end to end: answer files, resume, failures and bad inputs.
+
+Most runs use a tiny random Llama (2 layers, byte-level tokenizer) saved as an HF folder, in
+process through ``main(argv)``; a few go through ``python -m`` to see the real process (exit
+codes, a crash mid-run). The embedded default model runs in the tests marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from evaluation import inference_baseline, inference_logitspec, inference_pld, speed  # noqa: E402
+from evaluation.args import EvalConfig, RunConfig, parse_args  # noqa: E402
+from evaluation.eval_loop import TEST_EXIT_AFTER_ENV  # noqa: E402
+from evaluation.questions import Question, load_questions, select_questions  # noqa: E402
+
+DEMO = ROOT / "data" / "demo" / "question.jsonl"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CHOICE_KEYS = {"index", "turns", "decoding_steps", "new_tokens", "wall_time", "accept_lengths",
+               "draft_lengths", "time_breakdown"}
+META_KEYS = {"method", "params", "model_path", "dtype", "device", "template", "max_new_tokens",
+             "temperature", "top_p", "top_k", "seed", "num_choices", "torch", "transformers",
+             "hardware"}
+Capsys = pytest.CaptureFixture[str]
+
+
+def save_tiny_llama(folder: Path, *, max_positions: int = 1024, chat_template: bool = True) -> Path:
+    """A random 2-layer Llama and a byte-level tokenizer (259 tokens: 3 special + 256 bytes)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+        bos_token_id=1, eos_token_id=2,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def write_questions(path: Path, questions: Sequence[dict[str, Any] | str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(
+        (q if isinstance(q, str) else json.dumps(q)) + "\n" for q in questions
+    ))
+    return path
+
+
+def run_cli(module: Any, argv: Sequence[str]) -> int:
+    """``module.main(argv)``; argparse's exits become return codes."""
+    try:
+        return module.main(list(argv))
+    except SystemExit as exc:
+        return int(exc.code)
+
+
+def check_answer_file(path: Path, num_turns: dict[str, int], method: str) -> list[dict[str, Any]]:
+    """Schema of every line; per-turn lists match the question's turns; token sums agree."""
+    lines = read_lines(path)
+    assert sorted(str(line["question_id"]) for line in lines) == sorted(num_turns)
+    for line in lines:
+        assert {"question_id", "category", "answer_id", "model_id", "tstamp", "choices",
+                "meta"} <= set(line)
+        assert META_KEYS <= set(line["meta"]) and line["meta"]["method"] == method
+        for choice in line["choices"]:
+            assert set(choice) == CHOICE_KEYS
+            turns = num_turns[str(line["question_id"])]
+            for key in ("turns", "decoding_steps", "new_tokens", "wall_time"):
+                assert len(choice[key]) == turns, key
+            assert sum(choice["accept_lengths"]) == sum(choice["new_tokens"])
+            assert len(choice["accept_lengths"]) == sum(choice["decoding_steps"])
+            assert len(choice["draft_lengths"]) == len(choice["accept_lengths"])
+            assert set(choice["time_breakdown"]) == {"prefill", "draft", "verify", "accept",
+                                                     "update"}
+            assert sum(choice["time_breakdown"].values()) <= sum(choice["wall_time"]) + 1e-6
+    speed.load_answers(path)  # the speed report reads it
+    return lines
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_three_methods_on_two_demo_questions(tiny: Path, tmp_path: Path, capsys: Capsys) -> None:
+    """Questions 4 (two turns) and 5 (one turn); float32 greedy, so all methods agree."""
+    common = ["--model-path", str(tiny), "--question-begin", "3", "--question-end", "5",
+              "--max-new-tokens", "12", "--device", "cpu"]
+    files = {}
+    for module, method in ((inference_baseline, "vanilla"), (inference_logitspec, "logitspec"),
+                           (inference_pld, "pld")):
+        files[method] = tmp_path / f"{method}.jsonl"
+        assert run_cli(module, common + ["--answer-file", str(files[method])]) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert summary["answered"] == 2 and summary["failed"] == []
+        check_answer_file(files[method], {"4": 2, "5": 1}, method)
+    base = read_lines(files["vanilla"])
+    assert all(a == 1 for line in base for a in line["choices"][0]["accept_lengths"])
+    assert all(d == 0 for line in base for d in line["choices"][0]["draft_lengths"])
+    meta = read_lines(files["logitspec"])[0]["meta"]
+    assert meta["params"] == {"max_ngram_size": 3, "num_pred_tokens": 20,
+                              "draft_tree_capacity": 64}
+    assert meta["dtype"] == "float32" and meta["template"] == "chat_template"
+    assert read_lines(files["pld"])[0]["meta"]["params"]["draft_tree_capacity"] == 21
+    for method in ("logitspec", "pld"):
+        code = speed.main(["--file-path", str(files[method]), "--base-path", str(files["vanilla"])])
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert code == 0
+        overall = report["rows"][-1]
+        assert overall["baseline"]["mat"] == 1.0 and overall["exact_match"] == 1.0
+
+
+def test_subprocess_run_and_default_answer_path(tiny: Path, tmp_path: Path) -> None:
+    questions = write_questions(tmp_path / "bench" / "question.jsonl", [
+        {"question_id": "a", "category": "writing", "turns": ["Say hi.", "Again."]},
+        {"question_id": "b", "category": "qa", "turns": ["Why?"]},
+    ])
+    proc = subprocess.run(
+        [sys.executable, "-m", "evaluation.inference_logitspec", "--model-path", str(tiny),
+         "--question-file", str(questions), "--max-new-tokens", "8", "--draft_tree_capacity",
+         "4", "--warmup", "2", "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = tmp_path / "bench" / "model_answer" / "tiny-llama-logitspec-float32-temp-0.0.jsonl"
+    assert summary["answer_file"] == str(expected)
+    check_answer_file(expected, {"a": 2, "b": 1}, "logitspec")
+
+
+def test_fastchat_template(tiny: Path, tmp_path: Path, capsys: Capsys) -> None:
+    out = tmp_path / "answers.jsonl"
+    argv = ["--model-path", str(tiny), "--question-end", "1", "--max-new-tokens", "6",
+            "--template", "vicuna_v1.1", "--answer-file", str(out)]
+    assert run_cli(inference_baseline, argv) == 0
+    (line,) = check_answer_file(out, {"1": 2}, "vanilla")
+    assert line["meta"]["template"] == "vicuna_v1.1"
+
+
+def test_fastchat_template_when_the_tokenizer_has_none(tmp_path: Path, capsys: Capsys) -> None:
+    model = save_tiny_llama(tmp_path / "vicuna-tiny", chat_template=False)
+    out = tmp_path / "answers.jsonl"
+    argv = ["--model-path", str(model), "--question-begin", "4", "--question-end", "5",
+            "--max-new-tokens", "6", "--answer-file", str(out), "--warmup", "0"]
+    assert run_cli(inference_pld, argv) == 0
+    assert read_lines(out)[0]["meta"]["template"] == "vicuna_v1.1"  # FastChat's for "vicuna"
+
+
+def test_sampling_is_seeded(tiny: Path, tmp_path: Path, capsys: Capsys) -> None:
+    """temperature > 0 samples; the same seed gives the same answers, choice i uses seed + i."""
+    outputs = []
+    for name in ("first", "second"):
+        out = tmp_path / f"{name}.jsonl"
+        argv = ["--model-path", str(tiny), "--question-begin", "4", "--question-end", "6",
+                "--max-new-tokens", "10", "--temperature", "1.5", "--top-k", "50", "--seed",
+                "7", "--num-choices", "2", "--answer-file", str(out)]
+        assert run_cli(inference_logitspec, argv) == 0
+        lines = check_answer_file(out, {"5": 1, "6": 1}, "logitspec")
+        assert [c["index"] for c in lines[0]["choices"]] == [0, 1]
+        outputs.append([[c["turns"] for c in line["choices"]] for line in lines])
+    assert outputs[0] == outputs[1]
+    assert lines[0]["meta"]["temperature"] == 1.5 and lines[0]["meta"]["seed"] == 7
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_after_a_crash_and_a_partial_line(
+    tiny: Path, tmp_path: Path, capsys: Capsys
+) -> None:
+    out = tmp_path / "answers.jsonl"
+    argv = ["--model-path", str(tiny), "--question-begin", "4", "--question-end", "8",
+            "--max-new-tokens", "6", "--answer-file", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "evaluation.inference_logitspec", *argv], cwd=ROOT,
+        capture_output=True, text=True, timeout=300, env={**os.environ, TEST_EXIT_AFTER_ENV: "2"},
+    )
+    assert proc.returncode == 9, proc.stderr
+    before = out.read_bytes()
+    assert [line["question_id"] for line in read_lines(out)] == [5, 6]
+    with open(out, "ab") as f:  # what a crash in the middle of a write would leave
+        f.write(b'{"question_id": 7, "category": "transl')
+    assert run_cli(inference_logitspec, argv) == 0
+    assert "removed an incomplete last line" in capsys.readouterr().err
+    after = out.read_bytes()
+    assert after.startswith(before)
+    assert [line["question_id"] for line in read_lines(out)] == [5, 6, 7, 8]
+    assert run_cli(inference_logitspec, argv) == 0  # all answered: nothing to do
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["skipped"] == 4
+    assert out.read_bytes() == after
+
+
+def test_prompt_too_long_is_an_error_entry_and_is_retried(tmp_path: Path, capsys: Capsys) -> None:
+    model = save_tiny_llama(tmp_path / "short-context", max_positions=64)
+    questions = write_questions(tmp_path / "q.jsonl", [
+        {"question_id": 1, "category": "qa", "turns": ["Hi?"]},
+        {"question_id": 2, "category": "qa", "turns": ["a long question " * 10]},
+        {"question_id": 3, "category": "qa", "turns": ["Yes?"]},
+    ])
+    out = tmp_path / "answers.jsonl"
+    argv = ["--model-path", str(model), "--question-file", str(questions), "--max-new-tokens",
+            "8", "--answer-file", str(out)]
+    for _ in range(2):  # the re-run retries question 2 and keeps one line per question
+        assert run_cli(inference_logitspec, argv) == 3
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("inference_logitspec: 1 of ") and "ids 2" in err[-1]
+        assert any("PromptTooLongError" in line for line in err)
+        lines = read_lines(out)
+        assert sorted(line["question_id"] for line in lines) == [1, 2, 3]
+        failed = [line for line in lines if "error" in line]
+        assert [line["question_id"] for line in failed] == [2]
+        assert failed[0]["choices"] == [] and "exceeds the model's context" in failed[0]["error"]
+    assert [line["question_id"] for line in lines] == [1, 3, 2]
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+def bad_inputs(tmp_path: Path, tiny: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (argv, text expected in the error line)."""
+    malformed = write_questions(tmp_path / "bad.jsonl", [
+        {"question_id": 1, "category": "qa", "turns": ["ok"]}, '{"question_id": 2,',
+    ])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    tiny_args = ["--model-path", str(tiny), "--question-end", "1"]
+    return {
+        "malformed question line": (["--question-file", str(malformed)], f"{malformed}:2"),
+        "unknown bench": (["--bench-name", "no_such_bench"], "data/no_such_bench/question.jsonl"),
+        "missing model path": (["--model-path", str(tmp_path / "nope"), "--question-end", "1",
+                                "--answer-file", str(tmp_path / "x.jsonl")], "does not exist"),
+        "draft tree capacity 0": (["--draft_tree_capacity", "0"], "draft_tree_capacity"),
+        "max ngram size 0": (["--max_ngram_size", "0"], "max_ngram_size"),
+        "max new tokens 0": (["--max-new-tokens", "0"], "max_new_tokens"),
+        "negative temperature": (["--temperature", "-0.5"], "temperature"),
+        "several workers": (["--num-gpus-total", "2"], "multi-worker runs need Ray"),
+        "unknown template": (["--template", "no-such-template"], "unknown template"),
+        "unknown flag": (["--no-such-flag"], "unrecognized arguments"),
+        "empty slice": (["--question-begin", "100"], "no questions selected"),
+        "unwritable answer path": (tiny_args + ["--answer-file", str(blocker / "a.jsonl")],
+                                   "cannot write answer file"),
+    }
+
+
+BAD_INPUTS = [
+    "malformed question line", "unknown bench", "missing model path", "draft tree capacity 0",
+    "max ngram size 0", "max new tokens 0", "negative temperature", "several workers",
+    "unknown template", "unknown flag", "empty slice", "unwritable answer path",
+]
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_is_one_line_and_exit_2(
+    name: str, tiny: Path, tmp_path: Path, capsys: Capsys
+) -> None:
+    argv, expected = bad_inputs(tmp_path, tiny)[name]
+    assert run_cli(inference_logitspec, argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("inference_logitspec: error: ") and expected in lines[0]
+    assert "Traceback" not in captured.err
+
+
+def test_bad_input_in_a_real_process(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "evaluation.inference_baseline", "--model-path",
+         str(tmp_path / "missing"), "--answer-file", str(tmp_path / "a.jsonl")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"inference_baseline: error: model path {str(tmp_path / 'missing')!r} does not exist"
+    ]
+
+
+def test_other_settings_are_not_mixed_into_an_answer_file(
+    tiny: Path, tmp_path: Path, capsys: Capsys
+) -> None:
+    out = tmp_path / "answers.jsonl"
+    common = ["--model-path", str(tiny), "--answer-file", str(out)]
+    assert run_cli(inference_baseline, common + ["--max-new-tokens", "4",
+                                                 "--question-end", "1"]) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert run_cli(inference_baseline, common + ["--max-new-tokens", "5",
+                                                 "--question-end", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "max_new_tokens 4 != 5" in err[0]
+    assert out.read_bytes() == before
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_default_model_id_and_answer_path() -> None:
+    config = parse_args(inference_logitspec.METHOD, ["--dtype", "bfloat16", "--device", "cpu"])
+    assert config.model_id == "smollm2-135m-instruct-logitspec-bfloat16-temp-0.0"
+    assert config.answer_path == (
+        ROOT / "data" / "demo" / "model_answer" / f"{config.model_id}.jsonl"
+    )
+    gguf = RunConfig(EvalConfig(model_path="/m/Foo.Q4.gguf", device="cpu", temperature=0.7),
+                     inference_baseline.METHOD, inference_baseline.NoParams())
+    assert gguf.model_id == "Foo.Q4-vanilla-float32-temp-0.7"
+
+
+def test_both_flag_spellings() -> None:
+    config = parse_args(inference_pld.METHOD, [
+        "--max-ngram-size", "2", "--num_pred_tokens", "5", "--max_new_tokens", "9",
+    ])
+    assert (config.params.max_ngram_size, config.params.num_pred_tokens) == (2, 5)
+    assert config.params.draft_tree_capacity == 6 and config.settings.max_new_tokens == 9
+
+
+def test_questions_per_category_groups_mt_bench() -> None:
+    """Spec-Bench's layout: 8 MT-bench categories, then one block per other category."""
+    mt = ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem",
+          "humanities"]
+    categories = [c for c in mt for _ in range(3)] + [c for c in ("qa", "rag") for _ in range(5)]
+    questions = [Question(i, c, ("x",)) for i, c in enumerate(categories)]
+    picked = select_questions(questions, per_category=2)
+    assert [q.question_id for q in picked] == [0, 1, 24, 25, 29, 30]
+    assert [q.question_id for q in select_questions(questions, 1, 5, per_category=1)] == [1]
+    assert [q.question_id for q in select_questions(questions, 26, None, 2)] == [26, 27, 29, 30]
+
+
+def test_question_lines_end_at_newlines_only(tmp_path: Path) -> None:
+    raw = '{"question_id": 1, "category": "qa", "turns": ["a\u2028b\u0085c"]}\r\n\n'
+    path = tmp_path / "q.jsonl"
+    path.write_text(raw, encoding="utf-8")
+    assert load_questions(path) == [Question(1, "qa", ("a\u2028b\u0085c",))]
+
+
+# --------------------------------------------------------------------------- real model
+
+
+@pytest.mark.slow
+def test_embedded_default_model(tmp_path: Path, capsys: Capsys) -> None:
+    """SmolLM2-135M-Instruct on questions 4 (two turns) and 5, vanilla and LogitSpec."""
+    common = ["--question-begin", "3", "--question-end", "5", "--max-new-tokens", "16",
+              "--dtype", "float32", "--device", "cpu"]
+    base, method = tmp_path / "base.jsonl", tmp_path / "logitspec.jsonl"
+    assert run_cli(inference_baseline, common + ["--answer-file", str(base)]) == 0
+    assert run_cli(inference_logitspec, common + ["--answer-file", str(method),
+                                                  "--draft_tree_capacity", "8"]) == 0
+    check_answer_file(base, {"4": 2, "5": 1}, "vanilla")
+    lines = check_answer_file(method, {"4": 2, "5": 1}, "logitspec")
+    assert lines[0]["meta"]["model_path"] == "smollm2-135m-instruct"
+    assert all(turn for line in lines for turn in line["choices"][0]["turns"])
+    capsys.readouterr()
+    assert speed.main(["--file-path", str(method), "--base-path", str(base)]) == 0
+    overall = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][-1]
+    assert overall["baseline"]["mat"] == 1.0 and overall["method"]["mat"] >= 1.0
