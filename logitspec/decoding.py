@@ -149,6 +149,8 @@ class Decoder:
         synchronize(device)
         start = time.perf_counter()
         verifier = self._verifier(config)
+        if self.drafter is not None:
+            self.drafter.configure(config)
         last_logits = self._prefill(prompt)
         root = verifier.first_token(last_logits)
         prefill_end = time.perf_counter()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 import torch
 
@@ -29,12 +29,19 @@ from .pool import NGramPool
 from .tree import DraftTree, build_tree
 from .value_tree import DEPTH_BUCKETS, RANK_BUCKETS, AcceptanceStats, CandidateTrie, bucket, select_nodes
 
+if TYPE_CHECKING:
+    from .decoding import GenerationConfig
+
 
 class Drafter(Protocol):
     """What the decoding loop needs from a drafter."""
 
     name: str
     tree_capacity: int  # most nodes a tree may have, root included
+
+    def configure(self, config: GenerationConfig) -> None:
+        """A generation with ``config`` starts (called before :meth:`begin`); drafters that
+        draw tokens follow its sampling settings and seed, the others ignore it."""
 
     def begin(self, context: Sequence[int], reused: int) -> None:
         """A generation starts over ``context``; its first ``reused`` tokens are unchanged
@@ -144,6 +151,9 @@ class _PoolDrafter:
     def begin(self, context: Sequence[int], reused: int) -> None:
         self.pool.truncate(min(reused, len(self.pool)))
         self.pool.extend(context[len(self.pool):])
+
+    def configure(self, config: GenerationConfig) -> None:
+        pass
 
     def observe(self, tree: DraftTree, logits: torch.Tensor) -> None:
         pass

@@ -1,7 +1,8 @@
-"""Lossless speculative sampling for drafts without a draft distribution.
+"""Lossless speculative sampling: the draw-and-match walk, and recursive rejection sampling.
 
-Retrieval drafts (PLD, LogitSpec, Token Recycling) are deterministic guesses: they carry no
-probability of their own. For them the verifier walks the tree from the root:
+1. Drafts without a draft distribution (``tree.draft_probs is None``). Retrieval drafts (PLD,
+LogitSpec, Token Recycling) are deterministic guesses: they carry no probability of their own.
+For them the verifier walks the tree from the root:
 
     node = root
     loop: draw x from the target's processed distribution at node
@@ -17,6 +18,42 @@ with that token exists) or needs the next forward pass (no child: the token is c
 Which draft tokens exist never changes what is drawn, only how many draws one forward pass
 serves. Children with equal tokens (unmerged trees) share the same context, so taking the
 first is exact too.
+
+2. Drafts with a draft distribution (``tree.draft_probs``, from draft models): recursive
+rejection sampling. At a node with the target's processed distribution ``p`` and children
+``c_1 .. c_m`` (index order), child ``c_i``'s token ``x_i`` having been drawn from ``q_i`` (its
+row of ``draft_probs``)::
+
+    for i in 1..m: accept c_i with probability min(1, p(x_i) / q_i(x_i)) -> descend into c_i
+                   else p = normalize(max(0, p - q_i))
+    all rejected (or no child): draw the carried token from p
+
+A chain (one child per node) is standard speculative sampling: accept with ``min(1, p/q)``,
+on rejection draw from the residual ``normalize(max(0, p - q))``, and when every draft is
+accepted the carried token is drawn from ``p`` at the last node.
+
+Why the output is exactly vanilla sampling's: one try is the speculative sampling lemma (``x ~
+q``, accepted with probability ``min(1, p(x)/q(x))``, else a draw from the residual: the
+result is distributed as ``p``, whatever ``q``). By induction from the last child backwards,
+the tries from child ``i`` on produce a token distributed as the current ``p`` whatever it is,
+provided ``x_i``, given everything before it (earlier children, their acceptance coins), is
+distributed as ``q_i``. Draft tokens are drawn before verification with the drafter's own
+randomness, so the coins never influence them; what remains is to record for each child the
+distribution its token had given that it became that child. The draft-model drafter
+(:mod:`logitspec.draft_model`) merges chains into a trie: a draw equal to an existing sibling
+joins that sibling (its continuation goes below it) and is not a try of its own; a draw that
+becomes a new child is recorded with the draft distribution restricted to tokens not yet among
+its siblings, renormalized, which is exactly its conditional distribution. A joined draw
+leaves ``p`` as it is, and the walk from there is exact either way, so the mixture is exact.
+Below an accepted child, its children were drawn from the draft given that child's context,
+independently of the coins above: the argument repeats at every depth. (Recording a new
+child with the unrestricted ``q``, as a naively deduplicated trie would, is biased.)
+
+A deterministic proposal (a retrieved chain in a tree that mixes both kinds) is the point mass
+``q = delta_x``, marked by a row with ``q(x) = 0``: accepted with probability ``p(x)``, its
+residual is ``p`` without ``x``. With point masses only, this is the draw-and-match walk spelled
+as tries, so retrieval and draft-model chains mix in one tree losslessly; trees without
+``draft_probs`` keep the walk of part 1 (one draw per emitted token).
 
 Processing (:func:`sampling_probs`): divide logits by the temperature; ``top_k`` keeps the
 ``k`` largest (ties at the k-th value kept); ``top_p`` keeps the smallest set of most probable
@@ -77,6 +114,8 @@ class SamplingVerifier:
         return logits
 
     def accept(self, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
+        if tree.draft_probs is not None:
+            return self._rejection_walk(tree, logits)
         children = _children(tree)
         path = [0]
         while True:
@@ -85,6 +124,51 @@ class SamplingVerifier:
             if child is None:
                 return path, token
             path.append(child)
+
+    def _rejection_walk(self, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
+        """Recursive rejection sampling down ``tree`` (module docstring, part 2)."""
+        children = _child_lists(tree)
+        draft_probs = tree.draft_probs.to(logits.device)
+        path = [0]
+        while True:
+            p = sampling_probs(logits[path[-1]], self.temperature, self.top_k, self.top_p)
+            for child in children[path[-1]]:
+                token, q = tree.tokens[child], draft_probs[child]
+                if self._try(p, q, token):
+                    path.append(child)
+                    break
+                p = residual(p, q, token)
+            else:
+                return path, int(torch.multinomial(p, 1, generator=self.generator))
+
+    def _try(self, p: torch.Tensor, q: torch.Tensor, token: int) -> bool:
+        """Accepts ``token`` drawn from ``q`` (a point mass when ``q[token] == 0``) against
+        ``p`` with probability ``min(1, p[token] / q[token])``."""
+        q_token = float(q[token])
+        ratio = float(p[token]) / q_token if q_token > 0 else float(p[token])
+        uniform = float(torch.rand((), generator=self.generator, device=p.device))
+        return uniform < ratio
+
+
+def residual(p: torch.Tensor, q: torch.Tensor, token: int) -> torch.Tensor:
+    """``normalize(max(0, p - q))`` after ``token`` (drawn from ``q``) was rejected; for a
+    point mass (``q[token] == 0``), ``p`` without ``token``. Falls back to ``p`` when nothing is
+    left (a rejection of probability 0 in exact arithmetic, reachable only by rounding)."""
+    if float(q[token]) > 0:
+        rest = (p - q).clamp_(min=0.0)
+    else:
+        rest = p.clone()
+        rest[token] = 0.0
+    total = float(rest.sum())
+    return rest / total if total > 0 else p
+
+
+def _child_lists(tree: DraftTree) -> list[list[int]]:
+    """Children of every node, in index order."""
+    children: list[list[int]] = [[] for _ in range(len(tree))]
+    for node in range(1, len(tree)):
+        children[tree.parents[node]].append(node)
+    return children
 
 
 def _children(tree: DraftTree) -> dict[tuple[int, int], int]:

@@ -13,14 +13,21 @@ Example: root 7 with chains [1, 2], [1, 3], [4] (merged into a trie)::
     retrieve_paths: [0, 1, 2], [0, 1, 3], [0, 4]
 
 Without merging, the second chain would add its own copy of token 1.
+
+Trees proposed by a draft model also carry ``draft_probs`` (T, V): row ``i`` is the
+distribution node ``i``'s token was drawn from (row 0, the root's, is unused), which lossless
+speculative sampling needs (:mod:`logitspec.sampling`). A row that gives its own node's token
+probability 0 could not have produced it: such rows (zeros) mark deterministic proposals
+(retrieved chains) in a tree that mixes both kinds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,7 @@ class DraftTree:
     tokens: tuple[int, ...]
     parents: tuple[int, ...]
     depths: tuple[int, ...]
+    draft_probs: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         n = len(self.tokens)
@@ -39,6 +47,12 @@ class DraftTree:
             not 0 <= p < i for i, p in enumerate(self.parents) if i
         ):
             raise ValueError(f"parents must point to earlier nodes: {self.parents}")
+        if self.draft_probs is not None and (
+            self.draft_probs.dim() != 2 or self.draft_probs.shape[0] != n
+        ):
+            raise ValueError(
+                f"draft_probs must be (T, V) with T = {n} nodes, got {tuple(self.draft_probs.shape)}"
+            )
 
     def __len__(self) -> int:
         return len(self.tokens)

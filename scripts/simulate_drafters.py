@@ -77,6 +77,9 @@ class _Recorder:
     def __init__(self) -> None:
         self.rows: list[torch.Tensor] = []
 
+    def configure(self, config) -> None:
+        pass
+
     def begin(self, context, reused) -> None:
         self.rows = []
 
@@ -201,8 +204,8 @@ def replay(args: argparse.Namespace) -> int:
     report = {}
     for spec in args.drafter:
         rows = defaultdict(lambda: {"tokens": 0, "steps": 0, "time": 0.0, "vanilla": 0.0, "host": 0.0})
+        drafter = make_drafter(spec, curve)  # one per run, as in the harness: statistics persist
         for trace in traces:
-            drafter = make_drafter(spec, curve)
             lengths, sizes, host = replay_turn(drafter, trace, vocab)
             for key in (group_of(trace.category), "overall"):
                 row = rows[key]

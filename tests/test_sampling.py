@@ -77,6 +77,9 @@ class FullTreeDrafter:
     name = "full-tree"
     tree_capacity = 1 + VOCAB + VOCAB**2
 
+    def configure(self, config) -> None:
+        pass
+
     def begin(self, context, reused) -> None:
         pass
 

@@ -1,0 +1,114 @@
+"""Draft-model speculative decoding (SpS): draft models propose, the target verifies.
+
+Draft models: ``--draft-model-path`` (checkpoint folders, GGUF files or the default model's
+name; each must share the target's tokenizer) and ``--draft-layers`` (layer-skip self-drafts:
+the target's first L blocks); without either, one self-draft of ``DEFAULT_DRAFT_LAYERS``.
+Several drafts (``--num-drafts`` per model, or several models) are merged into one token tree;
+``--combine-logitspec`` adds LogitSpec's retrieved chains to the same tree.
+``python -m evaluation.inference_sps --help`` lists the flags.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+from logitspec.decoding import Decoder
+from logitspec.draft_length import SCHEDULES, DraftLengthConfig, load_acceptance_head
+from logitspec.draft_model import (
+    DEFAULT_DRAFT_LAYERS, CombinedDrafter, DraftMismatchError, DraftModelConfig, DraftModelDrafter,
+    load_draft_models,
+)
+from logitspec.drafters import LogitSpecConfig, LogitSpecDrafter
+from logitspec.loading import LoadedModel, ModelLoadError
+
+from . import eval_loop
+from .args import option
+from .methods import Method, RetrievalParams
+
+
+@dataclass(frozen=True)
+class SPSParams(RetrievalParams):
+    """SpS flags. List values are stored as lists (answer files record them as JSON)."""
+
+    draft_model_path: list[str] | None = option(
+        None, "draft model(s): HF folders, GGUF files or the default model's name", nargs="+")
+    draft_layers: list[int] | None = option(
+        None, "layer-skip self-draft(s) with the target's first L layers (default: "
+        f"{DEFAULT_DRAFT_LAYERS} when no --draft-model-path)", type=int, nargs="+")
+    num_draft_tokens: int = option(
+        4, "tokens per draft (constant schedule; the heuristic's start)", type=int)
+    draft_schedule: str = option("constant", "draft length schedule", choices=SCHEDULES)
+    stop_threshold: float = option(
+        0.5, "confidence schedule: stop once P(some drafted token is rejected) exceeds this",
+        type=float)
+    draft_length_bounds: list[int] | None = option(
+        None, "MIN MAX tokens per draft for the heuristic and confidence schedules "
+        "(default: 1 16)", type=int, nargs=2, metavar=("MIN", "MAX"))
+    acceptance_head: str | None = option(
+        None, "a trained acceptance head (.safetensors, scripts/train_acceptance_head.py) "
+        "for the confidence schedule")
+    num_drafts: int = option(1, "drafts per draft model, merged into one tree", type=int)
+    combine_logitspec: bool = option(
+        False, "add LogitSpec's retrieved chains to the draft tree", action="store_true")
+    draft_tree_capacity: int | None = option(
+        None, "most tokens verified per step, the root included (default: room for every "
+        "draft; with --combine-logitspec, that plus 8 retrieved tokens)", type=int)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.draft_model_path and not self.draft_layers:
+            object.__setattr__(self, "draft_layers", [DEFAULT_DRAFT_LAYERS])
+        if self.draft_length_bounds is None:
+            object.__setattr__(self, "draft_length_bounds", [1, 16])
+        if self.acceptance_head is not None and not self.acceptance_head.endswith(".safetensors"):
+            raise ValueError("--acceptance-head must be a .safetensors file (no pickle)")
+        if self.draft_tree_capacity is None:
+            models = len(self.draft_model_path or ()) + len(self.draft_layers or ())
+            drafts = 1 + models * self.num_drafts * self.length_config().longest
+            object.__setattr__(self, "draft_tree_capacity", drafts + 8 * self.combine_logitspec)
+        self.draft_config()  # validates
+
+    def length_config(self) -> DraftLengthConfig:
+        low, high = self.draft_length_bounds
+        return DraftLengthConfig(self.draft_schedule, self.num_draft_tokens, self.stop_threshold,
+                                 (low, high))
+
+    def draft_config(self) -> DraftModelConfig:
+        """The draft model's settings (with --combine-logitspec the budget is the tree's)."""
+        capacity = None if self.combine_logitspec else self.draft_tree_capacity
+        return DraftModelConfig(self.length_config(), self.num_drafts, capacity)
+
+
+def make_decoder(loaded: LoadedModel, params: SPSParams) -> Decoder:
+    model = loaded.model
+    try:
+        drafts = load_draft_models(loaded, params.draft_model_path or (), params.draft_layers or (),
+                                   dtype=model.dtype, device=model.device)
+        head = load_acceptance_head(params.acceptance_head, model.device) if params.acceptance_head else None
+        drafter = DraftModelDrafter(drafts, params.draft_config(), acceptance_head=head)
+    except (ModelLoadError, DraftMismatchError, ValueError) as exc:
+        raise eval_loop.RunError(str(exc)) from None
+    if not params.combine_logitspec:
+        return Decoder(model, drafter)
+    capacity = params.draft_tree_capacity
+    retrieval = LogitSpecDrafter(LogitSpecConfig(pool=params.pool_config(), draft_tree_capacity=capacity))
+    return Decoder(model, CombinedDrafter(drafter, retrieval, capacity))
+
+
+METHOD = Method(
+    name="sps",
+    prog="inference_sps",
+    description="Answer a question file with draft-model speculative decoding.",
+    params_type=SPSParams,
+    make_generator=make_decoder,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return eval_loop.main(METHOD, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
