@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -101,18 +102,31 @@ def cost_curve_for(
     model: Transformer, model_key: str, *, refresh: bool = False, cache_root: Path | None = None
 ) -> CostCurve:
     """The cached curve for this model/dtype/device (measured and stored when missing)."""
-    from .loading import cache_dir
-
-    path = (cache_root or cache_dir()) / "costs" / f"{_curve_key(model, model_key)}.json"
+    path = _curve_path(model, model_key, cache_root)
     if path.is_file() and not refresh:
         data = json.loads(path.read_text())
         return CostCurve(tuple(data["sizes"]), tuple(data["seconds"]), data["context"], data["device"])
     curve = measure_cost_curve(model)
+    store_cost_curve(model, model_key, curve, cache_root=cache_root)
+    return curve
+
+
+def store_cost_curve(
+    model: Transformer, model_key: str, curve: CostCurve, *, cache_root: Path | None = None
+) -> Path:
+    """Makes ``curve`` the cached one for this model/dtype/device; returns the file."""
+    path = _curve_path(model, model_key, cache_root)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(asdict(curve)))
     tmp.replace(path)
-    return curve
+    return path
+
+
+def _curve_path(model: Transformer, model_key: str, cache_root: Path | None) -> Path:
+    from .loading import cache_dir
+
+    return (cache_root or cache_dir()) / "costs" / f"{_curve_key(model, model_key)}.json"
 
 
 def _curve_key(model: Transformer, model_key: str) -> str:

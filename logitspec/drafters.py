@@ -105,6 +105,8 @@ class LogitSpecConfig:
     tree_policy: str = "reference"
     max_auto_capacity: int = 64
     value_chain_length: int = 8
+    recycle_chains: int = 0
+    recycle_depth: int = 4
 
     def __post_init__(self) -> None:
         if self.tree_policy not in ("reference", "value"):
@@ -115,6 +117,10 @@ class LogitSpecConfig:
             raise ValueError(f"draft_tree_capacity must be >= 1 (the root), got {self.capacity}")
         if self.value_chain_length < 1:
             raise ValueError(f"value_chain_length must be >= 1, got {self.value_chain_length}")
+        if self.recycle_chains < 0 or self.recycle_depth < 1:
+            raise ValueError("recycle_chains must be >= 0 and recycle_depth >= 1")
+        if self.recycle_chains and self.tree_policy != "value":
+            raise ValueError("recycled chains need tree_policy='value'")
         if self.num_next_next is not None and self.num_next_next < 0:
             raise ValueError(f"num_next_next must be >= 0, got {self.num_next_next}")
         if self.beyond_length < 1 or any(n < 1 for _, n in self.rank_lengths):
@@ -221,6 +227,8 @@ def _value_prior(feature: tuple) -> float:
         return 0.3 / feature[1]
     if kind == "alt":
         return 0.2
+    if kind == "rec":
+        return 0.3 / feature[1] if feature[1] else 0.5
     return 0.5 if feature[-1] == 1 else 0.7
 
 
@@ -238,7 +246,9 @@ class ValueTreeDrafter(_PoolDrafter):
 
     name = "logitspec-value"
 
-    def __init__(self, config: LogitSpecConfig, cost_curve: CostCurve | None = None) -> None:
+    def __init__(
+        self, config: LogitSpecConfig, cost_curve: CostCurve | None = None, successors=None
+    ) -> None:
         if config.tree_policy != "value":
             raise ValueError("ValueTreeDrafter needs tree_policy='value'")
         if config.draft_tree_capacity is None and cost_curve is None:
@@ -248,6 +258,7 @@ class ValueTreeDrafter(_PoolDrafter):
         self.cost = cost_curve.cost if config.draft_tree_capacity is None else None
         self.stats = AcceptanceStats(_value_prior)
         self.overhead = 0.0
+        self.successors = successors
         self._features: list = []
 
     def draft(self, root: int, last_logits: torch.Tensor, max_depth: int) -> DraftTree:
@@ -257,6 +268,8 @@ class ValueTreeDrafter(_PoolDrafter):
             self._add_next_chains(trie, root)
             k = min(self.config.candidates + 1, last_logits.shape[-1])
             self._add_next_next_chains(trie, root, last_logits.topk(k).indices.tolist())
+            if self.successors is not None and self.config.recycle_chains:
+                self._add_recycled_chains(trie, root)
         nodes = select_nodes(trie, self.tree_capacity, self.cost, self.overhead, max_depth)
         tree, self._features = trie.to_tree(nodes)
         self.overhead = 0.9 * self.overhead + 0.1 * (time.perf_counter() - start)
@@ -282,6 +295,27 @@ class ValueTreeDrafter(_PoolDrafter):
             features = [("first", bucket(rank, RANK_BUCKETS))]
             features += [("cont", n, bucket(d, DEPTH_BUCKETS)) for d in range(2, len(cont) + 2)]
             trie.add_chain([token] + cont, features, [self.stats.rate(f) for f in features])
+
+    def _add_recycled_chains(self, trie: CandidateTrie, root: int) -> None:
+        """Chains through the target's remembered successors: the ``j``-th successor of the
+        root, then each token's first successor."""
+        first = self.successors.successors_of(root)[: self.config.recycle_chains]
+        for rank, token in enumerate(first.tolist(), start=1):
+            if token < 0:
+                break
+            chain = [token]
+            while len(chain) < self.config.recycle_depth:
+                nxt = int(self.successors.successors_of(chain[-1])[0])
+                if nxt < 0:
+                    break
+                chain.append(nxt)
+            features = [("rec", bucket(rank, RANK_BUCKETS), 1)]
+            features += [("rec", 0, bucket(d, DEPTH_BUCKETS)) for d in range(2, len(chain) + 1)]
+            trie.add_chain(chain, features, [self.stats.rate(f) for f in features])
+
+    def observe(self, tree: DraftTree, logits: torch.Tensor) -> None:
+        if self.successors is not None:
+            self.successors.observe(tree, logits)
 
     def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
         self.stats.update(self._features, tree.parents, set(path))

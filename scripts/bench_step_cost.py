@@ -18,7 +18,7 @@ import sys
 import torch
 
 from logitspec.config import ModelConfig
-from logitspec.cost import DEFAULT_SIZES, measure_cost_curve
+from logitspec.cost import DEFAULT_SIZES, measure_cost_curve, store_cost_curve
 from logitspec.loading import DTYPES, ModelLoadError, load, parse_dtype
 from logitspec.model import Transformer
 
@@ -45,32 +45,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--context", type=int, default=512, help="cached tokens before the step")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--store", action="store_true",
+                        help="store the curve as the one automatic tree budgets use for this "
+                             "model, dtype and device (replacing the cached one)")
     args = parser.parse_args(argv)
     if args.context < 1 or args.repeats < 1 or min(args.sizes) < 1:
         parser.error("--context, --repeats and --sizes must be positive")
     return args
 
 
-def build_model(args: argparse.Namespace) -> tuple[str, Transformer]:
+def build_model(args: argparse.Namespace) -> tuple[str, Transformer, str]:
+    """The model, its display name and its cost-curve key."""
     if args.random_shape is None:
         lm = load(args.model_path, dtype=args.dtype, device=args.device)
-        return lm.name, lm.model
+        return lm.name, lm.model, str(lm.path)
     torch.manual_seed(0)
     with torch.device(args.device):
         model = Transformer(SHAPES[args.random_shape]).to(parse_dtype(args.dtype))
     for param in model.parameters():
         param.data.normal_(0, 0.02)
-    return f"random {args.random_shape}", model.eval().requires_grad_(False)
+    return f"random {args.random_shape}", model.eval().requires_grad_(False), ""
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        name, model = build_model(args)
+        name, model, model_key = build_model(args)
     except ModelLoadError as exc:
         print(f"bench_step_cost.py: error: {exc}", file=sys.stderr)
         return 2
     curve = measure_cost_curve(model, args.sizes, context=args.context, repeats=args.repeats)
+    if args.store:
+        if args.random_shape is not None:
+            print("bench_step_cost.py: error: --store needs a real model", file=sys.stderr)
+            return 2
+        store_cost_curve(model, model_key, curve)
     print(f"{name} {args.dtype} on {args.device} ({platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads), {args.context} cached tokens")
     print(f"{'N':>5} {'ms':>9} {'x N=1':>7}")

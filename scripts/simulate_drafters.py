@@ -147,6 +147,10 @@ def replay_turn(drafter: Drafter, trace: TurnTrace, vocab_size: int) -> tuple[li
         pred = _trace_predictions(tree, out, i)
         path = greedy_accept(tree.tokens, tree.parents, pred)
         drafter.observe(tree, None)
+        table = getattr(drafter, "successors", None)
+        if table is not None:  # the target's top-k is known at accepted positions only
+            known = [d for d in range(len(path)) if i + d + 1 < n]
+            table.update([out[i + d] for d in known], trace.topk[[i + d + 1 for d in known]].numpy())
         drafter.extend(out[i:i + len(path)], tree, path)
         host += time.perf_counter() - start
         accept_lengths.append(len(path))
@@ -168,7 +172,25 @@ def _trace_predictions(tree: DraftTree, out: Sequence[int], start: int) -> list[
     return pred
 
 
-def make_drafter(spec: str, curve: CostCurve) -> Drafter:
+class _TraceSuccessors:
+    """Successor table fed from the trace: rows are known for accepted positions only."""
+
+    def __init__(self, vocab_size: int, k: int = 8) -> None:
+        import numpy as np
+
+        self.table = np.full((vocab_size, k), -1, dtype=np.int32)
+
+    def successors_of(self, token: int):
+        return self.table[token]
+
+    def observe(self, tree, logits) -> None:
+        pass
+
+    def update(self, tokens, rows) -> None:
+        self.table[list(tokens)] = rows[:, : self.table.shape[1]]
+
+
+def make_drafter(spec: str, curve: CostCurve, vocab_size: int = 49152) -> Drafter:
     """``pld:<capacity>``, ``logitspec:<capacity>`` or ``logitspec:auto``, options after commas:
     ``ngram=3,pred=20,conts=1`` (pool), ``nomerge``, ``value`` (value-ranked tree), ``k=32``
     (next-next candidates), ``max=64`` (auto's largest tree), ``len=8`` (value chain length)."""
@@ -190,7 +212,12 @@ def make_drafter(spec: str, curve: CostCurve) -> Drafter:
             num_next_next=int(options["k"]) if "k" in options else None,
             max_auto_capacity=int(options.get("max", 64)),
             value_chain_length=int(options.get("len", 8)),
+            recycle_chains=int(options.get("rec", 0)),
+            recycle_depth=int(options.get("recd", 4)),
         )
+        if config.recycle_chains:
+            from logitspec.drafters import ValueTreeDrafter
+            return ValueTreeDrafter(config, curve if auto else None, _TraceSuccessors(vocab_size))
         return make_logitspec_drafter(config, curve)
     raise ValueError(f"unknown drafter spec {spec!r}")
 
@@ -204,7 +231,7 @@ def replay(args: argparse.Namespace) -> int:
     report = {}
     for spec in args.drafter:
         rows = defaultdict(lambda: {"tokens": 0, "steps": 0, "time": 0.0, "vanilla": 0.0, "host": 0.0})
-        drafter = make_drafter(spec, curve)  # one per run, as in the harness: statistics persist
+        drafter = make_drafter(spec, curve, vocab)  # one per run, as in the harness: statistics persist
         for trace in traces:
             lengths, sizes, host = replay_turn(drafter, trace, vocab)
             for key in (group_of(trace.category), "overall"):
