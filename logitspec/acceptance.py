@@ -60,14 +60,20 @@ class Verifier(Protocol):
         """The accepted path (node indices, root first) and the token to carry next."""
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Argmax over the last dimension, the first index on ties. ``max(dim).indices`` has the
+    same tie rule as ``argmax`` and is several times faster on CPU in bfloat16."""
+    return logits.max(dim=-1).indices
+
+
 class GreedyVerifier:
     """Greedy decoding: argmax everywhere, :func:`greedy_accept` for the path."""
 
     def first_token(self, logits: torch.Tensor) -> int:
-        return int(logits.argmax())
+        return int(greedy_tokens(logits))
 
     def predict(self, logits: torch.Tensor) -> list[int]:
-        return logits.argmax(dim=-1).tolist()
+        return greedy_tokens(logits).tolist()
 
     def accept(self, tree: DraftTree, predicted: list[int]) -> tuple[list[int], int]:
         path = greedy_accept(tree.tokens, tree.parents, predicted)
