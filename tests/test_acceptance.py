@@ -86,3 +86,14 @@ def test_greedy_accept_matches_reference(root, chains, capacity, merge, data):
     # the accepted drafts spell the target's own greedy continuation
     assert [tree.tokens[i] for i in path[1:]] == [pred[i] for i in path[:-1]]
     assert path == tree.path_to(path[-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_tokens_take_the_first_of_tied_maxima(dtype):
+    from logitspec.acceptance import greedy_tokens
+
+    logits = torch.zeros(3, 1000, dtype=dtype)
+    logits[:, [7, 300, 999]] = 2.0
+    logits[1, 3] = 2.0
+    assert greedy_tokens(logits).tolist() == [7, 3, 7]
+    assert greedy_tokens(logits).tolist() == logits.float().argmax(dim=-1).tolist()
