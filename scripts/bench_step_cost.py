@@ -1,7 +1,7 @@
 """Forward cost of N new tokens over a cache, relative to N = 1, for one model/dtype/device.
 
     python scripts/bench_step_cost.py [--model-path P | --random-shape llama-2-7b] [--dtype bfloat16]
-        [--device cpu] [--context 512] [--sizes 1 2 4 8 16 32 64 128] [--repeats 5]
+        [--device cpu] [--context 512] [--sizes 1 2 4 8 16 32 64 128] [--repeats 7]
 
 ``--random-shape`` builds a model of a known architecture with random weights on the device:
 the cost of a forward pass depends on the shapes, not on the values, so it gives the cost curve
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--context", type=int, default=512, help="cached tokens before the step")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--store", action="store_true",
                         help="store the curve as the one automatic tree budgets use for this "
                              "model, dtype and device (replacing the cached one)")
