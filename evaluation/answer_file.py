@@ -15,14 +15,23 @@ Policies:
   entry is not done. Before the failed questions are retried, their error entries are removed
   (:func:`drop_entries`: the other lines copied byte for byte to a temporary file that replaces
   the answer file atomically), so the file keeps one line per question id.
+- Order (:func:`reorder_answers`): a sharded run appends answers as they complete, then
+  puts the lines in the question file's order with one atomic rewrite (no rewrite when they
+  already are); lines of ids the question file lacks keep their order, at the end.
+- One writer at a time (:class:`AnswerFileLock`): a run holds an exclusive, non-blocking
+  ``flock`` on ``<answer file>.lock`` from before the repair to its end; a second run on the
+  same file is refused instead of interleaving lines. The holder removes the lock file when
+  it ends; a run that opened the file just before its removal sees it gone and tries again.
 - Lines are validated with the speed report's own parser, so whatever this module accepts,
   ``evaluation/speed.py`` reads.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +42,10 @@ from .speed import InputError, parse_record
 
 class AnswerFileError(Exception):
     """The answer file cannot be used; the message names the file (and line)."""
+
+
+class AnswerFileBusy(AnswerFileError):
+    """Another run holds the answer file's lock."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +146,26 @@ def drop_entries(path: Path, keys: frozenset[str]) -> int:
     return removed
 
 
+def reorder_answers(path: Path, order: Mapping[str, int]) -> bool:
+    """Sorts the lines of ``path`` by ``order[question id]`` (stable; ids not in ``order``
+    last), atomically; returns whether the file had to be rewritten.
+
+    Example: lines of ids 3, 1, 9, 2 with order {1: 0, 2: 1, 3: 2} -> 1, 2, 3, 9.
+    """
+    if not path.exists():
+        return False
+    lines = [line for line in _lines(path.read_bytes()) if line.strip()]
+    rank = [order.get(str(json.loads(line)["question_id"]), len(order)) for line in lines]
+    if rank == sorted(rank):
+        return False
+    ranked = sorted(zip(rank, range(len(lines))))
+    try:
+        _replace(path, b"".join(lines[i] for _, i in ranked))
+    except OSError as exc:
+        raise AnswerFileError(f"cannot rewrite answer file {path}: {exc.strerror}") from None
+    return True
+
+
 def _lines(data: bytes) -> list[bytes]:
     """``data`` split after every ``\n`` (kept); a last piece without one is kept too."""
     pieces = data.split(b"\n")
@@ -140,16 +173,23 @@ def _lines(data: bytes) -> list[bytes]:
 
 
 def _replace(path: Path, data: bytes) -> None:
+    """Replaces the existing ``path`` by ``data`` atomically (same permissions, durable)."""
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), stat.S_IMODE(path.stat().st_mode))
             os.fsync(f.fileno())
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a crash
+    finally:
+        os.close(folder)
 
 
 class AnswerWriter:
@@ -180,3 +220,64 @@ class AnswerWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class AnswerFileLock:
+    """Holds ``<path>.lock`` (module docstring) from :meth:`acquire` to :meth:`release`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock_path = path.with_name(path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Takes the lock, or raises :class:`AnswerFileBusy` at once (no waiting)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            while self._fd is None:
+                self._fd = self._try_lock()
+        except OSError as exc:
+            raise AnswerFileError(
+                f"cannot write answer file {self.path}: {exc.strerror}") from None
+
+    def _try_lock(self) -> int | None:
+        """The locked descriptor, or None when the file was removed while we locked it."""
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AnswerFileBusy(
+                f"{self.path} is being written by another run{self._holder()}: wait for it "
+                "to end or pass another --answer-file") from None
+        try:
+            current = os.stat(self.lock_path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current != os.fstat(fd).st_ino:
+            os.close(fd)
+            return None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    def _holder(self) -> str:
+        try:
+            pid = self.lock_path.read_text().strip()
+        except OSError:
+            return ""
+        return f" (process {pid})" if pid.isdigit() else ""
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        self.lock_path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "AnswerFileLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()

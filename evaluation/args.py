@@ -14,12 +14,17 @@ Settings left unset resolve against the machine and the other flags:
 - dtype: ``bfloat16`` on cuda, ``float32`` on cpu;
 - model id: ``<model-name>-<method>-<dtype>-temp-<temperature>``;
 - question file: ``data/<bench>/question.jsonl`` of this repository;
-- answer file: ``model_answer/<model-id>.jsonl`` beside the question file.
+- answer file: ``model_answer/<model-id>.jsonl`` beside the question file;
+- workers: none, this process answers everything. ``--num-workers N`` (cpu) or
+  ``--num-gpus-total N --num-gpus-per-model M`` (cuda, FastChat's semantics: N / M workers
+  of M GPUs each, the model on the first) shard the questions over Ray workers
+  (:mod:`evaluation.sharding`); Ray is then needed, and checked for here.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -87,10 +92,22 @@ class EvalConfig:
     template: str | None = option(
         None, "a FastChat conversation template such as vicuna_v1.1 or llama-2 (default: the "
         "tokenizer's chat template, else FastChat's template for the model name)")
-    num_gpus_per_model: int = option(1, "GPUs per model (only 1 is supported)", type=int)
+    num_gpus_per_model: int = option(
+        1, "GPUs reserved for each worker (the model runs on the first)", type=int)
     num_gpus_total: int = option(
-        1, "GPUs in all; workers = total // per model (only 1 worker is supported)", type=int)
-    warmup: int = option(1, "untimed warm-up generations before the first answer", type=int)
+        1, "GPUs in all; total / per model workers, sharded with Ray when more than one",
+        type=int)
+    num_workers: int | None = option(
+        None, "cpu: answer with N Ray workers, each loading the model once (default: this "
+        "process answers everything)", type=int)
+    ray_address: str | None = option(
+        None, "run the workers on this Ray cluster ('auto': the one `ray start` made; "
+        "default: a local Ray started for the run)")
+    max_retries: int = option(
+        2, "times a question is retried after its worker died, before an error entry",
+        type=int)
+    warmup: int = option(
+        1, "untimed warm-up generations before the first answer (per worker)", type=int)
 
     def __post_init__(self) -> None:
         self.generation_config()  # validates max_new_tokens and the sampling fields
@@ -102,20 +119,37 @@ class EvalConfig:
         _positive("questions_per_category", self.questions_per_category)
         _positive("num_choices", self.num_choices)
         _positive("warmup", self.warmup, 0)
-        self._check_workers()
         self._check_device()
+        self._check_workers()
         self._check_template()
 
     def _check_workers(self) -> None:
         _positive("num_gpus_per_model", self.num_gpus_per_model)
         _positive("num_gpus_total", self.num_gpus_total)
-        if self.num_gpus_per_model > 1:
-            raise ValueError("a model runs on one device: --num-gpus-per-model must be 1")
-        if self.num_gpus_total // self.num_gpus_per_model > 1:
+        _positive("num_workers", self.num_workers)
+        _positive("max_retries", self.max_retries, 0)
+        if self.ray_address is not None and not self.ray_address.strip():
+            raise ValueError("ray_address must not be empty")
+        per_model, total = self.num_gpus_per_model, self.num_gpus_total
+        if per_model > total:
             raise ValueError(
-                "multi-worker runs need Ray, which this harness does not support yet: "
-                "use --num-gpus-total 1"
-            )
+                f"num_gpus_per_model ({per_model}) must be <= num_gpus_total ({total})")
+        if total % per_model:
+            raise ValueError(
+                f"num_gpus_total ({total}) must be a multiple of num_gpus_per_model ({per_model})")
+        on_cuda = self.resolved_device.startswith("cuda")
+        if total > 1 and not on_cuda:
+            raise ValueError("--num-gpus-total and --num-gpus-per-model shard a cuda run, but the "
+                             "device is cpu: use --num-workers")
+        if self.num_workers is not None and on_cuda:
+            raise ValueError("--num-workers shards a cpu run (pass --device cpu): on cuda, "
+                             "workers are --num-gpus-total / --num-gpus-per-model")
+        flag = self.sharding_flag
+        if flag and self.device is not None and torch.device(self.device).index is not None:
+            raise ValueError(f"device {self.device!r} names one GPU, but Ray gives each worker "
+                             "its own: pass --device cuda")
+        if flag and importlib.util.find_spec("ray") is None:
+            raise ValueError(f"{flag} needs Ray: pip install 'logitspec[ray]'")
 
     def _check_device(self) -> None:
         if self.device is None:
@@ -124,12 +158,36 @@ class EvalConfig:
             device = torch.device(self.device)
         except RuntimeError:
             raise ValueError(f"unknown device {self.device!r}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
+        if device.type != "cuda" or self.ray_address is not None:  # a cluster has its own GPUs
+            return
+        if not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} asked for, but CUDA is not available")
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        if (device.index or 0) >= torch.cuda.device_count():
             raise ValueError(
                 f"device {self.device!r}: this machine has {torch.cuda.device_count()} GPU(s)"
             )
+
+    @property
+    def worker_count(self) -> int:
+        """Workers answering questions: ``--num-workers``, else GPUs total / per model."""
+        if self.num_workers is not None:
+            return self.num_workers
+        return self.num_gpus_total // self.num_gpus_per_model
+
+    @property
+    def sharding_flag(self) -> str | None:
+        """The flag that asks for Ray workers (None: this process answers everything).
+
+        Policy: ``--num-workers`` (even 1) and ``--ray-address`` always mean Ray workers;
+        the GPU flags do when they make more than one worker.
+        """
+        if self.num_workers is not None:
+            return f"--num-workers {self.num_workers}"
+        if self.ray_address is not None:
+            return "--ray-address"
+        if self.worker_count > 1:
+            return f"--num-gpus-total {self.num_gpus_total}"
+        return None
 
     def _check_template(self) -> None:
         if self.template is None:

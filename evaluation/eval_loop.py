@@ -15,14 +15,23 @@ Policies:
 - Tokens: ``new_tokens`` counts the tokens the decoder emitted (up to and including an EOS),
   the same way for every method; the stored text is decoded without special tokens, stripped
   and, for FastChat templates, cut at the template's stop string.
-- Failures: a question whose prompt does not fit the model's context becomes an error entry
-  (one line on stderr) and the run goes on; the run then ends with exit code 3 and a summary
-  line. Everything else that stops a run (bad flags, question file, model, answer file) is one
-  line on stderr and exit code 2, with nothing already written lost.
+- Failures: a question whose prompt does not fit the model's context, or whose Ray worker
+  died on every try, becomes an error entry (one line on stderr) and the run goes on; the
+  run then ends with exit code 3 and a summary line. Everything else that stops a run (bad
+  flags, question file, model, answer file) is one line on stderr and exit code 2, with
+  nothing already written lost.
 - Resume: see :mod:`evaluation.answer_file`. A file written with other settings (method,
   params, model, dtype, device, template, generation settings) is refused rather than mixed.
-- Workers: one, in this process. :func:`build_context` and :func:`answer_question` are all a
-  worker needs, so several workers can share this code.
+  A run holds the answer file's lock throughout: a second run on the same file exits 2.
+- Workers: by default this process answers the questions, in question order
+  (:class:`LocalAnswerer`). With ``--num-workers`` or several GPUs, Ray workers do
+  (:mod:`evaluation.sharding`, imported only then, as it needs Ray): answers are appended as
+  they complete and the file is put in question-file order at the end. Either way the
+  lines are the same apart from ``answer_id``, ``tstamp``, timings and ``meta.hardware``, for
+  a method whose drafts depend on the current question only: a drafter that learns across
+  questions sees another history in each worker, so its drafts and accept lengths may differ
+  (its greedy float32 texts may not). :func:`build_context`, :func:`warm_up` and
+  :func:`answer_question` are all a worker needs.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import shortuuid
 import torch
@@ -44,7 +53,8 @@ from logitspec.decoding import GenerationConfig, GenerationResult, PromptTooLong
 from logitspec.loading import LoadedModel, ModelLoadError, load
 
 from .answer_file import (
-    AnswerFileError, AnswerWriter, ExistingAnswers, drop_entries, read_answers, repair_tail,
+    AnswerFileError, AnswerFileLock, AnswerWriter, ExistingAnswers, drop_entries, read_answers,
+    reorder_answers, repair_tail,
 )
 from .args import RunConfig, parse_args
 from .methods import Method, TurnGenerator
@@ -86,8 +96,14 @@ def build_context(run: RunConfig) -> EvalContext:
     try:
         loaded = load(settings.model_path, dtype=settings.resolved_dtype,
                       device=settings.resolved_device)
-    except (ModelLoadError, ValueError) as exc:
+    except ModelLoadError as exc:
         raise RunError(str(exc)) from None
+    except ValueError as exc:  # an unsupported architecture or an inconsistent config
+        raise RunError(f"model {settings.model_location}: {exc}") from None
+    context = loaded.model.config.max_position_embeddings
+    if settings.max_new_tokens >= context:
+        raise RunError(f"max_new_tokens {settings.max_new_tokens} leaves no room for a prompt "
+                       f"in the model's context of {context} tokens")
     template = resolve_template(loaded.tokenizer, settings.model_name, settings.template)
     eos = tuple(dict.fromkeys(loaded.eos_token_ids + template.stop_token_ids))
     return EvalContext(
@@ -174,16 +190,25 @@ def answer_choice(ctx: EvalContext, question: Question, index: int) -> dict[str,
 def answer_question(ctx: EvalContext, question: Question) -> dict[str, Any]:
     """The answer line of ``question``: its choices, or an error entry when it cannot be
     answered (a prompt longer than the model's context)."""
-    line: dict[str, Any] = {
-        "question_id": question.question_id, "category": question.category,
-        "answer_id": shortuuid.uuid(), "model_id": ctx.model_id,
-    }
     try:
         choices = [answer_choice(ctx, question, i) for i in range(ctx.num_choices)]
     except PromptTooLongError as exc:
-        error = " ".join(f"{type(exc).__name__}: {exc}".split())
-        return {**line, "tstamp": time.time(), "choices": [], "error": error, "meta": ctx.meta}
-    return {**line, "tstamp": time.time(), "choices": choices, "meta": ctx.meta}
+        return error_entry(question, ctx.model_id, ctx.meta, f"{type(exc).__name__}: {exc}")
+    return {
+        "question_id": question.question_id, "category": question.category,
+        "answer_id": shortuuid.uuid(), "model_id": ctx.model_id, "tstamp": time.time(),
+        "choices": choices, "meta": ctx.meta,
+    }
+
+
+def error_entry(question: Question, model_id: str, meta: dict[str, Any],
+                error: str) -> dict[str, Any]:
+    """The answer line of a question that could not be answered (``error``: one line)."""
+    return {
+        "question_id": question.question_id, "category": question.category,
+        "answer_id": shortuuid.uuid(), "model_id": model_id, "tstamp": time.time(),
+        "choices": [], "error": " ".join(error.split()), "meta": meta,
+    }
 
 
 def warm_up(ctx: EvalContext, questions: Sequence[Question], count: int) -> None:
@@ -234,25 +259,59 @@ class Totals:
         return self.tokens / self.steps if self.steps else None
 
 
+class Answerer(Protocol):
+    """Where a run's answers come from: this process or Ray workers."""
+
+    def start(self) -> dict[str, Any]:
+        """Loads the model and warms up; returns the ``meta`` of the run's answer lines."""
+
+    def answers(self) -> Iterator[dict[str, Any]]:
+        """One answer line per question, as each completes."""
+
+    def close(self) -> None:
+        """Releases what :meth:`start` took (always called)."""
+
+
+class LocalAnswerer:
+    """This process answers the questions in order, with one context for the whole run."""
+
+    def __init__(self, config: RunConfig, questions: Sequence[Question]) -> None:
+        self.config = config
+        self.questions = questions
+        self.ctx: EvalContext | None = None
+
+    def start(self) -> dict[str, Any]:
+        self.ctx = build_context(self.config)
+        warm_up(self.ctx, self.questions, self.config.settings.warmup)
+        return self.ctx.meta
+
+    def answers(self) -> Iterator[dict[str, Any]]:
+        for question in self.questions:
+            yield answer_question(self.ctx, question)
+
+    def close(self) -> None:
+        self.ctx = None
+
+
 def _exit_after() -> int | None:
     value = os.environ.get(TEST_EXIT_AFTER_ENV)
     return int(value) if value else None
 
 
-def answer_all(ctx: EvalContext, questions: Sequence[Question], writer: AnswerWriter,
-               prog: str) -> Totals:
-    """Answers ``questions`` in order, appending each line as soon as it is done."""
+def answer_all(lines: Iterator[dict[str, Any]], total: int, writer: AnswerWriter,
+               prog: str, model_id: str) -> Totals:
+    """Appends each of ``total`` answer lines as soon as it comes."""
     totals = Totals()
     exit_after = _exit_after()
-    bar = tqdm(questions, desc=ctx.model_id, unit="q", file=sys.stderr, dynamic_ncols=True)
-    for question in bar:
-        line = answer_question(ctx, question)
+    bar = tqdm(total=total, desc=model_id, unit="q", file=sys.stderr, dynamic_ncols=True)
+    for line in lines:
         writer.write(line)
         if writer.written == exit_after:
             os._exit(9)
         totals.add(line)
         if "error" in line:
-            tqdm.write(f"{prog}: question {question.question_id}: {line['error']}", file=sys.stderr)
+            tqdm.write(f"{prog}: question {line['question_id']}: {line['error']}", file=sys.stderr)
+        bar.update()
         bar.set_postfix_str(_postfix(totals), refresh=False)
     bar.close()
     return totals
@@ -289,35 +348,58 @@ def _prepare_answer_file(path: Path, prog: str) -> ExistingAnswers:
     return read_answers(path)
 
 
-def _select(run: RunConfig) -> list[Question]:
+def _select(run: RunConfig) -> tuple[list[Question], dict[str, int]]:
+    """The selected questions, and every question id's position in the file."""
     e = run.settings
+    everything = load_questions(e.question_path)
     questions = select_questions(
-        load_questions(e.question_path), e.question_begin, e.question_end,
-        e.questions_per_category,
+        everything, e.question_begin, e.question_end, e.questions_per_category
     )
     if not questions:
         raise RunError(f"no questions selected from {e.question_path}")
-    return questions
+    return questions, {q.key: i for i, q in enumerate(everything)}
+
+
+def make_answerer(config: RunConfig, questions: Sequence[Question]) -> Answerer:
+    if config.settings.sharding_flag is None:
+        return LocalAnswerer(config, questions)
+    from .sharding import ShardedAnswerer  # imports Ray
+
+    return ShardedAnswerer(config, questions, config.method.prog)
+
+
+def answer_missing(config: RunConfig, todo: Sequence[Question],
+                   existing: ExistingAnswers) -> Totals:
+    """Answers ``todo`` into the answer file, after checking the file's settings."""
+    path = config.answer_path
+    AnswerWriter(path).close()  # an unwritable path fails now, before the model loads
+    answerer = make_answerer(config, todo)
+    try:
+        meta = answerer.start()
+        check_resumable(existing, meta, path)
+        drop_entries(path, existing.failed & {q.key for q in todo})
+        with AnswerWriter(path) as writer:
+            return answer_all(answerer.answers(), len(todo), writer, config.method.prog,
+                              config.model_id)
+    finally:
+        answerer.close()
 
 
 def run(config: RunConfig) -> int:
     """Answers the selected questions; returns the exit code (0, or 3 if some failed)."""
     prog, path = config.method.prog, config.answer_path
-    questions = _select(config)
-    existing = _prepare_answer_file(path, prog)
-    todo = [q for q in questions if q.key not in existing.answered]
-    if todo:
-        AnswerWriter(path).close()  # an unwritable path fails now, before the model loads
-        ctx = build_context(config)
-        check_resumable(existing, ctx.meta, path)
-        drop_entries(path, existing.failed & {q.key for q in todo})
-        warm_up(ctx, todo, config.settings.warmup)
-        with AnswerWriter(path) as writer:
-            totals = answer_all(ctx, todo, writer, prog)
-    else:
-        print(f"{prog}: all {len(questions)} selected questions are already answered in {path}",
-              file=sys.stderr)
-        totals = Totals()
+    questions, order = _select(config)
+    with AnswerFileLock(path):
+        existing = _prepare_answer_file(path, prog)
+        todo = [q for q in questions if q.key not in existing.answered]
+        if todo:
+            totals = answer_missing(config, todo, existing)
+        else:
+            print(f"{prog}: all {len(questions)} selected questions are already answered in "
+                  f"{path}", file=sys.stderr)
+            totals = Totals()
+        if config.settings.sharding_flag is not None:
+            reorder_answers(path, order)
     print(json.dumps({
         "answer_file": str(path), "model_id": config.model_id, "method": config.method.name,
         "selected": len(questions), "skipped": len(questions) - len(todo),
@@ -339,5 +421,6 @@ def main(method: Method, argv: Sequence[str] | None = None) -> int:
     try:
         return run(config)
     except (RunError, QuestionFileError, AnswerFileError) as exc:
-        print(f"{method.prog}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever a library put in it
+        print(f"{method.prog}: error: {message}", file=sys.stderr)
         return EXIT_USAGE

@@ -61,12 +61,7 @@ def parse_question(obj: object, where: str) -> Question:
 
 def load_questions(path: Path) -> list[Question]:
     """All questions of ``path`` in file order."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise QuestionFileError(f"no question file at {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise QuestionFileError(f"cannot read {path}: {exc}") from None
+    text = _read_text(path)
     questions: list[Question] = []
     first_line: dict[str, int] = {}
     for lineno, line in enumerate(text.split("\n"), start=1):
@@ -88,6 +83,23 @@ def load_questions(path: Path) -> list[Question]:
     if not questions:
         raise QuestionFileError(f"{path}: no questions")
     return questions
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; undecodable bytes are reported with their line."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise QuestionFileError(f"no question file at {path}") from None
+    except OSError as exc:
+        raise QuestionFileError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        lineno = data.count(b"\n", 0, exc.start) + 1
+        raise QuestionFileError(
+            f"{path}:{lineno}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
 
 
 def select_questions(

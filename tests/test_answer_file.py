@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ if str(ROOT) not in sys.path:
 
 from evaluation import speed  # noqa: E402
 from evaluation.answer_file import (  # noqa: E402
-    AnswerFileError, AnswerWriter, drop_entries, read_answers, repair_tail,
+    AnswerFileBusy, AnswerFileError, AnswerFileLock, AnswerWriter, drop_entries, read_answers,
+    reorder_answers, repair_tail,
 )
 
 
@@ -187,3 +189,57 @@ def test_drop_entries_without_matches_leaves_the_file_alone(tmp_path: Path) -> N
     assert drop_entries(path, frozenset()) == 0
     assert path.stat().st_ino == inode and path.read_bytes() == GOOD
     assert drop_entries(tmp_path / "missing.jsonl", frozenset({"1"})) == 0
+
+
+# --------------------------------------------------------------------------- order
+
+
+@pytest.mark.parametrize("ids, expected, rewritten", [
+    ([1, 2, 3], [1, 2, 3], False),
+    ([3, 1, 2], [1, 2, 3], True),
+    ([2, "x", 1, "y"], [1, 2, "x", "y"], True),  # ids the question file lacks: last, in order
+    (["x", 1], [1, "x"], True),
+    ([], [], False),
+])
+def test_reorder_answers(tmp_path: Path, ids: list[int | str], expected: list[int | str],
+                         rewritten: bool) -> None:
+    path = tmp_path / "answers.jsonl"
+    path.write_bytes(b"".join(line(answer(i)) for i in ids))
+    lines = {json.loads(x)["question_id"]: x for x in path.read_bytes().splitlines(True)}
+    path.chmod(0o640)
+    assert reorder_answers(path, {"1": 0, "2": 1, "3": 2}) == rewritten
+    assert path.read_bytes() == b"".join(lines[i] for i in expected)
+    assert list(tmp_path.iterdir()) == [path] and path.stat().st_mode & 0o777 == 0o640
+
+
+def test_reorder_of_a_missing_file(tmp_path: Path) -> None:
+    assert not reorder_answers(tmp_path / "none.jsonl", {"1": 0})
+
+
+# --------------------------------------------------------------------------- lock
+
+
+def test_lock_admits_one_holder_and_is_removed_after(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "answers.jsonl"
+    with AnswerFileLock(path) as held:
+        assert held.lock_path.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(AnswerFileBusy, match=rf"^{path} is being written by another run "
+                           rf"\(process {os.getpid()}\)"):
+            AnswerFileLock(path).acquire()
+    assert not held.lock_path.exists()
+    with AnswerFileLock(path):  # free again
+        pass
+
+
+def test_a_lock_file_left_by_a_dead_run_does_not_block(tmp_path: Path) -> None:
+    path = tmp_path / "answers.jsonl"
+    (tmp_path / "answers.jsonl.lock").write_text("99999999\n")  # no flock held on it
+    with AnswerFileLock(path) as held:
+        assert held.lock_path.read_text() == f"{os.getpid()}\n"
+
+
+def test_lock_on_an_unwritable_path(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(AnswerFileError, match="cannot write answer file"):
+        AnswerFileLock(blocker / "answers.jsonl").acquire()

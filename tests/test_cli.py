@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pytest
 
@@ -24,12 +24,9 @@ from evaluation import inference_baseline, inference_logitspec, inference_pld, s
 from evaluation.args import EvalConfig, RunConfig, parse_args  # noqa: E402
 from evaluation.eval_loop import TEST_EXIT_AFTER_ENV  # noqa: E402
 from evaluation.questions import Question, load_questions, select_questions  # noqa: E402
+# DEMO is imported from this module by other tests
+from cli_helpers import DEMO, read_lines, run_cli, save_tiny_llama, write_questions  # noqa: E402,F401
 
-DEMO = ROOT / "data" / "demo" / "question.jsonl"
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 CHOICE_KEYS = {"index", "turns", "decoding_steps", "new_tokens", "wall_time", "accept_lengths",
                "draft_lengths", "time_breakdown"}
 META_KEYS = {"method", "params", "model_path", "dtype", "device", "template", "max_new_tokens",
@@ -38,56 +35,9 @@ META_KEYS = {"method", "params", "model_path", "dtype", "device", "template", "m
 Capsys = pytest.CaptureFixture[str]
 
 
-def save_tiny_llama(folder: Path, *, max_positions: int = 1024, chat_template: bool = True) -> Path:
-    """A random 2-layer Llama and a byte-level tokenizer (259 tokens: 3 special + 256 bytes)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>"]
-    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    if chat_template:
-        tokenizer.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-        bos_token_id=1, eos_token_id=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
-
-
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def write_questions(path: Path, questions: Sequence[dict[str, Any] | str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(
-        (q if isinstance(q, str) else json.dumps(q)) + "\n" for q in questions
-    ))
-    return path
-
-
-def run_cli(module: Any, argv: Sequence[str]) -> int:
-    """``module.main(argv)``; argparse's exits become return codes."""
-    try:
-        return module.main(list(argv))
-    except SystemExit as exc:
-        return int(exc.code)
 
 
 def check_answer_file(path: Path, num_turns: dict[str, int], method: str) -> list[dict[str, Any]]:
@@ -116,8 +66,12 @@ def check_answer_file(path: Path, num_turns: dict[str, int], method: str) -> lis
 # --------------------------------------------------------------------------- end to end
 
 
-def test_three_methods_on_two_demo_questions(tiny: Path, tmp_path: Path, capsys: Capsys) -> None:
-    """Questions 4 (two turns) and 5 (one turn); float32 greedy, so all methods agree."""
+def test_three_methods_on_two_demo_questions(
+    tiny: Path, tmp_path: Path, capsys: Capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Questions 4 (two turns) and 5 (one turn); float32 greedy, so all methods agree.
+    LogitSpec runs with its defaults: an automatic budget from a cost curve measured here."""
+    monkeypatch.setenv("LOGITSPEC_CACHE", str(tmp_path / "cache"))
     common = ["--model-path", str(tiny), "--question-begin", "3", "--question-end", "5",
               "--max-new-tokens", "12", "--device", "cpu"]
     files = {}
@@ -133,7 +87,10 @@ def test_three_methods_on_two_demo_questions(tiny: Path, tmp_path: Path, capsys:
     assert all(d == 0 for line in base for d in line["choices"][0]["draft_lengths"])
     meta = read_lines(files["logitspec"])[0]["meta"]
     assert meta["params"] == {"max_ngram_size": 3, "num_pred_tokens": 20,
-                              "draft_tree_capacity": 64}
+                              "draft_tree_capacity": "auto", "tree_policy": "value",
+                              "num_continuations": 3, "recycle_chains": 8, "recycle_depth": 6,
+                              "max_auto_capacity": 64}
+    assert len(list((tmp_path / "cache" / "costs").glob("*.json"))) == 1
     assert meta["dtype"] == "float32" and meta["template"] == "chat_template"
     assert read_lines(files["pld"])[0]["meta"]["params"]["draft_tree_capacity"] == 21
     for method in ("logitspec", "pld"):
@@ -267,7 +224,8 @@ def bad_inputs(tmp_path: Path, tiny: Path) -> dict[str, tuple[list[str], str]]:
         "max ngram size 0": (["--max_ngram_size", "0"], "max_ngram_size"),
         "max new tokens 0": (["--max-new-tokens", "0"], "max_new_tokens"),
         "negative temperature": (["--temperature", "-0.5"], "temperature"),
-        "several workers": (["--num-gpus-total", "2"], "multi-worker runs need Ray"),
+        "GPU workers on cpu": (["--num-gpus-total", "2", "--device", "cpu"],
+                               "the device is cpu: use --num-workers"),
         "unknown template": (["--template", "no-such-template"], "unknown template"),
         "unknown flag": (["--no-such-flag"], "unrecognized arguments"),
         "empty slice": (["--question-begin", "100"], "no questions selected"),
@@ -278,7 +236,7 @@ def bad_inputs(tmp_path: Path, tiny: Path) -> dict[str, tuple[list[str], str]]:
 
 BAD_INPUTS = [
     "malformed question line", "unknown bench", "missing model path", "draft tree capacity 0",
-    "max ngram size 0", "max new tokens 0", "negative temperature", "several workers",
+    "max ngram size 0", "max new tokens 0", "negative temperature", "GPU workers on cpu",
     "unknown template", "unknown flag", "empty slice", "unwritable answer path",
 ]
 

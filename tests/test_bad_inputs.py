@@ -1,0 +1,231 @@
+"""Bad inputs, one table: each stops the run with one line on stderr and exit code 2.
+
+Every case runs ``main(argv)`` in this process on a tiny random Llama (or a broken copy of it)
+and a question file written for the case; the answer file always goes to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+import pytest
+
+from cli_helpers import DEMO, run_cli, save_tiny_llama, write_questions
+from evaluation import inference_pld, inference_sps
+
+Argv = Callable[["Inputs"], list[str]]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The files the cases point at, made once for the module."""
+
+    folder: Path
+    tiny: Path
+    reversed_bytes: Path  # the tiny model with a same-size tokenizer that maps ids otherwise
+
+    def questions(self, name: str, lines: list[dict | str] | None = None,
+                  raw: bytes | None = None) -> str:
+        path = self.folder / "questions" / f"{name}.jsonl"
+        if raw is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(raw)
+        else:
+            write_questions(path, lines or [])
+        return str(path)
+
+    def model(self, name: str, edit: Callable[[Path], None]) -> str:
+        """A copy of the tiny model, changed by ``edit``."""
+        path = self.folder / "models" / name
+        if not path.exists():
+            shutil.copytree(self.tiny, path)
+            edit(path)
+        return str(path)
+
+
+def _set_config(**changes: object) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        config.update(changes)
+        (folder / "config.json").write_text(json.dumps(config))
+    return edit
+
+
+def _remove(*names: str) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        for name in names:
+            (folder / name).unlink(missing_ok=True)
+    return edit
+
+
+def _pickle_only(folder: Path) -> None:
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+
+
+OK = {"question_id": 1, "category": "qa", "turns": ["Hi?"]}
+
+
+def _question_file(name: str, lines: list[dict | str] | None = None,
+                   raw: bytes | None = None) -> Argv:
+    return lambda inputs: ["--model-path", str(inputs.tiny), "--question-file",
+                           inputs.questions(name, lines, raw)]
+
+
+def _tiny(*flags: str) -> Argv:
+    return lambda inputs: ["--model-path", str(inputs.tiny), "--question-file", str(DEMO),
+                           "--question-end", "1", *flags]
+
+
+def _model(name: str, edit: Callable[[Path], None], *flags: str) -> Argv:
+    return lambda inputs: ["--model-path", inputs.model(name, edit), "--question-file",
+                           str(DEMO), "--question-end", "1", *flags]
+
+
+def _draft_mismatch(inputs: Inputs) -> list[str]:
+    return _tiny("--draft-model-path", str(inputs.reversed_bytes))(inputs)
+
+
+@dataclass(frozen=True)
+class Case:
+    """A bad input: its id, its command line, a regex for the error line, the command."""
+
+    id: str
+    argv: Argv
+    pattern: str
+    command: ModuleType = inference_pld
+
+
+CASES = [
+    # question files
+    Case("question file missing", lambda i: ["--question-file", str(i.folder / "nope.jsonl")],
+         r"no question file at .*nope\.jsonl"),
+    Case("question file empty", _question_file("empty", raw=b"\n\n"),
+         r"empty\.jsonl: no questions"),
+    Case("question not UTF-8",
+         _question_file("latin", raw=json.dumps(OK).encode() + b'\n{"turns": ["\xff"]}\n'),
+         r"latin\.jsonl:2: not UTF-8 \(byte 0xff at offset \d+\)"),
+    Case("question malformed JSON", _question_file("malformed", [OK, '{"question_id": 2,']),
+         r"malformed\.jsonl:2: malformed JSON"),
+    Case("question not an object", _question_file("array", [[1, 2]]),
+         r":1: expected a JSON object"),
+    Case("question without turns", _question_file("no-turns", [{"question_id": 1,
+                                                                 "category": "qa"}]),
+         r":1: 'turns' must be a non-empty list"),
+    Case("question with empty turns",
+         _question_file("empty-turns", [OK, {**OK, "question_id": 2, "turns": []}]),
+         r":2: 'turns' must be a non-empty list"),
+    Case("question with an empty turn", _question_file("empty-turn", [{**OK, "turns": ["a", ""]}]),
+         r"'turns' must be a non-empty list of non-empty strings"),
+    Case("question id of a wrong type", _question_file("float-id", [{**OK, "question_id": 1.5}]),
+         r"'question_id' must be an integer or a non-empty string"),
+    Case("question category of a wrong type",
+         _question_file("list-category", [{**OK, "category": ["qa"]}]),
+         r"'category' must be a non-empty string"),
+    Case("duplicate question ids", _question_file("duplicate", [OK, {**OK, "turns": ["again"]}]),
+         r":2: duplicate question_id 1 \(first on line 1\)"),
+    # models
+    Case("model path missing",
+         lambda i: ["--model-path", str(i.folder / "none"), "--question-file", str(DEMO)],
+         r"model path '.*none' does not exist"),
+    Case("model without config.json", _model("no-config", _remove("config.json")),
+         r"no-config has no config\.json"),
+    Case("model with pickle weights only", _model("pickle-only", _pickle_only),
+         r"no \.safetensors files \(found pytorch_model\.bin: pickle checkpoints are not loaded"),
+    Case("model of an unsupported architecture", _model("gpt2", _set_config(model_type="gpt2")),
+         r"model .*gpt2: model_type 'gpt2' is not supported"),
+    Case("model without a tokenizer",
+         _model("no-tokenizer", _remove("tokenizer.json", "tokenizer_config.json")),
+         r"no-tokenizer has no tokenizer \(none of tokenizer\.json"),
+    Case("draft tokenizer unlike the target's", _draft_mismatch,
+         r"token id \d+ is .* for the draft: draft and target must share a tokenizer",
+         inference_sps),
+    Case("max new tokens beyond the context",
+         _model("short", _set_config(max_position_embeddings=64), "--max-new-tokens", "64"),
+         r"max_new_tokens 64 leaves no room for a prompt in the model's context of 64 tokens"),
+    # flags
+    Case("max new tokens 0", _tiny("--max-new-tokens", "0"),
+         r"max_new_tokens must be >= 1, got 0"),
+    Case("max new tokens negative", _tiny("--max-new-tokens", "-3"),
+         r"max_new_tokens must be >= 1, got -3"),
+    Case("tree budget 0", _tiny("--draft-tree-capacity", "0"),
+         r"draft_tree_capacity must be >= 1 \(the root\), got 0"),
+    Case("tree budget negative", _tiny("--draft-tree-capacity", "-4"),
+         r"draft_tree_capacity must be >= 1 \(the root\), got -4"),
+    Case("n-gram size 0", _tiny("--max-ngram-size", "0"), r"max_ngram_size must be >= 1, got 0"),
+    Case("num_pred_tokens 0", _tiny("--num-pred-tokens", "0"),
+         r"num_pred_tokens must be >= 1, got 0"),
+    Case("num workers 0", _tiny("--num-workers", "0"), r"num_workers must be >= 1, got 0"),
+    Case("GPUs per model above the total", _tiny("--num-gpus-per-model", "2"),
+         r"num_gpus_per_model \(2\) must be <= num_gpus_total \(1\)"),
+    Case("GPUs total not a multiple", _tiny("--num-gpus-total", "3", "--num-gpus-per-model", "2"),
+         r"num_gpus_total \(3\) must be a multiple of num_gpus_per_model \(2\)"),
+    Case("GPU workers on cpu", _tiny("--num-gpus-total", "2", "--device", "cpu"),
+         r"the device is cpu: use --num-workers"),
+    Case("max retries negative", _tiny("--max-retries", "-1"), r"max_retries must be >= 0"),
+    Case("top_p 0", _tiny("--top-p", "0"), r"top_p must be in \(0, 1\], got 0\.0"),
+    Case("top_p above 1", _tiny("--top-p", "1.5"), r"top_p must be in \(0, 1\], got 1\.5"),
+    Case("top_k negative", _tiny("--top-k", "-1"), r"top_k must be >= 0, got -1"),
+    Case("temperature negative", _tiny("--temperature", "-0.5"),
+         r"temperature must be >= 0, got -0\.5"),
+    Case("num choices 0", _tiny("--num-choices", "0"), r"num_choices must be >= 1, got 0"),
+    Case("slice end before begin", _tiny("--question-begin", "3", "--question-end", "1"),
+         r"question_end must be >= question_begin"),
+    Case("unknown device", _tiny("--device", "tpu"), r"unknown device 'tpu'"),
+    Case("not a number", _tiny("--max-new-tokens", "many"),
+         r"argument --max-new-tokens: invalid int value: 'many'"),
+    Case("empty slice", _tiny("--question-begin", "100", "--question-end", "200"),
+         r"no questions selected from .*demo/question\.jsonl"),
+]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
+    folder = tmp_path_factory.mktemp("bad-inputs")
+    return Inputs(folder, save_tiny_llama(folder / "tiny-llama"),
+                  save_tiny_llama(folder / "reversed-bytes", reversed_bytes=True))
+
+
+def check_one_line_error(command: ModuleType, argv: list[str], pattern: str,
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    prog = command.METHOD.prog
+    assert run_cli(command, argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"{prog}: error: "), lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input(case: Case, inputs: Inputs, tmp_path: Path,
+                   capsys: pytest.CaptureFixture[str]) -> None:
+    argv = case.argv(inputs) + ["--answer-file", str(tmp_path / "answers.jsonl"), "--warmup", "0"]
+    check_one_line_error(case.command, argv, case.pattern, capsys)
+    assert not (tmp_path / "answers.jsonl.lock").exists()
+
+
+def test_workers_without_ray(inputs: Inputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # what a missing package looks like
+    argv = _tiny("--num-workers", "2", "--answer-file", str(tmp_path / "a.jsonl"))(inputs)
+    check_one_line_error(inference_pld, argv, r"--num-workers 2 needs Ray: pip install "
+                         r"'logitspec\[ray\]'$", capsys)
+
+
+def test_a_broken_answer_file(inputs: Inputs, tmp_path: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad line before the last is not a crash's doing: refused, the file left alone."""
+    answers = tmp_path / "answers.jsonl"
+    answers.write_bytes(b"{broken\n" + json.dumps({"question_id": 9, "category": "qa",
+                                                   "choices": [], "error": "x"}).encode() + b"\n")
+    before = answers.read_bytes()
+    argv = _tiny("--answer-file", str(answers))(inputs)
+    check_one_line_error(inference_pld, argv, r"answers\.jsonl:1: malformed JSON", capsys)
+    assert answers.read_bytes() == before
