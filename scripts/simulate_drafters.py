@@ -223,7 +223,7 @@ def make_drafter(spec: str, curve: CostCurve, vocab_size: int = 49152) -> Drafte
 
 
 def replay(args: argparse.Namespace) -> int:
-    data = torch.load(args.trace, weights_only=False)
+    data = torch.load(args.trace, weights_only=True)
     traces = [TurnTrace(**t) for t in data["traces"]]
     lm = load(data["model_path"], dtype=data["dtype"], device=args.device)
     curve = cost_curve_for(lm.model, str(lm.path))
