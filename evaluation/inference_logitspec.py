@@ -1,14 +1,24 @@
 """LogitSpec decoding: retrieval for the next token and for the top-k next-next tokens, verified
-as one tree. ``python -m evaluation.inference_logitspec --help`` lists the flags."""
+as one tree. ``python -m evaluation.inference_logitspec --help`` lists the flags.
+
+Defaults: the value-ranked tree sized by the measured verification cost (``auto``), with three
+stored continuations per n-gram and chains through the target's remembered successors. The
+public code's behaviour is ``--tree-policy reference --draft_tree_capacity 64``.
+
+The cost curve is measured on first use and cached per model, dtype, device, torch version
+and thread count; ``python scripts/bench_step_cost.py --store`` measures it again.
+"""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass
 from typing import Sequence
 
+from logitspec.cost import cost_curve_for
 from logitspec.decoding import Decoder
-from logitspec.drafters import LogitSpecConfig, LogitSpecDrafter
+from logitspec.drafters import LogitSpecConfig, PoolConfig, ValueTreeDrafter, make_logitspec_drafter
 from logitspec.loading import LoadedModel
 
 from . import eval_loop
@@ -16,25 +26,60 @@ from .args import option
 from .methods import Method, RetrievalParams
 
 
+def capacity_arg(text: str) -> int | str:
+    """``auto`` or a whole number (validated by the config)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number, got {text!r}") from None
+
+
 @dataclass(frozen=True)
 class LogitSpecParams(RetrievalParams):
-    """LogitSpec's flags; the tree budget defaults to the public code's 64 (a GPU setting:
-    on a small CPU about 8 pays, see the README)."""
+    """LogitSpec's flags (see the module docstring for the defaults)."""
 
-    draft_tree_capacity: int = option(
-        64, "most tokens verified per step, the step's root included", type=int)
+    draft_tree_capacity: int | str = option(
+        "auto", "most tokens verified per step, the root included, or 'auto': sized per step by "
+        "the measured cost of verification (needs --tree-policy value)", type=capacity_arg)
+    tree_policy: str = option(
+        "value", "'value': keep the candidates most likely to be accepted (learned online); "
+        "'reference': the public code's rank-length chains", choices=["value", "reference"])
+    num_continuations: int = option(
+        3, "stored continuations per n-gram, newest first (value policy)", type=int)
+    recycle_chains: int = option(
+        8, "chains through the root's remembered successors (value policy; 0: off)", type=int)
+    recycle_depth: int = option(6, "longest chain of remembered successors", type=int)
+    max_auto_capacity: int = option(64, "largest tree an automatic budget may build", type=int)
 
     def __post_init__(self) -> None:
         self.logitspec_config()  # validates
 
     def logitspec_config(self) -> LogitSpecConfig:
+        value = self.tree_policy == "value"
         return LogitSpecConfig(
-            pool=self.pool_config(), draft_tree_capacity=self.draft_tree_capacity
+            pool=PoolConfig(self.max_ngram_size, self.num_pred_tokens,
+                            self.num_continuations if value else 1),
+            draft_tree_capacity=None if self.draft_tree_capacity == "auto" else self.draft_tree_capacity,
+            tree_policy=self.tree_policy,
+            max_auto_capacity=self.max_auto_capacity,
+            recycle_chains=self.recycle_chains if value else 0,
+            recycle_depth=self.recycle_depth,
         )
 
 
 def make_decoder(loaded: LoadedModel, params: LogitSpecParams) -> Decoder:
-    return Decoder(loaded.model, LogitSpecDrafter(params.logitspec_config()))
+    config = params.logitspec_config()
+    curve = None
+    if config.draft_tree_capacity is None:
+        curve = cost_curve_for(loaded.model, str(loaded.path))
+    if config.recycle_chains:
+        from logitspec.recycling import SuccessorTable
+
+        successors = SuccessorTable(loaded.model.config.vocab_size)
+        return Decoder(loaded.model, ValueTreeDrafter(config, curve, successors))
+    return Decoder(loaded.model, make_logitspec_drafter(config, curve))
 
 
 METHOD = Method(

@@ -1,0 +1,227 @@
+"""Token Recycling: draft from the target's own past top-k predictions.
+
+Every verified tree node ``i`` gives the target's logits after its token, whether or not the
+node was accepted. Token Recycling keeps, for every token, the top-k successors the target
+predicted the last time that token was verified (:class:`SuccessorTable`, an adjacency matrix
+``(V, k)``), and drafts by walking that table from the step's root along a fixed tree shape
+(:func:`static_template`): node ``(r1, r2, ...)`` is the ``r1``-th successor of the root, then
+the ``r2``-th successor of that token, and so on. Nothing is trained and nothing is retrieved
+from the text: the candidates the target rejected are "recycled" as next step's guesses.
+
+Policies:
+
+- The table is shared across generations (a hot start: questions teach each other, as in the
+  paper); a token verified again overwrites its row (last write wins).
+- A node whose parent's row is unknown (-1) is dropped with its subtree; so is a node deeper
+  than the step's ``max_depth``.
+- Siblings come from one table row, whose top-k ids are distinct: the tree is a trie without
+  merging, and any verifier (greedy or the sampling walk) stays lossless.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+from .tree import DraftTree
+
+if TYPE_CHECKING:
+    from .decoding import GenerationConfig
+
+UNKNOWN = -1
+DEFAULT_RANK_PROBS = (0.6, 0.15, 0.08, 0.05, 0.04, 0.03, 0.02, 0.02)
+RankPath = tuple[int, ...]
+
+
+class SuccessorTable:
+    """Each token's top-``k`` successors (int32 ``(V, k)``, best first, -1 = unknown), from the
+    target's logits the last time that token was verified.
+
+    Example (``k = 2``): verifying tokens ``[5, 7, 5]`` whose logits rank ``[3, 4]``, ``[5, 1]``
+    and ``[9, 8]`` first leaves row 5 = ``[9, 8]`` (the later write wins), row 7 = ``[5, 1]``.
+    """
+
+    def __init__(self, vocab_size: int, k: int = 8) -> None:
+        if vocab_size < 1 or k < 1:
+            raise ValueError(f"vocab_size and k must be >= 1, got {vocab_size} and {k}")
+        self.k = k
+        self.table = np.full((vocab_size, k), UNKNOWN, dtype=np.int32)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.table.shape[0]
+
+    def successors_of(self, token: int) -> np.ndarray:
+        """Row ``token`` (k,), best first; -1 where unknown. A view: do not modify it."""
+        return self.table[token]
+
+    def update(self, tokens: Sequence[int], successors: np.ndarray) -> None:
+        """Overwrites the rows of ``tokens`` with ``successors`` (T, k); for a token listed
+        twice the later row wins. Rows narrower than ``k`` are padded with -1."""
+        ids = np.asarray(tokens, dtype=np.int64)
+        if not ids.size:
+            return
+        rows = np.asarray(successors, dtype=np.int32)
+        if rows.ndim != 2 or rows.shape[0] != ids.shape[0] or rows.shape[1] > self.k:
+            raise ValueError(f"successors must be (T={ids.shape[0]}, <= k={self.k}), got {rows.shape}")
+        if rows.shape[1] < self.k:
+            pad = np.full((rows.shape[0], self.k - rows.shape[1]), UNKNOWN, dtype=np.int32)
+            rows = np.concatenate([rows, pad], axis=1)
+        # np.unique on the reversed list finds each token's last occurrence: one write per row
+        unique, first_from_end = np.unique(ids[::-1], return_index=True)
+        self.table[unique] = rows[len(ids) - 1 - first_from_end]
+
+    def observe(self, tree: DraftTree, logits: torch.Tensor) -> None:
+        """Records the top-k of every node's logits (T, V): one device-to-host transfer."""
+        k = min(self.k, logits.shape[-1])
+        ids = logits.topk(k, dim=-1).indices.to(torch.int32).cpu().numpy()
+        self.update(tree.tokens, ids)
+
+
+def static_template(capacity: int, rank_probs: Sequence[float] = DEFAULT_RANK_PROBS) -> list[RankPath]:
+    """The draft tree's shape: ``capacity`` rank paths, root ``()`` first, parents first.
+
+    A path's weight is the product of ``rank_probs[r]`` over its ranks (``rank_probs[r]``: a
+    prior that the ``r``-th successor is the next token); the shape is the root and the
+    ``capacity - 1`` heaviest paths, heaviest first, ties by path order (shorter first, then
+    lexicographic). Weights are exact (fractions), so ties do not depend on rounding. Every
+    ``rank_probs`` value is in (0, 1], so a child never outweighs its parent: the shape is a tree.
+
+    Example, ``rank_probs = (0.5, 0.3, 0.2)``, capacity 6: weights (0,) .5, (1,) .3, (0, 0) .25,
+    (2,) .2, (0, 1) .15 (then (1, 0) .15 ties with (0, 1), which comes first)::
+
+        [(), (0,), (1,), (0, 0), (2,), (0, 1)]
+
+    With the defaults (:data:`DEFAULT_RANK_PROBS`: 0.6 for the best successor, 0.15, 0.08,
+    0.05, 0.04, 0.03, 0.02, 0.02), capacity 64 has 8 nodes at depth 1, then 18, 16, 9, 6, 4, 1
+    and 1 at depths 2-8: wide near the root, deep along rank 0, as in Token Recycling's tree.
+    """
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1 (the root), got {capacity}")
+    if not rank_probs or not all(0 < p <= 1 for p in rank_probs):
+        raise ValueError(f"rank_probs must be non-empty values in (0, 1], got {tuple(rank_probs)}")
+    probs = [Fraction(p) for p in rank_probs]
+    # heap of (-weight, depth, path): popped heaviest first, ties by path order
+    heap = [(-p, 1, (r,)) for r, p in enumerate(probs)]
+    heapq.heapify(heap)
+    shape: list[RankPath] = [()]
+    while len(shape) < capacity:
+        weight, depth, path = heapq.heappop(heap)
+        shape.append(path)
+        for r, p in enumerate(probs):
+            heapq.heappush(heap, (weight * p, depth + 1, path + (r,)))
+    return shape
+
+
+@dataclass(frozen=True)
+class TemplateArrays:
+    """A template as arrays over its nodes (node 0 = the root): each node's parent index,
+    last rank and depth, and the nodes of each depth (``levels[d - 1]`` = depth ``d``)."""
+
+    parents: np.ndarray  # (N,) int64, -1 for the root
+    ranks: np.ndarray  # (N,) int64, 0 for the root (unused)
+    depths: np.ndarray  # (N,) int64
+    levels: tuple[np.ndarray, ...]
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[RankPath]) -> "TemplateArrays":
+        index = {path: i for i, path in enumerate(paths)}
+        parents = np.array([index[p[:-1]] if p else -1 for p in paths], dtype=np.int64)
+        ranks = np.array([p[-1] if p else 0 for p in paths], dtype=np.int64)
+        depths = np.array([len(p) for p in paths], dtype=np.int64)
+        levels = tuple(np.flatnonzero(depths == d) for d in range(1, int(depths.max()) + 1))
+        return cls(parents, ranks, depths, levels)
+
+
+@dataclass(frozen=True)
+class RecyclingConfig:
+    """Token Recycling settings: the tree budget (root included), the successors kept per
+    token, and the rank priors that shape the static tree (:func:`static_template`; ranks
+    past ``k`` are never drafted)."""
+
+    draft_tree_capacity: int = 64
+    k: int = 8
+    rank_probs: tuple[float, ...] = DEFAULT_RANK_PROBS
+
+    def __post_init__(self) -> None:
+        if self.draft_tree_capacity < 1:
+            raise ValueError(f"draft_tree_capacity must be >= 1 (the root), got {self.draft_tree_capacity}")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        self.template()  # validates rank_probs
+
+    def template(self) -> list[RankPath]:
+        return static_template(self.draft_tree_capacity, self.rank_probs[: self.k])
+
+
+class TokenRecyclingDrafter:
+    """Token Recycling behind the :class:`~logitspec.drafters.Drafter` protocol.
+
+    ``table``: a :class:`SuccessorTable` to share (e.g. with another drafter); by default one
+    is created on the first :meth:`observe`, sized by the model's vocabulary (its logits).
+    Until then every tree is the root alone.
+    """
+
+    name = "recycling"
+
+    def __init__(self, config: RecyclingConfig = RecyclingConfig(),
+                 table: SuccessorTable | None = None) -> None:
+        self.config = config
+        self.tree_capacity = config.draft_tree_capacity
+        if table is not None and table.k < config.k:
+            raise ValueError(f"the shared table keeps {table.k} successors, fewer than k={config.k}")
+        self.shape = TemplateArrays.from_paths(config.template())
+        self.table = table
+
+    def configure(self, config: GenerationConfig) -> None:
+        pass
+
+    def begin(self, context: Sequence[int], reused: int) -> None:
+        """Keeps the table: the prompt brings no target logits to learn from (only its last
+        position is computed), and the successors learned earlier stay useful (hot start)."""
+
+    def draft(self, root: int, last_logits: torch.Tensor, max_depth: int) -> DraftTree:
+        """The template filled from the table under ``root``; unknown or too deep nodes dropped.
+
+        Example: k = 2, rows 7 -> [3, 4], 3 -> [9, -1], 4 unknown; template
+        [(), (0,), (1,), (0, 0), (0, 1), (1, 0)] under root 7 gives tokens 7, 3, 4, 9 (the
+        (0, 1) and (1, 0) nodes are unknown), parents -1, 0, 0, 1.
+        """
+        if self.table is None or max_depth <= 0 or self.tree_capacity == 1:
+            return DraftTree((int(root),), (-1,), (0,))
+        tokens = self._fill(int(root))
+        keep = (tokens >= 0) & (self.shape.depths <= max_depth)
+        new_index = np.cumsum(keep) - 1
+        parents = self.shape.parents[keep]
+        parents = np.where(parents >= 0, new_index[np.maximum(parents, 0)], -1)
+        return DraftTree(
+            tuple(tokens[keep].tolist()), tuple(parents.tolist()),
+            tuple(self.shape.depths[keep].tolist()),
+        )
+
+    def _fill(self, root: int) -> np.ndarray:
+        """Every template node's token (-1 where its own or an ancestor's row is unknown),
+        filled depth by depth with one table gather per depth."""
+        shape, table = self.shape, self.table.table
+        tokens = np.full(len(shape.depths), UNKNOWN, dtype=np.int64)
+        tokens[0] = root
+        for nodes in shape.levels:
+            parent_tokens = tokens[shape.parents[nodes]]
+            known = parent_tokens >= 0
+            found = table[np.where(known, parent_tokens, 0), shape.ranks[nodes]]
+            tokens[nodes] = np.where(known, found, UNKNOWN)
+        return tokens
+
+    def observe(self, tree: DraftTree, logits: torch.Tensor) -> None:
+        """Learns from every verified node, accepted or not (the "recycling")."""
+        if self.table is None:
+            self.table = SuccessorTable(logits.shape[-1], self.config.k)
+        self.table.observe(tree, logits)
+
+    def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
+        pass
