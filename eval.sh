@@ -12,8 +12,8 @@
 #   MAX_NEW_TOKENS       tokens per turn (128)
 #   MAX_NGRAM_SIZE       LogitSpec's longest n-gram (3)
 #   NUM_PRED_TOKENS      LogitSpec's longest retrieved continuation (20)
-#   DRAFT_TREE_CAPACITY  LogitSpec's tokens per verification, root included
-#                        (8 on cpu, 64 on cuda: a tree pays only where verifying it is cheap)
+#   DRAFT_TREE_CAPACITY  LogitSpec's tokens per verification, root included, or auto (auto:
+#                        each tree sized by the measured cost of verification on this device)
 #   TEMPERATURE          0.0 is greedy (0.0)
 #   QUESTION_BEGIN, QUESTION_END   a slice of the question file (all)
 #   ANSWER_DIR           where the answer files go (data/$BENCH/model_answer)
@@ -32,10 +32,7 @@ DEVICE="${DEVICE:-$(python -c 'import torch; print("cuda" if torch.cuda.is_avail
 MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-128}"
 MAX_NGRAM_SIZE="${MAX_NGRAM_SIZE:-3}"
 NUM_PRED_TOKENS="${NUM_PRED_TOKENS:-20}"
-case "$DEVICE" in
-    cuda*) DRAFT_TREE_CAPACITY="${DRAFT_TREE_CAPACITY:-64}" ;;
-    *) DRAFT_TREE_CAPACITY="${DRAFT_TREE_CAPACITY:-8}" ;;
-esac
+DRAFT_TREE_CAPACITY="${DRAFT_TREE_CAPACITY:-auto}"
 TEMPERATURE="${TEMPERATURE:-0.0}"
 ANSWER_DIR="${ANSWER_DIR:-data/$BENCH/model_answer}"
 MODEL_NAME="$(basename "$MODEL" .gguf)"
