@@ -94,6 +94,25 @@ def build_tiny_hf(arch: str, folder: Path, *, seed: int = 0, **overrides: Any):
     return model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cost_curves(tmp_path_factory: pytest.TempPathFactory):
+    """Cost curves measured by tests (tiny models, busy machines) stay out of the user's cache;
+    converted models are shared with it (the default model is converted once, not per run)."""
+    from logitspec.loading import cache_dir
+
+    models = cache_dir() / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    private = tmp_path_factory.mktemp("logitspec-cache")
+    (private / "models").symlink_to(models, target_is_directory=True)
+    previous = os.environ.get("LOGITSPEC_CACHE")
+    os.environ["LOGITSPEC_CACHE"] = str(private)
+    yield private
+    if previous is None:
+        del os.environ["LOGITSPEC_CACHE"]
+    else:
+        os.environ["LOGITSPEC_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory) -> Callable[..., tuple[Any, Path]]:
     """Factory ``tiny_hf(arch='llama', seed=0, **config_overrides) -> (hf_model, folder)``;
