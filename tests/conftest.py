@@ -11,9 +11,10 @@ from typing import Any, Callable
 import pytest
 import torch
 
-# One intra-op thread by default: on a shared 2-core machine, two OpenMP threads competing
-# with other processes made a SmolLM2 forward 20x slower (4.4 s instead of 0.22 s).
-torch.set_num_threads(int(os.environ.get("LOGITSPEC_TEST_THREADS", "1")))
+# LOGITSPEC_TEST_THREADS=1 on a machine shared with other jobs: OpenMP threads competing with
+# other processes made a SmolLM2 forward 20x slower (4.4 s instead of 0.22 s).
+if os.environ.get("LOGITSPEC_TEST_THREADS"):
+    torch.set_num_threads(int(os.environ["LOGITSPEC_TEST_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `evaluation` is importable from the repository root only

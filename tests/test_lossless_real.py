@@ -9,10 +9,12 @@ One decoder per method serves every question in turn (as an evaluation harness w
 new conversation reuses only the shared system-prompt prefix of the cache and the pool, and a
 second turn extends the first.
 
-``LOGITSPEC_LOSSLESS_ALL=1`` runs every demo question; ``LOGITSPEC_LOSSLESS_MAX_NEW`` sets the
-tokens per turn (default 16, for time: on 1 CPU thread one SmolLM2 step costs about 60 ms for
-one token and about 250 ms for a 64-node tree). The one-shot helpers (``generate_pld`` ...)
-are checked against vanilla on the fake and tiny models in test_decoding.py.
+Every demo question runs (``LOGITSPEC_LOSSLESS_QUICK=1``: a subset covering every category
+and every multi-turn question); ``LOGITSPEC_LOSSLESS_MAX_NEW`` sets the tokens per turn
+(default 32). The methods: PLD, LogitSpec's reference policy at budgets 64 and 8, the value
+tree with recycled chains at an automatic budget (the command-line default), and Token
+Recycling. The one-shot helpers (``generate_pld`` ...) are checked against vanilla on the fake
+and tiny models in test_decoding.py.
 """
 
 from __future__ import annotations
@@ -24,14 +26,23 @@ from pathlib import Path
 
 import pytest
 
+from logitspec.cost import CostCurve
 from logitspec.decoding import Decoder, GenerationConfig
-from logitspec.drafters import LogitSpecConfig, LogitSpecDrafter, PoolConfig, PromptLookupDrafter
+from logitspec.drafters import (
+    LogitSpecConfig, LogitSpecDrafter, PoolConfig, PromptLookupDrafter, ValueTreeDrafter,
+)
+from logitspec.recycling import RecyclingConfig, SuccessorTable, TokenRecyclingDrafter
 
 pytestmark = pytest.mark.slow
 
 QUESTIONS = Path(__file__).resolve().parents[1] / "data" / "demo" / "question.jsonl"
-MAX_NEW = int(os.environ.get("LOGITSPEC_LOSSLESS_MAX_NEW", "16"))
+MAX_NEW = int(os.environ.get("LOGITSPEC_LOSSLESS_MAX_NEW", "32"))
 SMALL = LogitSpecConfig(draft_tree_capacity=8)
+# The command-line default (automatic budget), with a fixed cost curve shaped like this CPU's
+# in bfloat16 so that the trees it picks do not depend on the machine running the test.
+AUTO = LogitSpecConfig(pool=PoolConfig(3, 20, 3), draft_tree_capacity=None, tree_policy="value",
+                       recycle_chains=8, recycle_depth=6)
+CPU_LIKE = CostCurve((1, 8, 16, 32, 64), (1.0, 1.05, 1.15, 1.35, 1.8))
 # Questions per category: every multi-turn one; more of the short-prompt categories.
 PER_CATEGORY = {"qa": 3, "math_reasoning": 3, "translation": 2, "summarization": 2, "rag": 2}
 
@@ -42,7 +53,7 @@ def load_questions() -> list[dict]:
 
 def selected_questions() -> list[dict]:
     questions = load_questions()
-    if os.environ.get("LOGITSPEC_LOSSLESS_ALL"):
+    if not os.environ.get("LOGITSPEC_LOSSLESS_QUICK"):
         return questions
     taken: Counter = Counter()
     chosen = []
@@ -74,6 +85,8 @@ METHODS = {  # the reference is "vanilla"
     "pld": lambda: PromptLookupDrafter(PoolConfig(), 64),
     "logitspec": lambda: LogitSpecDrafter(LogitSpecConfig()),
     "logitspec-8": lambda: LogitSpecDrafter(SMALL),
+    "logitspec-auto": lambda: ValueTreeDrafter(AUTO, CPU_LIKE, SuccessorTable(49152)),
+    "recycling": lambda: TokenRecyclingDrafter(RecyclingConfig(64)),
 }
 
 
