@@ -1,7 +1,7 @@
 """Several decoding methods on one bench slice, in one process, interleaved question by question.
 
     python scripts/compare.py --bench-name demo --questions-per-category 1 --max-new-tokens 64 \\
-        --methods vanilla hf hf-pld:10 pld:21 recycling:64 logitspec:8 logitspec:auto
+        --methods vanilla hf hf-pld:10 pld:21 recycling:64 logitspec:64,tree_policy=reference logitspec
 
 Method specs (``name[:N][,flag=value...]``):
 
@@ -72,8 +72,8 @@ PROG = "compare.py"
 EXIT_USAGE = 2
 EXIT_QUESTIONS_FAILED = 3
 BASELINE = "vanilla"
-DEFAULT_METHODS = ("vanilla", "hf", "hf-pld:10", "pld:21", "recycling:64", "logitspec:8",
-                   "logitspec:auto")
+DEFAULT_METHODS = ("vanilla", "hf", "hf-pld:10", "pld:21", "recycling:64",
+                   "logitspec:64,tree_policy=reference", "logitspec")
 NO_ARGUMENT = ("vanilla", "hf")
 DEFAULT_ARGUMENT = {"hf-pld": 10, "pld": 21, "recycling": 64, "logitspec": "auto"}
 COMMANDS = {"pld": inference_pld, "recycling": inference_recycling,
