@@ -14,11 +14,11 @@ Spec-Bench keeps 48 questions: 8 multi-turn and 8 of each of its other five cate
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from .jsonl import parse_keyed_lines
 from .speed import MT_BENCH_CATEGORIES, MULTI_TURN_ROW
 
 
@@ -62,24 +62,7 @@ def parse_question(obj: object, where: str) -> Question:
 def load_questions(path: Path) -> list[Question]:
     """All questions of ``path`` in file order."""
     text = _read_text(path)
-    questions: list[Question] = []
-    first_line: dict[str, int] = {}
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise QuestionFileError(f"{where}: malformed JSON ({exc.msg})") from None
-        question = parse_question(obj, where)
-        if question.key in first_line:
-            raise QuestionFileError(
-                f"{where}: duplicate question_id {question.question_id!r}"
-                f" (first on line {first_line[question.key]})"
-            )
-        first_line[question.key] = lineno
-        questions.append(question)
+    questions = parse_keyed_lines(text, path, parse_question, QuestionFileError)
     if not questions:
         raise QuestionFileError(f"{path}: no questions")
     return questions

@@ -46,6 +46,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make the package importable
+    sys.path.insert(0, str(ROOT))
+
+from evaluation.jsonl import parse_keyed_lines  # noqa: E402
+
 PROG = "speed.py"
 MT_BENCH_CATEGORIES = frozenset(
     {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}
@@ -200,24 +206,7 @@ def load_answers(path: str | Path) -> AnswerFile:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read {path}: {exc}") from None
-    records: list[AnswerRecord] = []
-    first_line: dict[str, int] = {}
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{where}: malformed JSON ({exc.msg})") from None
-        record = parse_record(obj, where)
-        if record.key in first_line:
-            raise InputError(
-                f"{where}: duplicate question_id {record.question_id!r}"
-                f" (first on line {first_line[record.key]})"
-            )
-        first_line[record.key] = lineno
-        records.append(record)
+    records = parse_keyed_lines(text, path, parse_record, InputError)
     if not records:
         raise InputError(f"{path}: no answers (empty file)")
     return AnswerFile(str(path), tuple(records))

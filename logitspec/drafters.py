@@ -143,6 +143,19 @@ class LogitSpecConfig:
         return self.capacity if self.num_next_next is None else self.num_next_next
 
 
+def next_next_candidates(root: int, top: Sequence[int], limit: int) -> Iterator[tuple[int, int]]:
+    """``(rank, token)`` for the top-k tokens other than the root, ranks from 1, at most
+    ``limit``. Example: root 5, top [5, 9, 2] -> (1, 9), (2, 2)."""
+    rank = 0
+    for token in top:
+        if token == root:
+            continue
+        rank += 1
+        if rank > limit:
+            return
+        yield rank, token
+
+
 class _PoolDrafter:
     """Holds the pool and follows the context; subclasses draft."""
 
@@ -209,13 +222,7 @@ class LogitSpecDrafter(_PoolDrafter):
 
     def _chains(self, root: int, top: list[int]) -> Iterator[list[int]]:
         yield self.pool.lookup(self._query(root), max_tokens=self.tree_capacity - 1)
-        rank = 0
-        for token in top:
-            if token == root:
-                continue
-            rank += 1
-            if rank > self.config.candidates:
-                return
+        for rank, token in next_next_candidates(root, top, self.config.candidates):
             length = self.config.chain_length(rank)
             yield [token] + self.pool.lookup(self._query(root, token), max_tokens=length - 1)
 
@@ -283,13 +290,7 @@ class ValueTreeDrafter(_PoolDrafter):
             trie.add_chain(cont, features, [self.stats.rate(f) for f in features])
 
     def _add_next_next_chains(self, trie: CandidateTrie, root: int, top: list[int]) -> None:
-        rank = 0
-        for token in top:
-            if token == root:
-                continue
-            rank += 1
-            if rank > self.config.candidates:
-                return
+        for rank, token in next_next_candidates(root, top, self.config.candidates):
             n, conts = self.pool.match(self._query(root, token), self.config.value_chain_length - 1)
             cont = conts[0] if conts else []
             features = [("first", bucket(rank, RANK_BUCKETS))]
