@@ -14,8 +14,8 @@ dtype and device. Policies:
   lengths HF leaves between calls (:func:`steps_from_calls`), so plain ``generate`` gives
   ``[1] * n`` and prompt lookup its true per-call counts.
 - Time: ``wall_time`` is the ``generate`` call (device synchronized); no phase breakdown.
-- Turns: HF re-prefills the whole conversation every turn (``reset`` has nothing to forget);
-  answer files record it as ``params.prefill``.
+- Turns: HF re-prefills the whole conversation every turn (``reset`` has nothing to forget),
+  where our decoders prefill only the new turn: second turns cost HF more.
 """
 
 from __future__ import annotations
@@ -37,8 +37,6 @@ from . import eval_loop
 from .args import option, parse_args
 from .methods import Method
 
-PREFILL_NOTE = "conversation"  # what HF prefills every turn: the whole conversation
-
 
 @dataclass(frozen=True)
 class HFParams:
@@ -47,9 +45,6 @@ class HFParams:
     prompt_lookup: int | None = option(
         None, "HF prompt lookup decoding with prompt_lookup_num_tokens=N (default: plain "
         "generate)", type=int)
-    prefill: str = option(
-        PREFILL_NOTE, "what each turn prefills: HF generate re-prefills the whole conversation "
-        "(our decoders only the new turn); recorded, not a choice", choices=(PREFILL_NOTE,))
 
     def __post_init__(self) -> None:
         if self.prompt_lookup is not None and self.prompt_lookup < 1:

@@ -100,7 +100,7 @@ def test_hf_command_writes_hf_pld_answers(tiny, tmp_path, capsys):
         assert summary["method"] == name and summary["model_id"] == f"tiny-llama-{name}-float32-temp-0.0"
         check_answer_file(files[name], {"4": 2, "5": 1}, name)
     meta = read_lines(files["hf-pld"])[0]["meta"]
-    assert meta["params"] == {"prompt_lookup": 4, "prefill": "conversation"}
+    assert meta["params"] == {"prompt_lookup": 4}
     turns = [line["choices"][0]["turns"] for line in read_lines(files["hf"])]
     assert turns == [line["choices"][0]["turns"] for line in read_lines(files["hf-pld"])]
     assert run_cli(inference_hf, common + ["--prompt-lookup", "0"]) == 2
