@@ -439,12 +439,13 @@ def write_plot(summary: Summary, path: Path) -> bool:
     rows = [row for row, per in summary.items() if next(iter(per.values())).questions]
     labels = list(summary[OVERALL_ROW])
     width = 0.8 / len(labels)
+    colors = plt.get_cmap("tab20").colors  # distinct for up to 20 methods
     fig, axes = plt.subplots(1, 2, figsize=(max(12, 2.5 * len(rows)), 5))
     for axis, metric, title in ((axes[0], "speedup", "speedup over vanilla"), (axes[1], "mat", "MAT")):
         for i, label in enumerate(labels):
             xs = [r + (i - (len(labels) - 1) / 2) * width for r in range(len(rows))]
             axis.bar(xs, [getattr(summary[row][label], metric) or 0.0 for row in rows], width,
-                     label=label)
+                     label=label, color=colors[i % len(colors)])
         axis.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
         axis.set_xticks(range(len(rows)), rows, rotation=30, ha="right")
         axis.set_title(title)
