@@ -39,3 +39,22 @@ for T in 0.7 1.0; do
     python evaluation/speed.py --file-path "$OUT/sampling/logitspec-temp-$T.jsonl" \
         --base-path "$OUT/sampling/baseline-temp-$T.jsonl" | tee "$OUT/sampling/speed-temp-$T.txt"
 done
+
+# Draft-model speculative decoding (layer-skip self-draft, 4 layers): the draft-length
+# schedules and the trained acceptance head, 64 tokens per turn.
+SPS="$OUT/sps"
+python scripts/train_acceptance_head.py --dtype bfloat16 --output "$SPS/head.safetensors" \
+    | tee "$SPS-head.txt"
+python -m evaluation.inference_baseline "${SLICE[@]}" --dtype bfloat16 --max-new-tokens 64 \
+    --answer-file "$SPS/vanilla.jsonl"
+for RUN in "constant --draft-schedule constant" "heuristic --draft-schedule heuristic" \
+           "confidence --draft-schedule confidence" \
+           "head --draft-schedule confidence --acceptance-head $SPS/head.safetensors" \
+           "combined --draft-schedule constant --combine-logitspec"; do
+    read -r NAME FLAGS <<< "$RUN"
+    # shellcheck disable=SC2086
+    python -m evaluation.inference_sps "${SLICE[@]}" --dtype bfloat16 --max-new-tokens 64 \
+        $FLAGS --answer-file "$SPS/$NAME.jsonl"
+    python evaluation/speed.py --file-path "$SPS/$NAME.jsonl" --base-path "$SPS/vanilla.jsonl" \
+        | tee "$SPS/speed-$NAME.txt"
+done
