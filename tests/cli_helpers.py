@@ -3,8 +3,11 @@ tokenizer, question files, answer-file reading, and ``main(argv)`` with its exit
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,3 +69,13 @@ def run_cli(module: Any, argv: Sequence[str]) -> int:
         return module.main(list(argv))
     except SystemExit as exc:
         return int(exc.code)
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module

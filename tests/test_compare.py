@@ -3,30 +3,18 @@ on the tiny random Llama (2 demo questions, 4 methods, float32: every method is 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from evaluation import speed
-from cli_helpers import DEMO, read_lines, run_cli, save_tiny_llama
+from cli_helpers import DEMO, load_script, read_lines, run_cli, save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("compare", ROOT / "scripts" / "compare.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = load_script()
+compare = load_script("compare")
 Capsys = pytest.CaptureFixture[str]
 
 SPECS = [

@@ -7,13 +7,13 @@ SmolLM2-135M with its layer-skip self-draft (slow)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_helpers import load_script
 from logitspec.decoding import Decoder, GenerationConfig
 from logitspec.draft_length import (
     AcceptanceHead, DraftLength, DraftLengthConfig, confidence_stop, heuristic_update,
@@ -277,15 +277,8 @@ def tiny_with_tokenizer(tmp_path_factory):
     return folder
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_training_script_end_to_end(tiny_with_tokenizer, tmp_path, capsys):
-    script = _script("train_acceptance_head")
+    script = load_script("train_acceptance_head")
     out = tmp_path / "head.safetensors"
     code = script.main([
         "--model-path", str(tiny_with_tokenizer), "--draft-layers", "1", "--num-questions", "4",

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+
+from cli_helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SPEC_BENCH = ROOT.parent / "shared" / "data" / "spec_bench"
@@ -23,16 +23,7 @@ VALID = '{"question_id": 1, "category": "qa", "turns": ["a"]}'
 MULTI_TURN_CATEGORIES = {"writing", "roleplay", "reasoning", "coding"}
 
 
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("prepare_data", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-prepare_data = load_script()
+prepare_data = load_script("prepare_data")
 Capsys = pytest.CaptureFixture[str]
 
 
