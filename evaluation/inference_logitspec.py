@@ -18,8 +18,9 @@ from typing import Sequence
 
 from logitspec.cost import cost_curve_for
 from logitspec.decoding import Decoder
-from logitspec.drafters import LogitSpecConfig, PoolConfig, ValueTreeDrafter, make_logitspec_drafter
+from logitspec.drafters import LogitSpecConfig, PoolConfig, make_logitspec_drafter
 from logitspec.loading import LoadedModel
+from logitspec.recycling import SuccessorTable
 
 from . import eval_loop
 from .args import option
@@ -74,12 +75,8 @@ def make_decoder(loaded: LoadedModel, params: LogitSpecParams) -> Decoder:
     curve = None
     if config.draft_tree_capacity is None:
         curve = cost_curve_for(loaded.model, str(loaded.path))
-    if config.recycle_chains:
-        from logitspec.recycling import SuccessorTable
-
-        successors = SuccessorTable(loaded.model.config.vocab_size)
-        return Decoder(loaded.model, ValueTreeDrafter(config, curve, successors))
-    return Decoder(loaded.model, make_logitspec_drafter(config, curve))
+    successors = SuccessorTable(loaded.model.config.vocab_size) if config.recycle_chains else None
+    return Decoder(loaded.model, make_logitspec_drafter(config, curve, successors))
 
 
 METHOD = Method(

@@ -323,8 +323,11 @@ class ValueTreeDrafter(_PoolDrafter):
         self.pool.extend(tokens)
 
 
-def make_logitspec_drafter(config: LogitSpecConfig, cost_curve: CostCurve | None = None) -> Drafter:
-    """The drafter for ``config.tree_policy``."""
+def make_logitspec_drafter(
+    config: LogitSpecConfig, cost_curve: CostCurve | None = None, successors=None
+) -> Drafter:
+    """The drafter for ``config.tree_policy``; ``successors`` (a
+    :class:`~logitspec.recycling.SuccessorTable`) feeds the value tree's recycled chains."""
     if config.tree_policy == "value":
-        return ValueTreeDrafter(config, cost_curve)
+        return ValueTreeDrafter(config, cost_curve, successors)
     return LogitSpecDrafter(config)

@@ -215,10 +215,8 @@ def make_drafter(spec: str, curve: CostCurve, vocab_size: int = 49152) -> Drafte
             recycle_chains=int(options.get("rec", 0)),
             recycle_depth=int(options.get("recd", 4)),
         )
-        if config.recycle_chains:
-            from logitspec.drafters import ValueTreeDrafter
-            return ValueTreeDrafter(config, curve if auto else None, _TraceSuccessors(vocab_size))
-        return make_logitspec_drafter(config, curve)
+        successors = _TraceSuccessors(vocab_size) if config.recycle_chains else None
+        return make_logitspec_drafter(config, curve, successors)
     raise ValueError(f"unknown drafter spec {spec!r}")
 
 
