@@ -175,7 +175,7 @@ class Decoder:
 
     def _grow_cache(self, capacity: int) -> None:
         old = self.cache
-        self.cache = self.model.new_cache(capacity, mask_rows=old._mask.shape[0])
+        self.cache = self.model.new_cache(capacity, mask_rows=old.mask_rows)
         self.cache.buffer[:, :, :, : old.length] = old.buffer[:, :, :, : old.length]
         self.cache.length = old.length
 

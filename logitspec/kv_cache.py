@@ -59,6 +59,11 @@ class KVCache:
     def num_layers(self) -> int:
         return self.buffer.shape[0]
 
+    @property
+    def mask_rows(self) -> int:
+        """The most new tokens whose mask rows are preallocated."""
+        return self._mask.shape[0]
+
     def reset(self) -> None:
         """Forgets everything; the buffer is reused."""
         self.length = 0
