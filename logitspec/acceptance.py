@@ -16,8 +16,10 @@ Example (tree of :mod:`logitspec.tree`'s docstring, predictions ``pred`` per nod
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
+import numpy as np
 import torch
 
 from .tree import DraftTree
@@ -42,19 +44,37 @@ def greedy_accept(tokens: Sequence[int], parents: Sequence[int], pred: Sequence[
     return path[::-1]
 
 
+@dataclass(frozen=True)
+class TargetOutput:
+    """What the target computed for every verified input, as the drafters see it.
+
+    ``logits`` (N, V) and ``hidden`` (N, H, only when a drafter asked for it) stay on the
+    device; ``topk`` (N, k) int64 is on the host: each input's top-k token ids, best first
+    (``topk[:, 0]`` is its greedy token, ties aside), read back with the verifier's own tokens
+    in one device-to-host transfer (:func:`read_back`). N counts tree nodes, then aux inputs.
+    A row of -1 marks an input whose top-k is unknown (trace replay).
+    """
+
+    logits: torch.Tensor | None
+    topk: np.ndarray
+    hidden: torch.Tensor | None = None
+
+
 class Verifier(Protocol):
     """Turns the target's logits into tokens: the first token after the prompt, and per step
     the accepted path and the carried (bonus) token.
 
-    ``predict`` may move data to the host (the step's synchronization point); ``accept`` decides
-    on the host. The decoding loop times them as the verify and accept phases.
+    ``read`` is the step's one synchronization point: it moves to the host, in one transfer,
+    what ``accept`` needs and the top-k rows the drafters read. ``accept`` decides on the host.
+    The decoding loop times them as the verify and accept phases.
     """
 
-    def first_token(self, logits: torch.Tensor) -> int:
-        """The token after the prompt, from the last prompt logit (V,)."""
+    def read(self, logits: torch.Tensor, top_k: int) -> tuple[Any, np.ndarray]:
+        """What :meth:`accept` needs from the logits (N, V), and their top-``top_k`` ids
+        (N, top_k) int64 on the host."""
 
-    def predict(self, logits: torch.Tensor) -> Any:
-        """What :meth:`accept` needs from the tree's logits (T, V)."""
+    def first_token(self, predicted: Any) -> int:
+        """The token after the prompt, from :meth:`read` of the last prompt logit (1, V)."""
 
     def accept(self, tree: DraftTree, predicted: Any) -> tuple[list[int], int]:
         """The accepted path (node indices, root first) and the token to carry next."""
@@ -66,14 +86,53 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return logits.max(dim=-1).indices
 
 
+def read_back(logits: torch.Tensor, top_k: int, *, with_greedy: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The greedy token (N,) and the top-``top_k`` ids (N, top_k) of logits (N, V), int64 on
+    the host, computed on the logits' device and copied back in one transfer.
+
+    The greedy token keeps :func:`greedy_tokens`' rule (the first index among tied maxima),
+    derived from the top-k when there is one, so a single pass over the logits serves both:
+    the smallest id among the top-k entries equal to the maximum. A row whose k entries all
+    tie (more tied maxima than k) falls back to :func:`greedy_tokens`. Example, k = 3, a row
+    with values 2 at ids 9 and 4 and 1 elsewhere: topk may list (9, 4, x) or (4, 9, x); the
+    greedy token is 4 either way. ``with_greedy=False`` skips the greedy column (sampling).
+    """
+    k = min(top_k, logits.shape[-1])
+    if k == 0:
+        greedy = greedy_tokens(logits) if with_greedy else logits.new_zeros(logits.shape[0], dtype=torch.long)
+        return _to_host(greedy[:, None])[:, 0], np.zeros((logits.shape[0], 0), dtype=np.int64)
+    values, ids = logits.topk(k, dim=-1)  # (N, k), sorted
+    if not with_greedy:
+        return np.zeros(logits.shape[0], dtype=np.int64), _to_host(ids)
+    tied = values == values[:, :1]
+    greedy = torch.where(tied, ids, logits.shape[-1]).min(dim=-1).values
+    overflow = tied[:, -1]
+    if logits.device.type != "cpu" or bool(overflow.any()):
+        greedy = torch.where(overflow, greedy_tokens(logits), greedy)
+    packed = _to_host(torch.cat((greedy[:, None], ids), dim=1))
+    return packed[:, 0], packed[:, 1:]
+
+
+def _to_host(tensor: torch.Tensor) -> np.ndarray:
+    """int64 numpy copy of ``tensor``; from a GPU through pinned memory, one synchronization."""
+    tensor = tensor.to(torch.int64)
+    if tensor.device.type == "cpu":
+        return tensor.numpy()
+    host = torch.empty(tensor.shape, dtype=torch.int64, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return host.numpy()
+
+
 class GreedyVerifier:
     """Greedy decoding: argmax everywhere, :func:`greedy_accept` for the path."""
 
-    def first_token(self, logits: torch.Tensor) -> int:
-        return int(greedy_tokens(logits))
+    def read(self, logits: torch.Tensor, top_k: int) -> tuple[list[int], np.ndarray]:
+        greedy, topk = read_back(logits, top_k)
+        return greedy.tolist(), topk
 
-    def predict(self, logits: torch.Tensor) -> list[int]:
-        return greedy_tokens(logits).tolist()
+    def first_token(self, predicted: list[int]) -> int:
+        return predicted[0]
 
     def accept(self, tree: DraftTree, predicted: list[int]) -> tuple[list[int], int]:
         path = greedy_accept(tree.tokens, tree.parents, predicted)

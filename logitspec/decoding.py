@@ -3,10 +3,16 @@
 One step, as named phases::
 
     root   = the token carried from the last step (greedy: argmax of the last logit)
-    draft  : tree = drafter.draft(root, last_logits)          (vanilla: the root alone)
-    verify : logits = model(tree.tokens, positions, cache, tree_mask)
+    draft  : tree = drafter.draft(root, root_topk)            (vanilla: the root alone)
+    verify : logits = model(tree inputs, positions, cache, mask)
+             predicted, topk = verifier.read(logits, k)       (the step's one read-back)
     accept : path = longest path the target agrees with; bonus = target's token after it
-    update : cache.keep(path); drafter.extend(accepted tokens); root = bonus
+    update : cache.keep(path); drafter.observe / extend; root = bonus, root_topk = topk[path[-1]]
+
+The host reads the target's outputs once per step: the verifier's tokens and the top-``k`` ids
+of every input's logit (``k`` = the widest any drafter reads), fused into one transfer; the
+drafters see them as a :class:`~logitspec.acceptance.TargetOutput` and never touch the logits
+on the device themselves.
 
 A step emits the root plus the accepted drafts (its *accept length*); the bonus token is not
 emitted yet but carried as the next root. Generation stops at the first end-of-sequence token
@@ -26,7 +32,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .acceptance import GreedyVerifier, Verifier
+from .acceptance import GreedyVerifier, TargetOutput, Verifier
+from .draft_model import check_same_vocabulary
 from .drafters import Drafter, LogitSpecConfig, LogitSpecDrafter, PoolConfig, PromptLookupDrafter
 from .model import Transformer
 from .sampling import SamplingVerifier
@@ -130,6 +137,11 @@ class Decoder:
         self.model = model
         self.drafter = drafter
         self.tree_capacity = drafter.tree_capacity if drafter is not None else 1
+        vocab_size = model.config.vocab_size
+        self.top_k = min(drafter.top_k, vocab_size) if drafter is not None else 0
+        self.needs_hidden = drafter is not None and drafter.needs_hidden
+        if drafter is not None and getattr(drafter, "vocab_size", None) is not None:
+            check_same_vocabulary(vocab_size, drafter.vocab_size)
         self.max_context = model.config.max_position_embeddings
         default = min(self.max_context, DEFAULT_CONTEXT) + self.tree_capacity
         self.cache = model.new_cache(capacity or default, mask_rows=max(self.tree_capacity, 1))
@@ -151,10 +163,10 @@ class Decoder:
         verifier = self._verifier(config)
         if self.drafter is not None:
             self.drafter.configure(config)
-        last_logits = self._prefill(prompt)
-        root = verifier.first_token(last_logits)
+        predicted, root_topk = verifier.read(self._prefill(prompt), self.top_k)
+        root = verifier.first_token(predicted)
         prefill_end = time.perf_counter()
-        result = self._decode(root, last_logits, config, verifier)
+        result = self._decode(root, root_topk[0], config, verifier)
         synchronize(device)
         end = time.perf_counter()
         result.times.prefill = prefill_end - start
@@ -180,7 +192,8 @@ class Decoder:
         self.cache.length = old.length
 
     def _prefill(self, prompt: list[int]) -> torch.Tensor:
-        """Fills the cache with ``prompt`` (reusing the common prefix); returns the last logit."""
+        """Fills the cache with ``prompt`` (reusing the common prefix); returns the last
+        logit (1, V)."""
         reused = _common_prefix(self.context, prompt)
         reused = min(reused, len(prompt) - 1, self.cache.length)
         self.cache.truncate(reused)
@@ -191,8 +204,8 @@ class Decoder:
         self.cache.commit(len(tokens))
         self.context = prompt
         if self.drafter is not None:
-            self.drafter.begin(prompt, reused)
-        return self.model.lm_head(hidden[-1])
+            self.drafter.begin(prompt, reused, hidden if self.needs_hidden else None)
+        return self.model.lm_head(hidden[-1:])
 
     def _verifier(self, config: GenerationConfig) -> Verifier:
         if config.greedy:
@@ -203,7 +216,7 @@ class Decoder:
         )
 
     def _decode(
-        self, root: int, last_logits: torch.Tensor, config: GenerationConfig, verifier: Verifier
+        self, root: int, root_topk: np.ndarray, config: GenerationConfig, verifier: Verifier
     ) -> GenerationResult:
         eos = frozenset(config.eos_token_ids)
         result = GenerationResult([], [], [], "length")
@@ -216,20 +229,20 @@ class Decoder:
                 result.draft_lengths.append(0)
                 break
             t0 = time.perf_counter()
-            tree = self._draft(root, last_logits, config.max_new_tokens - len(output))
+            tree = self._draft(root, root_topk, config.max_new_tokens - len(output))
             t1 = time.perf_counter()
-            logits = self._verify(tree)
-            predicted = verifier.predict(logits)
+            logits, hidden = self._verify(tree)
+            predicted, topk = verifier.read(logits, self.top_k)
             t2 = time.perf_counter()
             path, bonus = verifier.accept(tree, predicted)
             path = _cut_path(tree, path, eos, config.max_new_tokens - len(output))
             t3 = time.perf_counter()
             accepted = [tree.tokens[i] for i in path[1:]]
-            self._update(tree, path, logits)
+            self._update(tree, path, TargetOutput(logits, topk, hidden))
             output.extend(accepted)
             result.accept_lengths.append(len(path))
             result.draft_lengths.append(tree.num_draft_tokens)
-            last_logits, root = logits[path[-1]], bonus
+            root, root_topk = bonus, topk[path[-1]]
             times.draft += t1 - t0
             times.verify += t2 - t1
             times.accept += t3 - t2
@@ -239,30 +252,39 @@ class Decoder:
         result.stop_reason = "eos" if output[-1] in eos else "length"
         return result
 
-    def _draft(self, root: int, last_logits: torch.Tensor, max_depth: int) -> DraftTree:
+    def _draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
         if self.drafter is None:
             return DraftTree((root,), (-1,), (0,))
-        return self.drafter.draft(root, last_logits, max_depth)
+        return self.drafter.draft(root, root_topk, max_depth)
 
-    def _verify(self, tree: DraftTree) -> torch.Tensor:
-        """Logits (T, V) of every tree node, from one forward pass."""
+    def _verify(self, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (N, V) of every input (tree nodes, then aux inputs) from one forward pass,
+        and their final hidden states when a drafter reads them."""
         device = self.model.device
-        base = len(self.context)
-        rows = np.array([tree.tokens, tree.depths], dtype=np.int64)
-        rows[1] += base
+        rows, mask = verification_inputs(tree, len(self.context))
         packed = torch.from_numpy(rows).to(device, non_blocking=True)
-        tree_mask = None
-        if len(tree) > 1 and max(tree.depths) < len(tree) - 1:  # not a plain chain
-            tree_mask = torch.from_numpy(tree.tree_mask()).to(device, non_blocking=True)
-        return self.model(packed[0], packed[1], self.cache, tree_mask)
+        if mask is not None:
+            mask = torch.from_numpy(mask).to(device, non_blocking=True)
+        hidden = self.model.hidden(packed[0], packed[1], self.cache, mask)
+        return self.model.lm_head(hidden), hidden if self.needs_hidden else None
 
-    def _update(self, tree: DraftTree, path: list[int], logits: torch.Tensor) -> None:
+    def _update(self, tree: DraftTree, path: list[int], out: TargetOutput) -> None:
         self.cache.keep(path)
         tokens = [tree.tokens[i] for i in path]
         self.context.extend(tokens)
         if self.drafter is not None:
-            self.drafter.observe(tree, logits)
+            self.drafter.observe(tree, out)
             self.drafter.extend(tokens, tree, path)
+
+
+def verification_inputs(tree: DraftTree, base: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The host side of a verification pass: tokens and positions (2, N) int64 of the tree's
+    inputs, the root at position ``base``, and their mask among themselves (N, N), or None
+    when causal order is the mask (a chain)."""
+    rows = np.array([tree.input_tokens(), tree.input_depths()], dtype=np.int64)
+    rows[1] += base
+    mask = tree.input_mask() if tree.num_inputs > 1 and not tree.is_chain else None
+    return rows, mask
 
 
 def _cut_path(tree: DraftTree, path: list[int], eos: frozenset[int], room: int) -> list[int]:

@@ -35,8 +35,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+import numpy as np
 import torch
 
+from .acceptance import TargetOutput
 from .draft_length import AcceptanceHead, DraftLength, DraftLengthConfig
 from .kv_cache import KVCache
 from .sampling import sampling_probs
@@ -251,6 +253,8 @@ class DraftModelDrafter:
     predicts acceptance for the ``confidence`` schedule instead of the draft's probability."""
 
     name = "sps"
+    top_k = 0
+    needs_hidden = False
 
     def __init__(
         self,
@@ -290,7 +294,7 @@ class DraftModelDrafter:
         self.generator.manual_seed((config.seed + DRAFT_SEED_OFFSET) % 2**63)
         self.length.reset()
 
-    def begin(self, context: Sequence[int], reused: int) -> None:
+    def begin(self, context: Sequence[int], reused: int, hidden: torch.Tensor | None = None) -> None:
         self.context = [int(t) for t in context]
         room = len(self.context) + self.max_new_tokens + self.tree_capacity + 1
         for source in self.sources:
@@ -299,15 +303,14 @@ class DraftModelDrafter:
             if len(source.tokens) < len(self.context):
                 source.feed(self.context[len(source.tokens):])
 
-    def draft(self, root: int, last_logits: torch.Tensor, max_depth: int) -> DraftTree:
-        chains = self.propose(root, last_logits, max_depth)
+    def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
+        chains = self.propose(root, max_depth)
         return merge_chains(
             root, chains, self.tree_capacity, max_depth=max_depth, with_probs=not self.greedy
         )
 
-    def propose(self, root: int, last_logits: torch.Tensor, max_depth: int) -> list[DraftChain]:
+    def propose(self, root: int, max_depth: int) -> list[DraftChain]:
         """Every draft model's chains under ``root`` (at most ``max_depth`` tokens each)."""
-        check_same_vocabulary(last_logits.shape[-1], self.vocab_size)
         self.chains = []
         limit = min(max_depth, self.config.length.longest)
         if limit > 0:
@@ -315,7 +318,7 @@ class DraftModelDrafter:
                 self.chains += self._draft_source(source, root, limit)
         return self.chains
 
-    def observe(self, tree: DraftTree, logits: torch.Tensor) -> None:
+    def observe(self, tree: DraftTree, out: TargetOutput) -> None:
         pass
 
     def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
@@ -461,19 +464,22 @@ class CombinedDrafter:
         self.draft_model = draft_model
         self.retrieval = retrieval
         self.tree_capacity = tree_capacity
+        self.top_k = max(draft_model.top_k, retrieval.top_k)
+        self.needs_hidden = draft_model.needs_hidden or retrieval.needs_hidden
+        self.vocab_size = draft_model.vocab_size
         self._retrieved: DraftTree | None = None
 
     def configure(self, config: GenerationConfig) -> None:
         self.draft_model.configure(config)
         self.retrieval.configure(config)
 
-    def begin(self, context: Sequence[int], reused: int) -> None:
-        self.draft_model.begin(context, reused)
-        self.retrieval.begin(context, reused)
+    def begin(self, context: Sequence[int], reused: int, hidden: torch.Tensor | None = None) -> None:
+        self.draft_model.begin(context, reused, hidden)
+        self.retrieval.begin(context, reused, hidden)
 
-    def draft(self, root: int, last_logits: torch.Tensor, max_depth: int) -> DraftTree:
-        chains = self.draft_model.propose(root, last_logits, max_depth)
-        self._retrieved = self.retrieval.draft(root, last_logits, max_depth)
+    def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
+        chains = self.draft_model.propose(root, max_depth)
+        self._retrieved = self.retrieval.draft(root, root_topk, max_depth)
         tree = self._retrieved
         chains += [
             DraftChain(tuple(tree.tokens[i] for i in path[1:]))
@@ -482,7 +488,7 @@ class CombinedDrafter:
         return merge_chains(root, chains, self.tree_capacity, max_depth=max_depth,
                             with_probs=not self.draft_model.greedy)
 
-    def observe(self, tree: DraftTree, logits: torch.Tensor) -> None:
+    def observe(self, tree: DraftTree, out: TargetOutput) -> None:
         pass
 
     def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:

@@ -22,38 +22,49 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
+import numpy as np
 import torch
 
+from .acceptance import TargetOutput
 from .cost import CostCurve
 from .pool import NGramPool
 from .tree import DraftTree, build_tree
-from .value_tree import DEPTH_BUCKETS, RANK_BUCKETS, AcceptanceStats, CandidateTrie, bucket, select_nodes
+from .value_tree import DEPTH_BUCKETS, RANK_BUCKETS, AcceptanceStats, BestFirstTree, Chain, bucket
 
 if TYPE_CHECKING:
     from .decoding import GenerationConfig
 
 
 class Drafter(Protocol):
-    """What the decoding loop needs from a drafter."""
+    """What the decoding loop needs from a drafter.
+
+    The loop reads the target's outputs back to the host once per step; a drafter sees them as
+    top-k id rows (at most ``top_k`` wide) and, if it sets ``needs_hidden``, the target's final
+    hidden states (on the device). Drafters never read logits on the device themselves.
+    """
 
     name: str
-    tree_capacity: int  # most nodes a tree may have, root included
+    tree_capacity: int  # most inputs verified per step: tree nodes (root included) + aux inputs
+    top_k: int  # how many of each logit's top token ids the drafter reads (0: none)
+    needs_hidden: bool  # whether begin/observe must carry the target's hidden states
 
     def configure(self, config: GenerationConfig) -> None:
         """A generation with ``config`` starts (called before :meth:`begin`); drafters that
         draw tokens follow its sampling settings and seed, the others ignore it."""
 
-    def begin(self, context: Sequence[int], reused: int) -> None:
+    def begin(self, context: Sequence[int], reused: int, hidden: torch.Tensor | None = None) -> None:
         """A generation starts over ``context``; its first ``reused`` tokens are unchanged
-        since the previous call's context."""
+        since the previous call's context. ``hidden``: the target's final hidden states
+        (len(context) - reused, H) of the newly prefilled tokens, when ``needs_hidden``."""
 
-    def draft(self, root: int, last_logits: torch.Tensor, max_depth: int) -> DraftTree:
-        """A tree under ``root``; ``last_logits`` (V,) is the target's logit that chose it.
-        No path may be deeper than ``max_depth``."""
+    def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
+        """A tree under ``root``; ``root_topk`` (k,) int64, k >= ``top_k``, holds the top-k
+        token ids, best first, of the target's logit that chose it. No path may be deeper
+        than ``max_depth``."""
 
-    def observe(self, tree: DraftTree, logits: torch.Tensor) -> None:
-        """The target's logits (T, V) at every node of the verified ``tree`` (called before
-        :meth:`extend`; drafters that learn from the target's logits use it)."""
+    def observe(self, tree: DraftTree, out: TargetOutput) -> None:
+        """The target's outputs at every input of the verified ``tree`` (called before
+        :meth:`extend`; drafters that learn from the target use it)."""
 
     def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
         """``tokens`` (the root and the accepted drafts, nodes ``path`` of ``tree``) joined
@@ -160,6 +171,8 @@ class _PoolDrafter:
     """Holds the pool and follows the context; subclasses draft."""
 
     name = "pool"
+    top_k = 0
+    needs_hidden = False
 
     def __init__(self, pool_config: PoolConfig, tree_capacity: int) -> None:
         if tree_capacity < 1:
@@ -167,14 +180,14 @@ class _PoolDrafter:
         self.pool = pool_config.new_pool()
         self.tree_capacity = tree_capacity
 
-    def begin(self, context: Sequence[int], reused: int) -> None:
+    def begin(self, context: Sequence[int], reused: int, hidden: torch.Tensor | None = None) -> None:
         self.pool.truncate(min(reused, len(self.pool)))
         self.pool.extend(context[len(self.pool):])
 
     def configure(self, config: GenerationConfig) -> None:
         pass
 
-    def observe(self, tree: DraftTree, logits: torch.Tensor) -> None:
+    def observe(self, tree: DraftTree, out: TargetOutput) -> None:
         pass
 
     def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
@@ -194,7 +207,7 @@ class PromptLookupDrafter(_PoolDrafter):
     def __init__(self, pool_config: PoolConfig = PoolConfig(), draft_tree_capacity: int = 64):
         super().__init__(pool_config, draft_tree_capacity)
 
-    def draft(self, root: int, last_logits: torch.Tensor, max_depth: int) -> DraftTree:
+    def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
         chain = self.pool.lookup(self._query(root), max_tokens=self.tree_capacity - 1)
         return build_tree(root, [chain], self.tree_capacity, max_depth=max_depth)
 
@@ -209,12 +222,12 @@ class LogitSpecDrafter(_PoolDrafter):
             raise ValueError("LogitSpecDrafter implements the reference policy; use ValueTreeDrafter")
         super().__init__(config.pool, config.capacity)
         self.config = config
+        self.top_k = config.candidates + 1
 
-    def draft(self, root: int, last_logits: torch.Tensor, max_depth: int) -> DraftTree:
+    def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
         if self.tree_capacity <= 1 or max_depth <= 0:
             return build_tree(root, [], 1)
-        k = min(self.config.candidates + 1, last_logits.shape[-1])
-        top = last_logits.topk(k).indices.tolist() if k > 1 else []
+        top = root_topk[: self.top_k].tolist()
         return build_tree(
             root, self._chains(root, top), self.tree_capacity,
             max_depth=max_depth, merge=self.config.merge_prefixes,
@@ -266,57 +279,74 @@ class ValueTreeDrafter(_PoolDrafter):
         self.stats = AcceptanceStats(_value_prior)
         self.overhead = 0.0
         self.successors = successors
+        recycled = successors.k if successors is not None and config.recycle_chains else 0
+        self.top_k = max(config.candidates + 1, recycled)
         self._features: list = []
+        self._feature_cache: dict = {}
 
-    def draft(self, root: int, last_logits: torch.Tensor, max_depth: int) -> DraftTree:
+    def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
         start = time.perf_counter()
-        trie = CandidateTrie(root)
+        tree = BestFirstTree(root, self.stats.rate, max_depth)
         if self.tree_capacity > 1 and max_depth > 0:
-            self._add_next_chains(trie, root)
-            k = min(self.config.candidates + 1, last_logits.shape[-1])
-            self._add_next_next_chains(trie, root, last_logits.topk(k).indices.tolist())
+            self._offer_next_chains(tree, root)
+            self._offer_next_next_chains(tree, root, root_topk[: self.config.candidates + 1].tolist())
             if self.successors is not None and self.config.recycle_chains:
-                self._add_recycled_chains(trie, root)
-        nodes = select_nodes(trie, self.tree_capacity, self.cost, self.overhead, max_depth)
-        tree, self._features = trie.to_tree(nodes)
+                self._offer_recycled_chains(tree, root)
+        draft, self._features = tree.grow(self.tree_capacity, self.cost, self.overhead)
         self.overhead = 0.9 * self.overhead + 0.1 * (time.perf_counter() - start)
-        return tree
+        return draft
 
-    def _add_next_chains(self, trie: CandidateTrie, root: int) -> None:
+    def _depth_features(self, kind: str, order: int, first_depth: int) -> tuple:
+        """``(kind, order, depth bucket)`` for depths ``first_depth, first_depth + 1, ...``
+        up to the longest chain (made once per key)."""
+        key = (kind, order, first_depth)
+        features = self._feature_cache.get(key)
+        if features is None:
+            last = first_depth + max(self.config.pool.num_pred_tokens, self.config.recycle_depth)
+            features = tuple((kind, order, bucket(d, DEPTH_BUCKETS)) for d in range(first_depth, last))
+            self._feature_cache[key] = features
+        return features
+
+    def _offer_next_chains(self, tree: BestFirstTree, root: int) -> None:
         n, conts = self.pool.match(self._query(root), max_tokens=self.tree_capacity - 1)
         for j, cont in enumerate(conts):
-            kind = "next" if j == 0 else "alt"
-            features = [(kind, n, bucket(d, DEPTH_BUCKETS)) for d in range(1, len(cont) + 1)]
-            trie.add_chain(cont, features, [self.stats.rate(f) for f in features])
+            tree.offer(zip(cont, self._depth_features("next" if j == 0 else "alt", n, 1)))
 
-    def _add_next_next_chains(self, trie: CandidateTrie, root: int, top: list[int]) -> None:
+    def _offer_next_next_chains(self, tree: BestFirstTree, root: int, top: list[int]) -> None:
+        keep = self.pool.max_ngram_size - 1  # the tokens a query keeps before the candidate
+        prefix = (self.pool.tokens[-keep:] + [root])[-keep:] if keep else []
         for rank, token in next_next_candidates(root, top, self.config.candidates):
-            n, conts = self.pool.match(self._query(root, token), self.config.value_chain_length - 1)
-            cont = conts[0] if conts else []
-            features = [("first", bucket(rank, RANK_BUCKETS))]
-            features += [("cont", n, bucket(d, DEPTH_BUCKETS)) for d in range(2, len(cont) + 2)]
-            trie.add_chain([token] + cont, features, [self.stats.rate(f) for f in features])
+            tree.offer(self._next_next_chain(prefix, rank, token))
 
-    def _add_recycled_chains(self, trie: CandidateTrie, root: int) -> None:
+    def _next_next_chain(self, prefix: list[int], rank: int, token: int) -> Chain:
+        """``token`` at ``rank``, then (only if asked: its first node made the cut) the pool's
+        continuation of ``context + [root, token]``."""
+        yield token, ("first", bucket(rank, RANK_BUCKETS))
+        n, conts = self.pool.match(prefix + [token], self.config.value_chain_length - 1)
+        if conts:
+            yield from zip(conts[0], self._depth_features("cont", n, 2))
+
+    def _offer_recycled_chains(self, tree: BestFirstTree, root: int) -> None:
         """Chains through the target's remembered successors: the ``j``-th successor of the
         root, then each token's first successor."""
-        first = self.successors.successors_of(root)[: self.config.recycle_chains]
-        for rank, token in enumerate(first.tolist(), start=1):
+        first = self.successors.successors_of(root)[: self.config.recycle_chains].tolist()
+        for rank, token in enumerate(first, start=1):
             if token < 0:
                 break
-            chain = [token]
-            while len(chain) < self.config.recycle_depth:
-                nxt = int(self.successors.successors_of(chain[-1])[0])
-                if nxt < 0:
-                    break
-                chain.append(nxt)
-            features = [("rec", bucket(rank, RANK_BUCKETS), 1)]
-            features += [("rec", 0, bucket(d, DEPTH_BUCKETS)) for d in range(2, len(chain) + 1)]
-            trie.add_chain(chain, features, [self.stats.rate(f) for f in features])
+            tree.offer(self._recycled_chain(rank, token))
 
-    def observe(self, tree: DraftTree, logits: torch.Tensor) -> None:
-        if self.successors is not None:
-            self.successors.observe(tree, logits)
+    def _recycled_chain(self, rank: int, token: int) -> Chain:
+        yield token, ("rec", bucket(rank, RANK_BUCKETS), 1)
+        table = self.successors.table
+        for feature in self._depth_features("rec", 0, 2)[: self.config.recycle_depth - 1]:
+            token = int(table[token, 0])
+            if token < 0:
+                return
+            yield token, feature
+
+    def observe(self, tree: DraftTree, out: TargetOutput) -> None:
+        if self.successors is not None and self.config.recycle_chains:
+            self.successors.observe(tree, out)
 
     def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
         self.stats.update(self._features, tree.parents, set(path))

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from .acceptance import TargetOutput
 from .tree import DraftTree
 
 if TYPE_CHECKING:
@@ -76,11 +77,17 @@ class SuccessorTable:
         unique, first_from_end = np.unique(ids[::-1], return_index=True)
         self.table[unique] = rows[len(ids) - 1 - first_from_end]
 
-    def observe(self, tree: DraftTree, logits: torch.Tensor) -> None:
-        """Records the top-k of every node's logits (T, V): one device-to-host transfer."""
-        k = min(self.k, logits.shape[-1])
-        ids = logits.topk(k, dim=-1).indices.to(torch.int32).cpu().numpy()
-        self.update(tree.tokens, ids)
+    def observe(self, tree: DraftTree, out: TargetOutput) -> None:
+        """Records the top-k ids of every tree node (``out.topk``, read back by the decoding
+        loop; aux inputs are not learned from). Rows whose first id is -1 (unknown, in trace
+        replay) are skipped."""
+        n = len(tree.tokens)
+        rows = out.topk[:n, : self.k]
+        known = rows[:, 0] >= 0 if rows.shape[1] else np.zeros(n, dtype=bool)
+        if known.all():
+            self.update(tree.tokens, rows)
+        elif known.any():
+            self.update([t for t, ok in zip(tree.tokens, known) if ok], rows[known])
 
 
 def static_template(capacity: int, rank_probs: Sequence[float] = DEFAULT_RANK_PROBS) -> list[RankPath]:
@@ -168,11 +175,13 @@ class TokenRecyclingDrafter:
     """
 
     name = "recycling"
+    needs_hidden = False
 
     def __init__(self, config: RecyclingConfig = RecyclingConfig(),
                  table: SuccessorTable | None = None) -> None:
         self.config = config
         self.tree_capacity = config.draft_tree_capacity
+        self.top_k = config.k
         if table is not None and table.k < config.k:
             raise ValueError(f"the shared table keeps {table.k} successors, fewer than k={config.k}")
         self.shape = TemplateArrays.from_paths(config.template())
@@ -181,11 +190,11 @@ class TokenRecyclingDrafter:
     def configure(self, config: GenerationConfig) -> None:
         pass
 
-    def begin(self, context: Sequence[int], reused: int) -> None:
+    def begin(self, context: Sequence[int], reused: int, hidden: torch.Tensor | None = None) -> None:
         """Keeps the table: the prompt brings no target logits to learn from (only its last
         position is computed), and the successors learned earlier stay useful (hot start)."""
 
-    def draft(self, root: int, last_logits: torch.Tensor, max_depth: int) -> DraftTree:
+    def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
         """The template filled from the table under ``root``; unknown or too deep nodes dropped.
 
         Example: k = 2, rows 7 -> [3, 4], 3 -> [9, -1], 4 unknown; template
@@ -217,11 +226,11 @@ class TokenRecyclingDrafter:
             tokens[nodes] = np.where(known, found, UNKNOWN)
         return tokens
 
-    def observe(self, tree: DraftTree, logits: torch.Tensor) -> None:
+    def observe(self, tree: DraftTree, out: TargetOutput) -> None:
         """Learns from every verified node, accepted or not (the "recycling")."""
         if self.table is None:
-            self.table = SuccessorTable(logits.shape[-1], self.config.k)
-        self.table.observe(tree, logits)
+            self.table = SuccessorTable(out.logits.shape[-1], self.config.k)
+        self.table.observe(tree, out)
 
     def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
         pass

@@ -63,8 +63,10 @@ function serves vanilla and speculative sampling.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from .acceptance import read_back
 from .tree import DraftTree
 
 
@@ -107,11 +109,12 @@ class SamplingVerifier:
         probs = sampling_probs(logits, self.temperature, self.top_k, self.top_p)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
-    def first_token(self, logits: torch.Tensor) -> int:
-        return self.draw(logits)
+    def read(self, logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, np.ndarray]:
+        """The logits themselves (the walk draws from them lazily) and the drafters' top-k."""
+        return logits, read_back(logits, top_k, with_greedy=False)[1]
 
-    def predict(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits
+    def first_token(self, logits: torch.Tensor) -> int:
+        return self.draw(logits[-1])
 
     def accept(self, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
         if tree.draft_probs is not None:

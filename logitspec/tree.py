@@ -19,6 +19,21 @@ distribution node ``i``'s token was drawn from (row 0, the root's, is unused), w
 speculative sampling needs (:mod:`logitspec.sampling`). A row that gives its own node's token
 probability 0 could not have produced it: such rows (zeros) mark deterministic proposals
 (retrieved chains) in a tree that mixes both kinds.
+
+*Aux inputs* (``aux_tokens``, ``aux_depths``, ``aux_mask``) ride along in the tree's forward
+pass without being candidates: the target computes their outputs (a drafter reads them, e.g.
+Lookahead's Jacobi window), their keys/values are dropped afterwards, and acceptance looks at
+the ``T`` tree nodes only. Aux input ``a`` sits at the root's position plus ``aux_depths[a]``
+and attends to the cached prefix and to the inputs ``aux_mask[a]`` marks among the ``T + A``
+verified inputs (tree nodes first); tree nodes never attend to aux inputs. Example: root 7, one
+draft 1, and two aux inputs 5, 6 forming a chain of their own after the root::
+
+    inputs        7  1  5  6      (tokens + aux_tokens)
+    position      0  1  1  2      (depths + aux_depths, relative to the root)
+    input_mask()  1  0  0  0
+                  1  1  0  0
+                  1  0  1  0      (aux_mask rows)
+                  1  0  1  1
 """
 
 from __future__ import annotations
@@ -32,12 +47,15 @@ import torch
 
 @dataclass(frozen=True)
 class DraftTree:
-    """Nodes in creation order; see the module docstring."""
+    """Nodes in creation order, then the aux inputs; see the module docstring."""
 
     tokens: tuple[int, ...]
     parents: tuple[int, ...]
     depths: tuple[int, ...]
     draft_probs: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    aux_tokens: tuple[int, ...] = ()
+    aux_depths: tuple[int, ...] = ()
+    aux_mask: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         n = len(self.tokens)
@@ -53,6 +71,12 @@ class DraftTree:
             raise ValueError(
                 f"draft_probs must be (T, V) with T = {n} nodes, got {tuple(self.draft_probs.shape)}"
             )
+        aux = len(self.aux_tokens)
+        if len(self.aux_depths) != aux or (aux > 0) != (self.aux_mask is not None):
+            raise ValueError("aux inputs need one depth each and a mask")
+        if aux and (self.aux_mask.shape != (aux, n + aux) or not self.aux_mask[:, n:].diagonal().all()):
+            raise ValueError(f"aux_mask must be (A={aux}, T + A={n + aux}) and let every aux "
+                             "input see itself")
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -61,14 +85,43 @@ class DraftTree:
     def num_draft_tokens(self) -> int:
         return len(self.tokens) - 1
 
+    @property
+    def num_inputs(self) -> int:
+        """Tokens in the verification pass: tree nodes and aux inputs."""
+        return len(self.tokens) + len(self.aux_tokens)
+
+    @property
+    def is_chain(self) -> bool:
+        """A single path from the root and no aux inputs: causal order is its mask."""
+        return not self.aux_tokens and self.depths[-1] == len(self.tokens) - 1
+
+    def input_tokens(self) -> tuple[int, ...]:
+        return self.tokens + self.aux_tokens
+
+    def input_depths(self) -> tuple[int, ...]:
+        """Position offsets from the root of every input."""
+        return self.depths + self.aux_depths
+
     def tree_mask(self) -> np.ndarray:
-        """(T, T) bool: ``mask[i, j]`` iff node j is node i or one of its ancestors."""
+        """(T, T) bool: ``mask[i, j]`` iff node j is node i or one of its ancestors (built
+        from per-node ancestor bitsets: a parent's set plus the node's own bit)."""
         n = len(self.tokens)
-        mask = np.zeros((n, n), dtype=bool)
+        ancestors: list[int] = []
         for i, parent in enumerate(self.parents):
-            if parent >= 0:
-                mask[i] = mask[parent]
-            mask[i, i] = True
+            ancestors.append((ancestors[parent] if parent >= 0 else 0) | (1 << i))
+        width = (n + 7) // 8
+        packed = np.frombuffer(b"".join(a.to_bytes(width, "little") for a in ancestors),
+                               dtype=np.uint8).reshape(n, width)
+        return np.unpackbits(packed, axis=1, count=n, bitorder="little").view(bool)
+
+    def input_mask(self) -> np.ndarray:
+        """(T + A, T + A) bool over every input: the tree mask, then the aux rows."""
+        if not self.aux_tokens:
+            return self.tree_mask()
+        n, total = len(self.tokens), self.num_inputs
+        mask = np.zeros((total, total), dtype=bool)
+        mask[:n, :n] = self.tree_mask()
+        mask[n:] = self.aux_mask
         return mask
 
     def path_to(self, node: int) -> list[int]:

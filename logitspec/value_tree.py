@@ -8,17 +8,28 @@ step emits is exactly ``1 + sum(P(node))`` over the tree. The best tree of ``n``
 therefore the ``n`` most probable candidates (a prefix-closed set, because a child is never
 more probable than its parent), and with a cost curve the best ``n`` maximizes
 
-    (1 + sum of the n largest P) / (cost(n + 1) + overhead)      (:func:`select_nodes`)
+    (1 + sum of the n largest P) / (cost(n + 1) + overhead)
 
 i.e. expected tokens per second of verification. Example: P = [0.9, 0.5, 0.2, 0.05] and a cost
 of 1.0, 1.02, 1.05, 1.1, 1.4 for 1..5 tree tokens gives ratios 1.00, 1.86, 2.29, 2.36, 1.89:
 four nodes (root + three drafts).
+
+:class:`BestFirstTree` finds those nodes without valuing every candidate: the candidate
+sources offer *lazy* chains (iterators of ``(token, feature)``), and the tree pops the most
+probable frontier node, adds it, and only then asks its chain for the next node. A retrieval
+that a chain needs for its second node (a pool lookup, a successor walk) runs only if its
+first node made the cut. Chains that share a prefix merge into one trie node, valued by the
+most probable chain through it (the first to reach it: pops come in non-increasing order);
+each chain goes on below it with its own probability, so the order stays non-increasing and
+the nodes popped first are exactly the most probable ones. Ties pop in the order the
+candidates were offered.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Hashable, Iterator, Sequence
 
 from .tree import DraftTree
 
@@ -48,88 +59,104 @@ class AcceptanceStats:
     strength: float = 2.0
     horizon: float = 2000.0
     counts: dict = field(default_factory=dict)
+    _rates: dict = field(default_factory=dict, repr=False, compare=False)
 
     def rate(self, feature: Feature) -> float:
-        succ, trials = self.counts.get(feature, (0.0, 0.0))
-        return (succ + self.prior(feature) * self.strength) / (trials + self.strength)
+        rate = self._rates.get(feature)
+        if rate is None:
+            succ, trials = self.counts.get(feature, (0.0, 0.0))
+            rate = (succ + self.prior(feature) * self.strength) / (trials + self.strength)
+            self._rates[feature] = rate
+        return rate
 
     def update(self, features: Sequence[Feature], parents: Sequence[int], accepted: set[int]) -> None:
+        counts = self.counts
         for node in range(1, len(parents)):
             if parents[node] in accepted:
-                succ, trials = self.counts.get(features[node], (0.0, 0.0))
+                feature = features[node]
+                succ, trials = counts.get(feature, (0.0, 0.0))
                 succ, trials = succ + (node in accepted), trials + 1
                 if trials > self.horizon:
                     succ, trials = succ / 2, trials / 2
-                self.counts[features[node]] = (succ, trials)
+                counts[feature] = (succ, trials)
+                self._rates.pop(feature, None)
 
 
-class CandidateTrie:
-    """Candidate nodes with their acceptance probabilities (node 0 = the root, P = 1)."""
+Chain = Iterator[tuple[int, Feature]]
 
-    def __init__(self, root: int) -> None:
+
+class BestFirstTree:
+    """A draft tree grown best-first from lazy candidate chains (module docstring).
+
+    ``rate(feature)`` values a node relative to its parent; ``max_depth`` bounds every path
+    (deeper chain nodes are never asked for). Offer chains with :meth:`offer`, then
+    :meth:`grow` once.
+
+    Example: chains [(1, "a"), (2, "b")] and [(1, "c"), (3, "d")] under the root, rates
+    a .9, b .5, c .6, d .8. Pops: token 1 from the first chain (P .9: node 1), token 1 from
+    the second (.6: merged into node 1), then below node 1 token 3 (.6 x .8 = .48, the second
+    chain's own probability) before token 2 (.9 x .5 = .45). Nodes: 1, 3, 2.
+    """
+
+    def __init__(self, root: int, rate: Callable[[Feature], float], max_depth: int | None = None) -> None:
         self.tokens = [root]
         self.parents = [-1]
+        self.depths = [0]
         self.probs = [1.0]
         self.features: list[Feature] = [None]
+        self.rate = rate
+        self.max_depth = max_depth
         self._children: dict[tuple[int, int], int] = {}
+        self._heap: list = []  # (-P, offer order, parent node, token, feature, chain)
+        self._order = 0
 
-    def add_chain(self, tokens: Sequence[int], features: Sequence[Feature], rates: Sequence[float]) -> None:
-        """Hangs a chain under the root; shared prefixes keep the higher probability."""
-        node, prob = 0, 1.0
-        for token, feature, rate in zip(tokens, features, rates):
-            prob *= rate
-            child = self._children.get((node, token))
-            if child is None:
-                child = len(self.tokens)
-                self._children[(node, token)] = child
-                self.tokens.append(token)
-                self.parents.append(node)
-                self.probs.append(prob)
-                self.features.append(feature)
-            elif prob > self.probs[child]:
-                self.probs[child] = prob
-                self.features[child] = feature
-            node, prob = child, self.probs[child]
+    def offer(self, chain: Chain, parent: int = 0, prob: float = 1.0) -> None:
+        """Hangs ``chain`` (lazy) under node ``parent``, whose probability is ``prob``."""
+        if self.max_depth is not None and self.depths[parent] >= self.max_depth:
+            return
+        item = next(chain, None)
+        if item is not None:
+            token, feature = item
+            heapq.heappush(self._heap, (-prob * self.rate(feature), self._order, parent,
+                                        token, feature, chain))
+            self._order += 1
 
-    def to_tree(self, nodes: Sequence[int]) -> tuple[DraftTree, list[Feature]]:
-        """The tree of the chosen candidate ``nodes`` (prefix-closed, root included), in
-        creation order, with each node's feature."""
-        chosen = sorted(nodes)
-        index = {old: new for new, old in enumerate(chosen)}
-        depths: list[int] = []
-        parents: list[int] = []
-        for old in chosen:
-            parent = index[self.parents[old]] if old else -1
-            parents.append(parent)
-            depths.append(depths[parent] + 1 if old else 0)
-        tree = DraftTree(tuple(self.tokens[i] for i in chosen), tuple(parents), tuple(depths))
-        return tree, [self.features[i] for i in chosen]
+    def grow(self, capacity: int, cost: Callable[[int], float] | None = None,
+             overhead: float = 0.0) -> tuple[DraftTree, list[Feature]]:
+        """Pops candidates, most probable first, until ``capacity`` nodes (root included); with
+        ``cost`` keeps the first ``n`` that maximize expected tokens per second (stopping as
+        soon as no larger tree can beat the best so far). Returns the tree and each node's
+        feature."""
+        gain, best_n = 1.0, 1
+        best_ratio = 1.0 / (cost(1) + overhead) if cost is not None else 0.0
+        heap = self._heap
+        while heap and len(self.tokens) < capacity:
+            neg_prob, _, parent, token, feature, chain = heapq.heappop(heap)
+            prob = -neg_prob
+            node = self._children.get((parent, token))
+            if node is None:
+                node = self._add(parent, token, prob, feature)
+                if cost is not None:
+                    gain += prob
+                    size = len(self.tokens)
+                    ratio = gain / (cost(size) + overhead)
+                    if ratio > best_ratio:
+                        best_n, best_ratio = size, ratio
+                    elif size == capacity or (
+                        (gain + (capacity - size) * prob) / (cost(size + 1) + overhead) <= best_ratio
+                    ):
+                        break  # every larger tree gains at most `prob` per node
+            self.offer(chain, node, prob)
+        n = len(self.tokens) if cost is None else best_n
+        tree = DraftTree(tuple(self.tokens[:n]), tuple(self.parents[:n]), tuple(self.depths[:n]))
+        return tree, self.features[:n]
 
-
-def select_nodes(
-    trie: CandidateTrie,
-    capacity: int,
-    cost: Callable[[int], float] | None = None,
-    overhead: float = 0.0,
-    max_depth: int | None = None,
-) -> list[int]:
-    """The candidates to verify (root first): the most probable ones, at most ``capacity``
-    nodes in all; with ``cost`` the count that maximizes expected tokens per second."""
-    probs = list(trie.probs)
-    depth = [0] * len(probs)
-    for node in range(1, len(probs)):  # a child is never more probable than its parent
-        parent = trie.parents[node]
-        probs[node] = min(probs[node], probs[parent])
-        depth[node] = depth[parent] + 1
-    order = [n for n in range(1, len(probs)) if max_depth is None or depth[n] <= max_depth]
-    order.sort(key=lambda n: (-probs[n], n))
-    order = order[: max(capacity - 1, 0)]
-    if cost is None:
-        return [0] + order
-    best_n, best_ratio, gain = 0, 1.0 / (cost(1) + overhead), 1.0
-    for n, node in enumerate(order, start=1):
-        gain += probs[node]
-        ratio = gain / (cost(n + 1) + overhead)
-        if ratio > best_ratio:
-            best_n, best_ratio = n, ratio
-    return [0] + order[:best_n]
+    def _add(self, parent: int, token: int, prob: float, feature: Feature) -> int:
+        node = len(self.tokens)
+        self._children[(parent, token)] = node
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.depths.append(self.depths[parent] + 1)
+        self.probs.append(prob)
+        self.features.append(feature)
+        return node

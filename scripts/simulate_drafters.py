@@ -26,13 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
-from logitspec.acceptance import greedy_accept
+from logitspec.acceptance import TargetOutput, greedy_accept
 from logitspec.cost import CostCurve, cost_curve_for
 from logitspec.decoding import Decoder, GenerationConfig
 from logitspec.drafters import Drafter
 from logitspec.loading import load
+from logitspec.recycling import SuccessorTable
 from logitspec.tree import DraftTree
 
 MT_BENCH = {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}
@@ -73,6 +75,8 @@ class _Recorder:
 
     name = "recorder"
     tree_capacity = 1
+    top_k = TOP_K
+    needs_hidden = False
 
     def __init__(self) -> None:
         self.rows: list[torch.Tensor] = []
@@ -80,11 +84,11 @@ class _Recorder:
     def configure(self, config) -> None:
         pass
 
-    def begin(self, context, reused) -> None:
+    def begin(self, context, reused, hidden=None) -> None:
         self.rows = []
 
-    def draft(self, root: int, last_logits: torch.Tensor, max_depth: int) -> DraftTree:
-        self.rows.append(last_logits.float().topk(TOP_K).indices.to(torch.int32).cpu())
+    def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
+        self.rows.append(torch.from_numpy(root_topk[:TOP_K].astype(np.int32)))
         return DraftTree((root,), (-1,), (0,))
 
     def observe(self, tree, logits) -> None:
@@ -129,9 +133,10 @@ def record(args: argparse.Namespace) -> int:
     return 0
 
 
-def replay_turn(drafter: Drafter, trace: TurnTrace, vocab_size: int) -> tuple[list[int], list[int], float]:
+def replay_turn(drafter: Drafter, trace: TurnTrace) -> tuple[list[int], list[int], float]:
     """Accept lengths and tree sizes of ``drafter`` on one recorded turn, and its host time."""
     out, n = trace.output, len(trace.output)
+    topk = trace.topk.numpy().astype(np.int64)
     drafter.begin(trace.prompt, 0)
     accept_lengths, tree_sizes, host = [], [], 0.0
     i = 0
@@ -140,61 +145,46 @@ def replay_turn(drafter: Drafter, trace: TurnTrace, vocab_size: int) -> tuple[li
             accept_lengths.append(1)
             tree_sizes.append(0)
             break
-        logits = torch.zeros(vocab_size)
-        logits[trace.topk[i].long()] = torch.arange(TOP_K, 0, -1, dtype=torch.float32)
         start = time.perf_counter()
-        tree = drafter.draft(out[i], logits, trace.max_new_tokens - i - 1)
-        pred = _trace_predictions(tree, out, i)
+        tree = drafter.draft(out[i], topk[i], trace.max_new_tokens - i - 1)
+        pred, rows = trace_outputs(tree, out, i, topk)
         path = greedy_accept(tree.tokens, tree.parents, pred)
-        drafter.observe(tree, None)
-        table = getattr(drafter, "successors", None)
-        if table is not None:  # the target's top-k is known at accepted positions only
-            known = [d for d in range(len(path)) if i + d + 1 < n]
-            table.update([out[i + d] for d in known], trace.topk[[i + d + 1 for d in known]].numpy())
+        drafter.observe(tree, TargetOutput(None, rows))
         drafter.extend(out[i:i + len(path)], tree, path)
         host += time.perf_counter() - start
         accept_lengths.append(len(path))
-        tree_sizes.append(len(tree))
+        tree_sizes.append(tree.num_inputs)
         i += len(path)
     return accept_lengths, tree_sizes, host
 
 
-def _trace_predictions(tree: DraftTree, out: Sequence[int], start: int) -> list[int]:
-    """The target's greedy token after each node: known for nodes on the recorded path."""
-    on_trace = [False] * len(tree)
+def trace_outputs(tree: DraftTree, out: Sequence[int], start: int,
+                   topk: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """The target's greedy token after each node and its top-k row: known for the nodes on
+    the recorded path (-1 and rows of -1 elsewhere, aux inputs included)."""
     pred = [-1] * len(tree)
+    rows = np.full((tree.num_inputs, topk.shape[1]), -1, dtype=np.int64)
+    on_trace = [False] * len(tree)
     for node in range(len(tree)):
         parent, depth = tree.parents[node], tree.depths[node]
         if node == 0 or (on_trace[parent] and start + depth < len(out) and tree.tokens[node] == out[start + depth]):
             on_trace[node] = True
             if start + depth + 1 < len(out):
                 pred[node] = out[start + depth + 1]
-    return pred
+                rows[node] = topk[start + depth + 1]
+    return pred, rows
 
 
-class _TraceSuccessors:
-    """Successor table fed from the trace: rows are known for accepted positions only."""
+def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) -> Drafter:
+    """``pld:<capacity>``, ``recycling:<capacity>``, ``logitspec:<capacity>`` or
+    ``logitspec:auto``, options after commas: ``ngram=3,pred=20,conts=1`` (pool), ``nomerge``,
+    ``value`` (value-ranked tree), ``k=32`` (next-next candidates), ``max=64`` (auto's largest
+    tree), ``len=8`` (value chain length), ``rec=8,recd=6`` (recycled chains and their depth).
 
-    def __init__(self, vocab_size: int, k: int = 8) -> None:
-        import numpy as np
-
-        self.table = np.full((vocab_size, k), -1, dtype=np.int32)
-
-    def successors_of(self, token: int):
-        return self.table[token]
-
-    def observe(self, tree, logits) -> None:
-        pass
-
-    def update(self, tokens, rows) -> None:
-        self.table[list(tokens)] = rows[:, : self.table.shape[1]]
-
-
-def make_drafter(spec: str, curve: CostCurve, vocab_size: int = 49152) -> Drafter:
-    """``pld:<capacity>``, ``logitspec:<capacity>`` or ``logitspec:auto``, options after commas:
-    ``ngram=3,pred=20,conts=1`` (pool), ``nomerge``, ``value`` (value-ranked tree), ``k=32``
-    (next-next candidates), ``max=64`` (auto's largest tree), ``len=8`` (value chain length)."""
+    Token Recycling and recycled chains learn successors from the trace, which knows the
+    target's top-k on the recorded path only (the real run also learns from rejected nodes)."""
     from logitspec.drafters import LogitSpecConfig, PoolConfig, PromptLookupDrafter, make_logitspec_drafter
+    from logitspec.recycling import RecyclingConfig, TokenRecyclingDrafter
 
     kind, _, rest = spec.partition(":")
     fields = rest.split(",") if rest else ["64"]
@@ -203,6 +193,8 @@ def make_drafter(spec: str, curve: CostCurve, vocab_size: int = 49152) -> Drafte
                       int(options.get("conts", 1)))
     if kind == "pld":
         return PromptLookupDrafter(pool, int(capacity))
+    if kind == "recycling":
+        return TokenRecyclingDrafter(RecyclingConfig(int(capacity)), SuccessorTable(vocab_size))
     if kind == "logitspec":
         auto = capacity == "auto"
         config = LogitSpecConfig(
@@ -215,14 +207,19 @@ def make_drafter(spec: str, curve: CostCurve, vocab_size: int = 49152) -> Drafte
             recycle_chains=int(options.get("rec", 0)),
             recycle_depth=int(options.get("recd", 4)),
         )
-        successors = _TraceSuccessors(vocab_size) if config.recycle_chains else None
+        successors = SuccessorTable(vocab_size) if config.recycle_chains else None
         return make_logitspec_drafter(config, curve, successors)
     raise ValueError(f"unknown drafter spec {spec!r}")
 
 
+def load_traces(path: str) -> tuple[dict, list[TurnTrace]]:
+    """The trace file's header (model, dtype, ...) and its turns."""
+    data = torch.load(path, weights_only=True)
+    return data, [TurnTrace(**t) for t in data["traces"]]
+
+
 def replay(args: argparse.Namespace) -> int:
-    data = torch.load(args.trace, weights_only=True)
-    traces = [TurnTrace(**t) for t in data["traces"]]
+    data, traces = load_traces(args.trace)
     lm = load(data["model_path"], dtype=data["dtype"], device=args.device)
     curve = cost_curve_for(lm.model, str(lm.path))
     vocab = lm.model.config.vocab_size
@@ -231,7 +228,7 @@ def replay(args: argparse.Namespace) -> int:
         rows = defaultdict(lambda: {"tokens": 0, "steps": 0, "time": 0.0, "vanilla": 0.0, "host": 0.0})
         drafter = make_drafter(spec, curve, vocab)  # one per run, as in the harness: statistics persist
         for trace in traces:
-            lengths, sizes, host = replay_turn(drafter, trace, vocab)
+            lengths, sizes, host = replay_turn(drafter, trace)
             for key in (group_of(trace.category), "overall"):
                 row = rows[key]
                 row["tokens"] += sum(lengths)

@@ -27,7 +27,8 @@ class MarkovLM(nn.Module):
         self.vocab_size = vocab_size
         table = torch.randn((vocab_size + 1) * vocab_size, vocab_size, generator=gen) * scale
         self.register_buffer("table", table)
-        self.config = SimpleNamespace(max_position_embeddings=max_position_embeddings)
+        self.config = SimpleNamespace(max_position_embeddings=max_position_embeddings,
+                                      vocab_size=vocab_size)
 
     @property
     def device(self) -> torch.device:

@@ -3,6 +3,7 @@ property check."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -47,16 +48,17 @@ def test_greedy_verifier_table(tokens, parents, pred, expected):
     logits = torch.full((len(tokens), 100), -1.0)
     logits[torch.arange(len(tokens)), torch.tensor(pred)] = 5.0
     verifier = GreedyVerifier()
-    predicted = verifier.predict(logits)
-    assert predicted == pred
+    predicted, topk = verifier.read(logits, 3)
+    assert predicted == pred and topk[:, 0].tolist() == pred
     path, bonus = verifier.accept(tree, predicted)
     assert path == expected
     assert bonus == pred[expected[-1]]
 
 
 def test_first_token_is_argmax():
-    logits = torch.tensor([0.5, -1.0, 3.0, 2.9])
-    assert GreedyVerifier().first_token(logits) == 2
+    logits = torch.tensor([[0.5, -1.0, 3.0, 2.9]])
+    verifier = GreedyVerifier()
+    assert verifier.first_token(verifier.read(logits, 0)[0]) == 2
 
 
 def reference_accept(tokens, parents, pred) -> list[int]:
@@ -97,3 +99,25 @@ def test_greedy_tokens_take_the_first_of_tied_maxima(dtype):
     logits[1, 3] = 2.0
     assert greedy_tokens(logits).tolist() == [7, 3, 7]
     assert greedy_tokens(logits).tolist() == logits.float().argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 5])
+def test_read_back_keeps_the_first_index_rule_with_any_top_k(dtype, k):
+    """Ties at the maximum, more ties than k, and a plain row: the greedy column equals
+    :func:`greedy_tokens` whatever k, and the top-k ids are the k best, best first."""
+    from logitspec.acceptance import greedy_tokens, read_back
+
+    logits = torch.zeros(4, 50, dtype=dtype)
+    logits[0, [40, 7, 30]] = 3.0  # three tied maxima
+    logits[1, [9, 8, 7, 6, 5, 4]] = 2.0  # six tied maxima: more than k
+    logits[2, 33] = 1.0
+    logits[2, 12] = 0.5
+    logits[3] = torch.arange(50, dtype=dtype) % 7  # six maxima at 6, 13, ...
+    greedy, topk = read_back(logits, k)
+    assert greedy.tolist() == greedy_tokens(logits).tolist() == [7, 4, 33, 6]
+    assert topk.shape == (4, k) and topk.dtype == np.int64
+    if k:
+        values = logits.gather(1, torch.from_numpy(topk))
+        assert torch.equal(values, logits.topk(k).values)
+    assert read_back(logits, 500)[1].shape == (4, 50)  # k capped at the vocabulary

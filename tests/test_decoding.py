@@ -34,6 +34,7 @@ from logitspec.drafters import (
     make_logitspec_drafter,
 )
 from logitspec.kv_cache import KVCache
+from logitspec.tree import DraftTree
 
 COPY_BONUS = 8.0
 
@@ -49,7 +50,8 @@ class CopyLM(nn.Module):
         rng = np.random.default_rng(seed)
         self.vocab_size = vocab_size
         self.table = rng.standard_normal(((vocab_size + 1) ** 2, vocab_size)).astype(np.float32)
-        self.config = SimpleNamespace(max_position_embeddings=max_position_embeddings)
+        self.config = SimpleNamespace(max_position_embeddings=max_position_embeddings,
+                                      vocab_size=vocab_size)
         self.forward_sizes: list[int] = []
 
     device = torch.device("cpu")
@@ -205,6 +207,67 @@ def test_multi_turn_reuse_equals_fresh_decoder(s, extra, keep):
 # Deterministic cases the properties rely on (they must keep happening)
 
 REPEATED = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4, 3, 3]
+
+
+class AuxProbe:
+    """PLD's tree plus two aux inputs per step, ``a = root + 1`` and ``b = root + 2`` (mod V),
+    a chain of their own under the root at depths 1 and 2. ``observe`` checks that the target's
+    output for each is the rule applied to exactly the context the aux mask defines; the
+    model itself (CopyLM) checks positions and that every input sees itself last."""
+
+    name = "aux-probe"
+    top_k = 1
+    needs_hidden = False
+
+    def __init__(self, model: CopyLM, pool: PoolConfig, capacity: int) -> None:
+        self.model = model
+        self.inner = PromptLookupDrafter(pool, capacity)
+        self.tree_capacity = capacity + 2
+        self.context: list[int] = []
+        self.expected: list[list[int]] = []
+        self.checked = 0
+
+    def configure(self, config) -> None:
+        pass
+
+    def begin(self, context, reused, hidden=None) -> None:
+        self.inner.begin(context, reused)
+        self.context = list(context)
+
+    def draft(self, root, root_topk, max_depth):
+        tree = self.inner.draft(root, root_topk, max_depth)
+        vocab, n = self.model.vocab_size, len(tree)
+        a, b = (root + 1) % vocab, (root + 2) % vocab
+        mask = np.zeros((2, n + 2), dtype=bool)
+        mask[:, 0] = True  # the root
+        mask[0, n] = mask[1, n] = mask[1, n + 1] = True
+        self.expected = [self.context + [root, a], self.context + [root, a, b]]
+        return DraftTree(tree.tokens, tree.parents, tree.depths,
+                         aux_tokens=(a, b), aux_depths=(1, 2), aux_mask=mask)
+
+    def observe(self, tree, out) -> None:
+        assert out.topk.shape[0] == tree.num_inputs == len(tree) + 2
+        for row, context in zip(out.topk[len(tree):], self.expected):
+            assert row[0] == int(np.argmax(self.model.rule(context)))
+        self.checked += 1
+
+    def extend(self, tokens, tree, path) -> None:
+        self.inner.extend(tokens, tree, path)
+        self.context += list(tokens)
+
+
+@settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@given(s=scenarios())
+def test_aux_inputs_see_their_masked_context_and_change_nothing(s):
+    model = CopyLM(s["vocab"], seed=s["seed"])
+    config, prompt = s["config"], s["prompt"]
+    probe = AuxProbe(model, s["pool"], s["capacity"])
+    result = Decoder(model, probe).generate(prompt, config)
+    assert result.output_ids == reference_greedy(model, prompt, config)
+    # every step verifies, but a last one that only emits its root (EOS or the length cut)
+    assert result.decoding_steps - 1 <= probe.checked <= result.decoding_steps
+    assert probe.checked >= 1 or result.new_tokens == 1
+    check_invariants(result, config, s["capacity"])
 
 
 def test_copy_model_makes_long_accepted_paths():

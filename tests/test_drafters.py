@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -27,6 +28,15 @@ def ranked_logits(order: list[int], vocab: int = VOCAB) -> torch.Tensor:
     for rank, token in enumerate(order):
         logits[token] = 10.0 - rank
     return logits
+
+
+def top_ids(logits: torch.Tensor) -> np.ndarray:
+    """Every token id of ``logits`` (V,), best first: the ``root_topk`` a drafter is given."""
+    return logits.argsort(descending=True).numpy()
+
+
+def ranked_ids(order: list[int], vocab: int = VOCAB) -> np.ndarray:
+    return top_ids(ranked_logits(order, vocab))
 
 
 TOP = [50, 60, 70, 80, 90, 99, 7]  # 50 is the argmax: the root
@@ -63,7 +73,7 @@ EXPECTED_CHAINS = [
 
 
 def test_logitspec_tree_by_hand():
-    tree = logitspec().draft(50, ranked_logits(TOP), max_depth=100)
+    tree = logitspec().draft(50, ranked_ids(TOP), max_depth=100)
     assert tree.tokens[0] == 50
     assert spelled(tree) == EXPECTED_CHAINS
     assert len(tree) == 1 + sum(map(len, EXPECTED_CHAINS))
@@ -73,11 +83,11 @@ def test_logitspec_tree_by_hand():
 def test_pld_tree_by_hand():
     drafter = PromptLookupDrafter(UNIGRAM, draft_tree_capacity=64)
     drafter.begin(CONTEXT, 0)
-    tree = drafter.draft(50, ranked_logits(TOP), max_depth=100)
+    tree = drafter.draft(50, ranked_ids(TOP), max_depth=100)
     assert spelled(tree) == [[1, 2, 3, 4, 5]]
-    assert spelled(drafter.draft(80, ranked_logits(TOP), max_depth=100)) == [[31, 32, 90, 99]]
-    assert spelled(drafter.draft(7, ranked_logits(TOP), max_depth=100)) == [[]]  # no match
-    assert spelled(drafter.draft(50, ranked_logits(TOP), max_depth=2)) == [[1, 2]]
+    assert spelled(drafter.draft(80, ranked_ids(TOP), max_depth=100)) == [[31, 32, 90, 99]]
+    assert spelled(drafter.draft(7, ranked_ids(TOP), max_depth=100)) == [[]]  # no match
+    assert spelled(drafter.draft(50, ranked_ids(TOP), max_depth=2)) == [[1, 2]]
 
 
 def test_default_rank_lengths():
@@ -92,7 +102,7 @@ def test_default_rank_lengths():
                                                   (6, [1, 60, 70, 80, 90, 99, 7])],
                          ids=["none", "one", "three", "six"])
 def test_num_next_next_limits_candidates(num_next_next, roots):
-    tree = logitspec(num_next_next=num_next_next).draft(50, ranked_logits(TOP), max_depth=100)
+    tree = logitspec(num_next_next=num_next_next).draft(50, ranked_ids(TOP), max_depth=100)
     assert children_of_root(tree) == roots
 
 
@@ -100,7 +110,7 @@ def test_root_excluded_from_candidates_wherever_it_ranks():
     """The root is skipped by identity: when it is not the argmax (sampling), the argmax
     becomes a next-next candidate and the ranks after the root shift by one."""
     drafter = logitspec(num_next_next=3)
-    tree = drafter.draft(60, ranked_logits(TOP), max_depth=100)
+    tree = drafter.draft(60, ranked_ids(TOP), max_depth=100)
     # root 60: next-token chain = continuation of 60; candidates 50 (rank 1), 70, 80
     assert spelled(tree) == [[11, 12, 13, 14, 70], [50, 1, 2], [70, 21, 22], [80, 31]]
     assert 60 not in children_of_root(tree)
@@ -112,20 +122,20 @@ def test_next_next_lookup_uses_the_root():
     context = [60, 11, 12, 13, 50, 60, 77, 78, 79, 5]
     pool = PoolConfig(max_ngram_size=2, num_pred_tokens=3)
     tree = logitspec(num_next_next=1, context=context, pool=pool).draft(
-        50, ranked_logits([50, 60]), max_depth=100)
+        50, ranked_ids([50, 60]), max_depth=100)
     # next-token chain: (5, 50) unseen, 50 -> 60 77 78; rank 1: (50, 60) -> 77 78 (3 tokens)
     assert spelled(tree) == [[60, 77, 78]]  # merged: the rank-1 chain [60, 77, 78] is shared
     unmerged = logitspec(num_next_next=1, context=context, pool=pool,
-                         merge_prefixes=False).draft(50, ranked_logits([50, 60]), max_depth=100)
+                         merge_prefixes=False).draft(50, ranked_ids([50, 60]), max_depth=100)
     assert spelled(unmerged) == [[60, 77, 78], [60, 77, 78]]
 
 
 def test_merge_on_and_off():
     context = [50, 60, 11, 12, 13, 14, 70, 21, 22, 23, 9]
     top = [50, 60, 70]
-    merged = logitspec(num_next_next=2, context=context).draft(50, ranked_logits(top), 100)
+    merged = logitspec(num_next_next=2, context=context).draft(50, ranked_ids(top), 100)
     separate = logitspec(num_next_next=2, context=context, merge_prefixes=False).draft(
-        50, ranked_logits(top), 100)
+        50, ranked_ids(top), 100)
     # next-token chain 60 11 12 13 14; rank 1 is [60, 11, 12]: a prefix of it
     assert spelled(merged) == [[60, 11, 12, 13, 14], [70, 21, 22]]
     assert spelled(separate) == [[60, 11, 12, 13, 14], [60, 11, 12], [70, 21, 22]]
@@ -137,8 +147,8 @@ FULL_SIZE = 1 + sum(map(len, EXPECTED_CHAINS))  # 18
 
 @pytest.mark.parametrize("capacity", range(1, FULL_SIZE + 3))
 def test_capacity_respected_exactly(capacity):
-    full = logitspec(capacity=64).draft(50, ranked_logits(TOP), max_depth=100)
-    tree = logitspec(capacity=capacity).draft(50, ranked_logits(TOP), max_depth=100)
+    full = logitspec(capacity=64).draft(50, ranked_ids(TOP), max_depth=100)
+    tree = logitspec(capacity=capacity).draft(50, ranked_ids(TOP), max_depth=100)
     assert len(tree) == min(capacity, FULL_SIZE)
     # the budget cuts the creation order: the tree is a prefix of the uncapped one
     assert tree.tokens == full.tokens[:len(tree)] and tree.parents == full.parents[:len(tree)]
@@ -148,7 +158,7 @@ def test_capacity_respected_exactly(capacity):
 def test_pld_capacity_respected_exactly(capacity):
     drafter = PromptLookupDrafter(PoolConfig(max_ngram_size=1, num_pred_tokens=20), capacity)
     drafter.begin(list(range(30)) + [0], 0)
-    tree = drafter.draft(0, ranked_logits([0]), max_depth=100)
+    tree = drafter.draft(0, ranked_ids([0]), max_depth=100)
     assert len(tree) == capacity and list(tree.tokens) == list(range(capacity))
 
 
@@ -159,16 +169,16 @@ def test_pld_capacity_respected_exactly(capacity):
     (4, [[1, 2, 3, 4]] + EXPECTED_CHAINS[1:]),
 ], ids=["depth-0", "depth-1", "depth-2", "depth-4"])
 def test_max_depth_respected(max_depth, expected):
-    tree = logitspec().draft(50, ranked_logits(TOP), max_depth=max_depth)
+    tree = logitspec().draft(50, ranked_ids(TOP), max_depth=max_depth)
     assert max(tree.depths) <= max_depth
     assert spelled(tree) == expected
 
 
 def test_capacity_one_is_root_only():
-    assert len(logitspec(capacity=1).draft(50, ranked_logits(TOP), max_depth=100)) == 1
+    assert len(logitspec(capacity=1).draft(50, ranked_ids(TOP), max_depth=100)) == 1
     drafter = PromptLookupDrafter(UNIGRAM, draft_tree_capacity=1)
     drafter.begin(CONTEXT, 0)
-    assert len(drafter.draft(50, ranked_logits(TOP), max_depth=100)) == 1
+    assert len(drafter.draft(50, ranked_ids(TOP), max_depth=100)) == 1
 
 
 def test_small_vocabulary():
@@ -177,7 +187,7 @@ def test_small_vocabulary():
     context = [0, 1, 2, 3, 4, 0, 2]
     drafter = LogitSpecDrafter(LogitSpecConfig(pool=UNIGRAM, draft_tree_capacity=64))
     drafter.begin(context, 0)
-    tree = drafter.draft(3, ranked_logits([3, 1, 0, 4, 2], vocab=5), max_depth=100)
+    tree = drafter.draft(3, ranked_ids([3, 1, 0, 4, 2], vocab=5), max_depth=100)
     # next-token chain 3 -> [4, 0, 2]; rank 1: 1 -> 2 3 4 (cut to 4 tokens); rank 2: 0 -> the
     # full continuation at position 0; rank 3: [4, 0, 2] merges into the first chain;
     # rank 4: 2 -> first occurrence (none full)
@@ -240,7 +250,7 @@ def test_num_next_next_zero_equals_pld(context, root, scores, capacity, max_dept
                                             num_next_next=0, merge_prefixes=merge))
     pld.begin(context, 0)
     spec.begin(context, 0)
-    assert spec.draft(root, logits, max_depth) == pld.draft(root, logits, max_depth)
+    assert spec.draft(root, top_ids(logits), max_depth) == pld.draft(root, top_ids(logits), max_depth)
 
 
 @settings(deadline=None, max_examples=100)
@@ -260,7 +270,7 @@ def test_logitspec_tree_properties(context, scores, capacity, max_depth, num_nex
                              merge_prefixes=merge)
     drafter = LogitSpecDrafter(config)
     drafter.begin(context, 0)
-    tree = drafter.draft(root, logits, max_depth)
+    tree = drafter.draft(root, top_ids(logits), max_depth)
     assert len(tree) <= capacity and max(tree.depths) <= max_depth and tree.tokens[0] == root
     # after the next-token chain's first node, the root's children follow the logit ranking
     ranking = [t for t in logits.argsort(descending=True).tolist() if t != root]

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fakes import MarkovLM
+from logitspec.acceptance import TargetOutput
 from logitspec.decoding import Decoder, GenerationConfig
 from logitspec.recycling import (
     DEFAULT_RANK_PROBS, RecyclingConfig, SuccessorTable, TokenRecyclingDrafter, static_template,
@@ -113,18 +114,35 @@ def test_table_pads_narrow_rows_and_rejects_bad_shapes():
         SuccessorTable(0)
 
 
+def target_output(logits: torch.Tensor, k: int) -> TargetOutput:
+    """What the decoding loop hands a drafter: top-k rows at most the vocabulary wide."""
+    return TargetOutput(logits, logits.topk(min(k, logits.shape[-1])).indices.numpy())
+
+
 def test_observe_records_the_top_k_of_every_node():
     tree = DraftTree((2, 0, 1), (-1, 0, 0), (0, 1, 1))
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 1.0, 4.0, 0.0], [0.0, 0.0, 9.0, 8.0]])
     table = SuccessorTable(4, k=2)
-    table.observe(tree, logits)
+    table.observe(tree, target_output(logits, 8))
     assert [table.successors_of(t).tolist() for t in range(4)] == [[0, 2], [2, 3], [1, 3], [-1, -1]]
     wide = SuccessorTable(4, k=8)  # k past the vocabulary: the rest stays unknown
-    wide.observe(tree, logits)
+    wide.observe(tree, target_output(logits, 8))
     assert wide.successors_of(2).tolist()[:4] == [1, 3, 2, 0] and wide.successors_of(2)[4:].max() == -1
 
 
+def test_observe_skips_unknown_rows_and_aux_inputs():
+    aux = np.array([[True, False, False, True]])
+    tree = DraftTree((2, 0, 1), (-1, 0, 0), (0, 1, 1), aux_tokens=(3,), aux_depths=(1,), aux_mask=aux)
+    rows = np.array([[1, 0], [-1, -1], [3, 2], [0, 1]])  # node 1 unknown; row 3 is the aux input
+    table = SuccessorTable(4, k=2)
+    table.observe(tree, TargetOutput(None, rows))
+    assert [table.successors_of(t).tolist() for t in range(4)] == [[-1, -1], [3, 2], [1, 0], [-1, -1]]
+
+
 # --------------------------------------------------------------------------- drafting
+
+
+NO_TOPK = np.zeros(0, dtype=np.int64)  # Token Recycling reads no top-k at drafting time
 
 
 def drafter_with(rows: dict[int, list[int]], capacity: int, rank_probs, k: int = 2):
@@ -151,23 +169,23 @@ DRAFTS = [
 
 @pytest.mark.parametrize("rows,capacity,rank_probs,max_depth,tokens,parents", DRAFTS)
 def test_draft_from_a_hand_made_table(rows, capacity, rank_probs, max_depth, tokens, parents):
-    tree = drafter_with(rows, capacity, rank_probs).draft(7, torch.zeros(16), max_depth)
+    tree = drafter_with(rows, capacity, rank_probs).draft(7, NO_TOPK, max_depth)
     assert (tree.tokens, tree.parents) == (tokens, parents)
     assert len(tree) <= capacity and max(tree.depths) <= max_depth
 
 
 def test_a_fresh_drafter_drafts_the_root_alone_until_it_observes():
     drafter = TokenRecyclingDrafter(RecyclingConfig(8))
-    assert drafter.draft(3, torch.zeros(5), 4).tokens == (3,)
-    drafter.observe(DraftTree((3,), (-1,), (0,)), torch.tensor([[0.0, 4.0, 1.0, 2.0, 3.0]]))
+    assert drafter.draft(3, NO_TOPK, 4).tokens == (3,)
+    drafter.observe(DraftTree((3,), (-1,), (0,)), target_output(torch.tensor([[0.0, 4.0, 1.0, 2.0, 3.0]]), 8))
     assert drafter.table.vocab_size == 5
-    assert drafter.draft(3, torch.zeros(5), 4).tokens[:2] == (3, 1)
+    assert drafter.draft(3, NO_TOPK, 4).tokens[:2] == (3, 1)
 
 
 def test_observe_learns_from_rejected_nodes_and_begin_keeps_the_table():
     drafter = TokenRecyclingDrafter(RecyclingConfig(4, k=2), SuccessorTable(6, 2))
     tree = DraftTree((1, 2, 3), (-1, 0, 0), (0, 1, 1))  # say node 2 (token 3) was rejected
-    drafter.observe(tree, torch.eye(6)[[4, 5, 0]] * 3)
+    drafter.observe(tree, target_output(torch.eye(6)[[4, 5, 0]] * 3, 2))
     drafter.extend([1, 2], tree, [0, 1])
     drafter.begin([0, 1, 2], 0)
     assert drafter.table.successors_of(3)[0] == 0 and drafter.table.successors_of(1)[0] == 4

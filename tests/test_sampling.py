@@ -76,20 +76,22 @@ class FullTreeDrafter:
 
     name = "full-tree"
     tree_capacity = 1 + VOCAB + VOCAB**2
+    top_k = 0
+    needs_hidden = False
 
     def configure(self, config) -> None:
         pass
 
-    def begin(self, context, reused) -> None:
+    def begin(self, context, reused, hidden=None) -> None:
         pass
 
-    def observe(self, tree, logits) -> None:
+    def observe(self, tree, out) -> None:
         pass
 
     def extend(self, tokens, tree, path) -> None:
         pass
 
-    def draft(self, root, last_logits, max_depth):
+    def draft(self, root, root_topk, max_depth):
         chains = [[a, b] for a in range(VOCAB) for b in range(VOCAB)]
         return build_tree(root, chains, self.tree_capacity, max_depth=max_depth)
 

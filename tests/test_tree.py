@@ -179,3 +179,44 @@ def test_tree_properties(root, chains, capacity, max_depth, merge):
     else:
         expected = 1 + sum(len(c[:limit]) for c in chains)
         assert n == min(capacity, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Aux inputs: verified alongside the tree, never candidates
+
+
+def test_aux_inputs_docstring_example():
+    aux_mask = np.array([[1, 0, 1, 0], [1, 0, 1, 1]], dtype=bool)
+    tree = DraftTree((7, 1), (-1, 0), (0, 1), aux_tokens=(5, 6), aux_depths=(1, 2), aux_mask=aux_mask)
+    assert len(tree) == 2 and tree.num_inputs == 4 and tree.num_draft_tokens == 1
+    assert tree.input_tokens() == (7, 1, 5, 6) and tree.input_depths() == (0, 1, 1, 2)
+    expected = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=bool)
+    assert np.array_equal(tree.input_mask(), expected)
+    assert not tree.is_chain  # aux inputs need the explicit mask
+    assert tree.retrieve_paths() == [[0, 1]]  # paths are over tree nodes only
+
+
+@pytest.mark.parametrize(
+    "aux_tokens, aux_depths, aux_mask",
+    [
+        ((5,), (), np.ones((1, 2), dtype=bool)),  # no depth
+        ((5,), (1,), None),  # no mask
+        ((), (), np.ones((0, 1), dtype=bool)),  # a mask without inputs
+        ((5,), (1,), np.ones((1, 1), dtype=bool)),  # too narrow
+        ((5, 6), (1, 2), np.array([[1, 1, 0], [1, 0, 0]], dtype=bool)),  # input 6 blind to itself
+    ],
+    ids=["no-depth", "no-mask", "mask-without-inputs", "narrow-mask", "not-self"],
+)
+def test_aux_input_validation(aux_tokens, aux_depths, aux_mask):
+    with pytest.raises(ValueError, match="aux"):
+        DraftTree((7,), (-1,), (0,), aux_tokens=aux_tokens, aux_depths=aux_depths, aux_mask=aux_mask)
+
+
+@pytest.mark.parametrize("tokens, parents, depths, chain", [
+    ((7,), (-1,), (0,), True),
+    ((7, 1, 2), (-1, 0, 1), (0, 1, 2), True),
+    ((7, 1, 2), (-1, 0, 0), (0, 1, 1), False),
+    ((7, 1, 2, 3), (-1, 0, 1, 0), (0, 1, 2, 1), False),
+])
+def test_is_chain(tokens, parents, depths, chain):
+    assert DraftTree(tokens, parents, depths).is_chain is chain

@@ -11,61 +11,111 @@ from fakes import MarkovLM
 from logitspec.cost import CostCurve
 from logitspec.decoding import Decoder, GenerationConfig
 from logitspec.drafters import LogitSpecConfig, PoolConfig, ValueTreeDrafter, make_logitspec_drafter
-from logitspec.value_tree import AcceptanceStats, CandidateTrie, bucket, select_nodes
+from logitspec.value_tree import AcceptanceStats, BestFirstTree, bucket
 
 
-def trie_of(chains: list[tuple[list[int], list[float]]], root: int = 0) -> CandidateTrie:
-    trie = CandidateTrie(root)
-    for tokens, rates in chains:
-        trie.add_chain(tokens, [("f", i) for i in range(len(tokens))], rates)
-    return trie
+RATES: dict = {}
+
+
+def grown(chains: list[tuple[list[int], list[float]]], capacity: int = 64, cost=None,
+          max_depth=None, root: int = 0):
+    """The tree grown from eager chains whose node ``i`` has rate ``rates[i]`` (each rate
+    is its own feature)."""
+    tree = BestFirstTree(root, RATES.__getitem__, max_depth)
+    for c, (tokens, rates) in enumerate(chains):
+        features = [(c, i) for i in range(len(tokens))]
+        RATES.update(zip(features, rates))
+        tree.offer(iter(list(zip(tokens, features))))
+    return tree.grow(capacity, cost)
 
 
 def test_docstring_example_picks_three_drafts():
-    trie = trie_of([([1], [0.9]), ([2], [0.5]), ([3], [0.2]), ([4], [0.05])])
     costs = {1: 1.0, 2: 1.02, 3: 1.05, 4: 1.1, 5: 1.4}
-    assert select_nodes(trie, 64, costs.__getitem__) == [0, 1, 2, 3]
+    tree, _ = grown([([1], [0.9]), ([2], [0.5]), ([3], [0.2]), ([4], [0.05])], 5, costs.__getitem__)
+    assert tree.tokens == (0, 1, 2, 3)
+
+
+def test_class_docstring_example_merges_and_keeps_each_chains_own_probability():
+    tree, features = grown([([1, 2], [0.9, 0.5]), ([1, 3], [0.6, 0.8])])
+    assert tree.tokens == (0, 1, 3, 2) and tree.parents == (-1, 0, 1, 1)
+    assert features == [None, (0, 0), (1, 1), (0, 1)]  # node 1 valued by the first chain
 
 
 @pytest.mark.parametrize(
     "chains,capacity,expected",
     [
-        pytest.param([([1, 2, 3], [0.9, 0.9, 0.9])], 3, [0, 1, 2], id="chain-cut-by-budget"),
-        pytest.param([([1, 2], [0.9, 0.1]), ([5], [0.5])], 3, [0, 1, 3], id="sibling-beats-deep-node"),
-        pytest.param([([1], [0.2]), ([1, 7], [0.8, 0.9])], 8, [0, 1, 2], id="merge-keeps-higher-prob"),
-        pytest.param([([1, 2], [0.9, 0.9])], 1, [0], id="budget-1-root-only"),
-        pytest.param([], 8, [0], id="no-candidates"),
+        pytest.param([([1, 2, 3], [0.9, 0.9, 0.9])], 3, (0, 1, 2), id="chain-cut-by-budget"),
+        pytest.param([([1, 2], [0.9, 0.1]), ([5], [0.5])], 3, (0, 1, 5), id="sibling-beats-deep-node"),
+        pytest.param([([1], [0.2]), ([1, 7], [0.8, 0.9])], 8, (0, 1, 7), id="merge-shares-the-node"),
+        pytest.param([([1, 2], [0.9, 0.9])], 1, (0,), id="budget-1-root-only"),
+        pytest.param([], 8, (0,), id="no-candidates"),
     ],
 )
-def test_select_nodes_by_budget(chains, capacity, expected):
-    assert select_nodes(trie_of(chains), capacity) == expected
-
-
-def test_selection_is_prefix_closed_even_when_a_merge_raised_a_child():
-    trie = CandidateTrie(0)
-    trie.add_chain([1, 2], ["a", "b"], [0.1, 0.9])  # P(1) = 0.1, P(2) = 0.09
-    trie.add_chain([3, 4], ["c", "d"], [0.5, 0.5])
-    trie.probs[2] = 0.95  # a child more probable than its parent is clipped to the parent
-    chosen = select_nodes(trie, 3)
-    assert all(trie.parents[n] in chosen for n in chosen if n)
+def test_grow_by_budget(chains, capacity, expected):
+    assert grown(chains, capacity)[0].tokens == expected
 
 
 def test_max_depth_is_respected():
-    trie = trie_of([([1, 2, 3, 4], [0.99] * 4)])
-    assert select_nodes(trie, 64, max_depth=2) == [0, 1, 2]
+    tree, _ = grown([([1, 2, 3, 4], [0.99] * 4)], max_depth=2)
+    assert tree.tokens == (0, 1, 2)
 
 
 def test_flat_cost_takes_everything_steep_cost_takes_nothing():
-    trie = trie_of([([1, 2, 3], [0.5, 0.5, 0.5])])
-    assert select_nodes(trie, 64, lambda n: 1.0) == [0, 1, 2, 3]
-    assert select_nodes(trie, 64, lambda n: float(n)) == [0]
+    chains = [([1, 2, 3], [0.5, 0.5, 0.5])]
+    assert grown(chains, cost=lambda n: 1.0)[0].tokens == (0, 1, 2, 3)
+    assert grown(chains, cost=lambda n: float(n))[0].tokens == (0,)
 
 
-def test_to_tree_reindexes_in_creation_order():
-    trie = trie_of([([1, 2], [0.9, 0.9]), ([3], [0.95])])
-    tree, features = trie.to_tree([0, 1, 3])
-    assert tree.tokens == (0, 1, 3) and tree.parents == (-1, 0, 0) and tree.depths == (0, 1, 1)
-    assert features == [None, ("f", 0), ("f", 0)]
+def test_a_chain_is_asked_for_its_next_node_only_once_its_last_one_is_in():
+    asked = []
+
+    def chain(name, rates):
+        for i, rate in enumerate(rates):
+            asked.append((name, i))
+            RATES[(name, i)] = rate
+            yield 10 * len(asked), (name, i)
+
+    tree = BestFirstTree(0, RATES.__getitem__)
+    tree.offer(chain("a", [0.9, 0.9, 0.9]))
+    tree.offer(chain("b", [0.1, 0.9]))
+    grown_tree, _ = tree.grow(3)
+    assert len(grown_tree) == 3 and asked == [("a", 0), ("b", 0), ("a", 1), ("a", 2)]
+
+
+def pop_order_ratio_argmax(chains, capacity, cost):
+    """Brute force: grow without a cost, then the prefix of the pop order with the best ratio
+    (the first on ties)."""
+    full, _ = grown(chains, capacity)
+    order = []
+    tree = BestFirstTree(0, RATES.__getitem__)
+    for c, (tokens, rates) in enumerate(chains):
+        tree.offer(iter([(t, (c, i)) for i, t in enumerate(tokens)]))
+    tree.grow(capacity)
+    gains = [1.0]
+    for prob in tree.probs[1:]:
+        gains.append(gains[-1] + prob)
+    ratios = [g / cost(n + 1) for n, g in enumerate(gains)]
+    best = max(range(len(ratios)), key=lambda n: (ratios[n], -n))
+    return full.tokens[: best + 1]
+
+
+@settings(deadline=None, max_examples=200)
+@given(
+    chains=st.lists(st.tuples(st.lists(st.integers(1, 4), min_size=1, max_size=5),
+                              st.lists(st.floats(0.01, 1.0), min_size=5, max_size=5)), max_size=8),
+    capacity=st.integers(1, 30),
+    steps=st.lists(st.floats(0.0, 0.5), min_size=30, max_size=30),
+)
+def test_early_stop_with_a_cost_equals_the_best_prefix(chains, capacity, steps):
+    chains = [(tokens, rates[: len(tokens)]) for tokens, rates in chains]
+    curve = [1.0]
+    for step in steps:
+        curve.append(curve[-1] + step)  # non-decreasing
+
+    def cost(n):
+        return curve[n - 1]
+
+    assert grown(chains, capacity, cost)[0].tokens == pop_order_ratio_argmax(chains, capacity, cost)
 
 
 def test_acceptance_stats_learn_and_follow_the_prior():
