@@ -169,14 +169,87 @@ def check_same_vocabulary(target_vocab_size: int, draft_vocab_size: int) -> None
         )
 
 
-class _DraftSource:
+class DraftSource:
+    """Where a :class:`DraftModelDrafter` gets its draft distributions: a draft model with its
+    own KV cache (:class:`ModelSource`), or anything else that follows the decoding context
+    the same way (a draft head reading the target's hidden states,
+    :class:`logitspec.draft_head.HeadSource`).
+
+    Per step the drafter calls :meth:`root` once, then :meth:`expand` once per depth; after
+    verification :meth:`observe`, then :meth:`extend`. ``hidden_size``: the width of the
+    hidden states :meth:`root` and :meth:`expand` return (what an acceptance head reads).
+    """
+
+    needs_hidden = False  # whether begin/observe must carry the target's hidden states
+    vocab_size: int
+    hidden_size: int | None  # None: unknown (no acceptance head can check it)
+    device: torch.device
+
+    def begin(self, context: Sequence[int], reused: int, hidden: torch.Tensor | None, room: int) -> None:
+        """A generation starts over ``context`` (``reused``, ``hidden``: as the drafter's
+        ``begin``); ``room``: the most tokens the context will hold, drafts included."""
+        raise NotImplementedError
+
+    def root(self, context: Sequence[int], root: int, room: int) -> torch.Tensor:
+        """Consumes ``context`` (what is not consumed yet) and ``root``; returns the hidden
+        state (1, hidden) whose distribution proposes the token after ``root``."""
+        raise NotImplementedError
+
+    def expand(self, trie: "_DraftTrie", frontier: list[int], chain: bool) -> torch.Tensor:
+        """Hidden states (len(frontier), hidden) at the ``frontier`` nodes of ``trie`` (each
+        drafted under an expanded parent); ``chain``: one draft, its nodes may be committed."""
+        raise NotImplementedError
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The draft's logits (N, vocab_size) at ``hidden`` (N, hidden)."""
+        raise NotImplementedError
+
+    def observe(self, tree: DraftTree, out: TargetOutput) -> None:
+        """The target's outputs on the verified ``tree``."""
+
+    def extend(self, context: Sequence[int], known: int, path: Sequence[int]) -> None:
+        """``context`` grew by the accepted ``path`` of the tree just observed (root first);
+        its first ``known`` tokens are unchanged."""
+
+
+class ModelSource(DraftSource):
     """One draft model, its KV cache and the tokens that cache holds (committed)."""
 
     def __init__(self, model: Any, mask_rows: int) -> None:
         self.model = model
         self.mask_rows = mask_rows
+        self.vocab_size = model.config.vocab_size
+        self.hidden_size = getattr(model.config, "hidden_size", None)
+        self.device = model.device
         self.cache: KVCache | None = None
         self.tokens: list[int] = []
+
+    def begin(self, context: Sequence[int], reused: int, hidden: torch.Tensor | None, room: int) -> None:
+        self.reserve(room)
+        self.sync(context)
+        if len(self.tokens) < len(context):
+            self.feed(context[len(self.tokens):])
+
+    def root(self, context: Sequence[int], root: int, room: int) -> torch.Tensor:
+        self.reserve(room)
+        return self.feed(list(context[len(self.tokens):]) + [root])[-1:]
+
+    def expand(self, trie: "_DraftTrie", frontier: list[int], chain: bool) -> torch.Tensor:
+        """A chain's node is fed and committed; several chains' nodes are re-fed each depth
+        with the nodes on their paths, under a tree mask, and never committed."""
+        if chain:
+            (node,) = frontier
+            return self.feed([trie.tokens[node]])
+        nodes, tree_mask = trie.subtree(frontier)
+        hidden = self.feed_tree([trie.tokens[n] for n in nodes],
+                                [trie.depths[n] for n in nodes], tree_mask)
+        return hidden[[nodes.index(n) for n in frontier]]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)
+
+    def extend(self, context: Sequence[int], known: int, path: Sequence[int]) -> None:
+        self.sync(context, min(known, len(self.tokens)))
 
     def reserve(self, capacity: int) -> None:
         """Makes room for ``capacity`` tokens (a new buffer, the committed part copied)."""
@@ -263,23 +336,26 @@ class DraftModelDrafter:
         *,
         acceptance_head: AcceptanceHead | None = None,
     ) -> None:
-        models = list(draft_models) if isinstance(draft_models, (list, tuple)) else [draft_models]
-        if not models:
+        """``draft_models``: draft models (each gets a :class:`ModelSource`) or
+        :class:`DraftSource` objects, one or a list."""
+        drafts = list(draft_models) if isinstance(draft_models, (list, tuple)) else [draft_models]
+        if not drafts:
             raise ValueError("at least one draft model is needed")
-        self.vocab_size = models[0].config.vocab_size
-        for model in models[1:]:
-            check_same_vocabulary(self.vocab_size, model.config.vocab_size)
-        _check_head(acceptance_head, models)
+        chains = len(drafts) * config.num_drafts
+        rows = max(64, chains * config.length.longest + 2)
+        self.sources = [d if isinstance(d, DraftSource) else ModelSource(d, rows) for d in drafts]
+        self.vocab_size = self.sources[0].vocab_size
+        for source in self.sources[1:]:
+            check_same_vocabulary(self.vocab_size, source.vocab_size)
+        _check_head(acceptance_head, self.sources)
         self.config = config
         self.head = acceptance_head
-        chains = len(models) * config.num_drafts
+        self.needs_hidden = any(source.needs_hidden for source in self.sources)
         self.tree_capacity = config.tree_capacity or 1 + chains * config.length.longest
-        rows = max(64, chains * config.length.longest + 2)
-        self.sources = [_DraftSource(model, rows) for model in models]
         self.length = DraftLength(config.length)
         self.context: list[int] = []
         self.chains: list[DraftChain] = []
-        self.generator = torch.Generator(device=self.sources[0].model.device)
+        self.generator = torch.Generator(device=self.sources[0].device)
         self.greedy, self.eos, self.max_new_tokens = True, frozenset(), 0
         self.sampling = (1.0, 0, 1.0)
 
@@ -298,10 +374,7 @@ class DraftModelDrafter:
         self.context = [int(t) for t in context]
         room = len(self.context) + self.max_new_tokens + self.tree_capacity + 1
         for source in self.sources:
-            source.reserve(room)
-            source.sync(self.context)
-            if len(source.tokens) < len(self.context):
-                source.feed(self.context[len(source.tokens):])
+            source.begin(self.context, reused, hidden, room)
 
     def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
         chains = self.propose(root, max_depth)
@@ -319,21 +392,21 @@ class DraftModelDrafter:
         return self.chains
 
     def observe(self, tree: DraftTree, out: TargetOutput) -> None:
-        pass
+        for source in self.sources:
+            source.observe(tree, out)
 
     def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
         known = len(self.context)
         self.context.extend(int(t) for t in tokens)
         for source in self.sources:
-            source.sync(self.context, min(known, len(source.tokens)))
+            source.extend(self.context, known, path)
         accepted = list(tokens[1:])
         if self.chains:
             full = any(list(c.tokens) == accepted[: len(c.tokens)] for c in self.chains)
             self.length.update(full)
 
-    def _draft_source(self, source: _DraftSource, root: int, limit: int) -> list[DraftChain]:
-        source.reserve(len(self.context) + 1 + self.config.num_drafts * limit)
-        hidden = source.feed(self.context[len(source.tokens):] + [root])[-1:]
+    def _draft_source(self, source: DraftSource, root: int, limit: int) -> list[DraftChain]:
+        hidden = source.root(self.context, root, len(self.context) + 1 + self.config.num_drafts * limit)
         trie = _DraftTrie(root)
         trie.expanded(0, self._distribution(source, hidden)[0], hidden[0])
         chains = [_Chain() for _ in range(self.config.num_drafts)]
@@ -371,36 +444,27 @@ class DraftModelDrafter:
             return float(self.head.probability(hidden))
         return float(probs[token])
 
-    def _expand(self, source: _DraftSource, trie: "_DraftTrie", frontier: list[int]) -> None:
+    def _expand(self, source: DraftSource, trie: "_DraftTrie", frontier: list[int]) -> None:
         """Computes the draft's distribution at the ``frontier`` nodes."""
-        if self.config.num_drafts == 1:
-            (node,) = frontier
-            hidden = source.feed([trie.tokens[node]])
-            rows = [0]
-        else:
-            nodes, tree_mask = trie.subtree(frontier)
-            hidden = source.feed_tree([trie.tokens[n] for n in nodes],
-                                      [trie.depths[n] for n in nodes], tree_mask)
-            rows = [nodes.index(n) for n in frontier]
-        picked = hidden[rows]
-        for node, probs, h in zip(frontier, self._distribution(source, picked), picked):
+        hidden = source.expand(trie, frontier, chain=self.config.num_drafts == 1)
+        for node, probs, h in zip(frontier, self._distribution(source, hidden), hidden):
             trie.expanded(node, probs, h)
 
-    def _distribution(self, source: _DraftSource, hidden: torch.Tensor) -> torch.Tensor:
+    def _distribution(self, source: DraftSource, hidden: torch.Tensor) -> torch.Tensor:
         """The draft's distributions (N, V) at ``hidden`` (N, hidden): processed as the run
         samples, or the plain softmax for greedy runs."""
-        logits = source.model.lm_head(hidden)
+        logits = source.logits(hidden)
         if self.greedy:
             return torch.softmax(logits.float(), dim=-1)
         return sampling_probs(logits, *self.sampling)
 
 
-def _check_head(head: AcceptanceHead | None, models: list[Any]) -> None:
+def _check_head(head: AcceptanceHead | None, sources: list[DraftSource]) -> None:
     if head is None:
         return
-    for model in models:
-        size = getattr(model.config, "hidden_size", head.hidden_size)
-        if size != head.hidden_size:
+    for source in sources:
+        size = source.hidden_size
+        if size is not None and size != head.hidden_size:
             raise ValueError(
                 f"the acceptance head reads hidden states of size {head.hidden_size}, "
                 f"the draft model has {size}"
@@ -489,7 +553,7 @@ class CombinedDrafter:
                             with_probs=not self.draft_model.greedy)
 
     def observe(self, tree: DraftTree, out: TargetOutput) -> None:
-        pass
+        self.draft_model.observe(tree, out)
 
     def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
         self.draft_model.extend(tokens, tree, path)

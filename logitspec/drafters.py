@@ -240,7 +240,7 @@ class LogitSpecDrafter(_PoolDrafter):
             yield [token] + self.pool.lookup(self._query(root, token), max_tokens=length - 1)
 
 
-def _value_prior(feature: tuple) -> float:
+def value_prior(feature: tuple) -> float:
     """Acceptance rates assumed before any step was observed."""
     kind = feature[0]
     if kind == "first":
@@ -276,7 +276,7 @@ class ValueTreeDrafter(_PoolDrafter):
         super().__init__(config.pool, config.capacity)
         self.config = config
         self.cost = cost_curve.cost if config.draft_tree_capacity is None else None
-        self.stats = AcceptanceStats(_value_prior)
+        self.stats = AcceptanceStats(value_prior)
         self.overhead = 0.0
         self.successors = successors
         recycled = successors.k if successors is not None and config.recycle_chains else 0
@@ -288,13 +288,18 @@ class ValueTreeDrafter(_PoolDrafter):
         start = time.perf_counter()
         tree = BestFirstTree(root, self.stats.rate, max_depth)
         if self.tree_capacity > 1 and max_depth > 0:
-            self._offer_next_chains(tree, root)
-            self._offer_next_next_chains(tree, root, root_topk[: self.config.candidates + 1].tolist())
-            if self.successors is not None and self.config.recycle_chains:
-                self._offer_recycled_chains(tree, root)
+            self._offer_candidates(tree, root, root_topk, max_depth)
         draft, self._features = tree.grow(self.tree_capacity, self.cost, self.overhead)
         self.overhead = 0.9 * self.overhead + 0.1 * (time.perf_counter() - start)
         return draft
+
+    def _offer_candidates(self, tree: BestFirstTree, root: int, root_topk: np.ndarray,
+                          max_depth: int) -> None:
+        """Offers every candidate source's chains under ``root``."""
+        self._offer_next_chains(tree, root)
+        self._offer_next_next_chains(tree, root, root_topk[: self.config.candidates + 1].tolist())
+        if self.successors is not None and self.config.recycle_chains:
+            self._offer_recycled_chains(tree, root)
 
     def _depth_features(self, kind: str, order: int, first_depth: int) -> tuple:
         """``(kind, order, depth bucket)`` for depths ``first_depth, first_depth + 1, ...``

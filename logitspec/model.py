@@ -64,6 +64,16 @@ def _llama3_scale(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
     return torch.where(middle, blended, scaled)
 
 
+def rope_tables(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (T, D) for ``positions`` (T,) from float32 ``inv_freq`` (D/2,), computed in
+    float32 and cast to ``dtype``."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -170,9 +180,7 @@ class Transformer(nn.Module):
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (T, D) for ``positions`` (T,), computed in float32, cast to the dtype."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, D/2)
-        angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        return rope_tables(self.inv_freq, positions, self.dtype)
 
     def hidden(
         self,

@@ -23,6 +23,10 @@ most probable chain through it (the first to reach it: pops come in non-increasi
 each chain goes on below it with its own probability, so the order stays non-increasing and
 the nodes popped first are exactly the most probable ones. Ties pop in the order the
 candidates were offered.
+
+A source that has already computed a whole subtree (a draft head expanded level by level)
+offers it as :class:`Candidate` nodes instead (:meth:`BestFirstTree.offer_nodes`): a node's
+children are offered below it when it is popped, like a chain's next node.
 """
 
 from __future__ import annotations
@@ -85,6 +89,15 @@ class AcceptanceStats:
 Chain = Iterator[tuple[int, Feature]]
 
 
+@dataclass
+class Candidate:
+    """A candidate node whose children are already known (offered when it is popped)."""
+
+    token: int
+    feature: Feature
+    children: list["Candidate"] = field(default_factory=list)
+
+
 class BestFirstTree:
     """A draft tree grown best-first from lazy candidate chains (module docstring).
 
@@ -107,7 +120,7 @@ class BestFirstTree:
         self.rate = rate
         self.max_depth = max_depth
         self._children: dict[tuple[int, int], int] = {}
-        self._heap: list = []  # (-P, offer order, parent node, token, feature, chain)
+        self._heap: list = []  # (-P, offer order, parent node, token, feature, chain, children)
         self._order = 0
 
     def offer(self, chain: Chain, parent: int = 0, prob: float = 1.0) -> None:
@@ -118,7 +131,16 @@ class BestFirstTree:
         if item is not None:
             token, feature = item
             heapq.heappush(self._heap, (-prob * self.rate(feature), self._order, parent,
-                                        token, feature, chain))
+                                        token, feature, chain, ()))
+            self._order += 1
+
+    def offer_nodes(self, nodes: Sequence[Candidate], parent: int = 0, prob: float = 1.0) -> None:
+        """Hangs ``nodes`` (with their subtrees) under node ``parent`` of probability ``prob``."""
+        if self.max_depth is not None and self.depths[parent] >= self.max_depth:
+            return
+        for node in nodes:
+            heapq.heappush(self._heap, (-prob * self.rate(node.feature), self._order, parent,
+                                        node.token, node.feature, None, node.children))
             self._order += 1
 
     def grow(self, capacity: int, cost: Callable[[int], float] | None = None,
@@ -131,7 +153,7 @@ class BestFirstTree:
         best_ratio = 1.0 / (cost(1) + overhead) if cost is not None else 0.0
         heap = self._heap
         while heap and len(self.tokens) < capacity:
-            neg_prob, _, parent, token, feature, chain = heapq.heappop(heap)
+            neg_prob, _, parent, token, feature, chain, children = heapq.heappop(heap)
             prob = -neg_prob
             node = self._children.get((parent, token))
             if node is None:
@@ -146,7 +168,10 @@ class BestFirstTree:
                         (gain + (capacity - size) * prob) / (cost(size + 1) + overhead) <= best_ratio
                     ):
                         break  # every larger tree gains at most `prob` per node
-            self.offer(chain, node, prob)
+            if chain is not None:
+                self.offer(chain, node, prob)
+            if children:
+                self.offer_nodes(children, node, prob)
         n = len(self.tokens) if cost is None else best_n
         tree = DraftTree(tuple(self.tokens[:n]), tuple(self.parents[:n]), tuple(self.depths[:n]))
         return tree, self.features[:n]
