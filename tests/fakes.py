@@ -65,3 +65,19 @@ class MarkovLM(nn.Module):
 
     def forward(self, tokens, positions, cache, tree_mask=None) -> torch.Tensor:
         return self.hidden(tokens, positions, cache, tree_mask)
+
+
+def markov_head(model: MarkovLM, *, seed: int = 0, draft_vocab=None):
+    """A random draft head for ``model``: its "features" are the fake's logits (V wide, as
+    ``MarkovLM.hidden`` returns them), read through a random embedding table and an identity
+    LM head; ``draft_vocab`` (default: every token) restricts what it proposes."""
+    from logitspec.config import ModelConfig
+    from logitspec.draft_head import DraftHead, DraftHeadConfig
+
+    vocab = model.vocab_size
+    layer = ModelConfig(vocab_size=vocab, hidden_size=vocab, intermediate_size=8, num_layers=1,
+                        num_heads=2, num_kv_heads=1, head_dim=4)
+    torch.manual_seed(seed)
+    head = DraftHead(DraftHeadConfig(layer, tuple(range(vocab)) if draft_vocab is None else tuple(draft_vocab)))
+    embed = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed))
+    return head.attach_weights(embed, torch.eye(vocab)).eval().requires_grad_(False)

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from fakes import markov_head
 from logitspec.decoding import (
     Decoder,
     GenerationConfig,
@@ -33,6 +34,7 @@ from logitspec.drafters import (
     PromptLookupDrafter,
     make_logitspec_drafter,
 )
+from logitspec.eagle import EagleConfig, EagleDrafter
 from logitspec.kv_cache import KVCache
 from logitspec.tree import DraftTree
 
@@ -123,15 +125,19 @@ def check_invariants(result, config: GenerationConfig, capacity: int) -> None:
         assert result.new_tokens == config.max_new_tokens and result.stop_reason == "length"
 
 
-def drafters_for(capacity: int, pool: PoolConfig, rank_lengths, merge: bool, num_next_next):
+def drafters_for(model: CopyLM, capacity: int, pool: PoolConfig, rank_lengths, merge: bool,
+                 num_next_next):
     spec = LogitSpecConfig(pool=pool, draft_tree_capacity=capacity, rank_lengths=rank_lengths,
                            merge_prefixes=merge, num_next_next=num_next_next)
     value = LogitSpecConfig(pool=pool, draft_tree_capacity=capacity, tree_policy="value",
                             num_next_next=num_next_next)
+    head = markov_head(model, seed=capacity, draft_vocab=range(0, model.vocab_size, 2))
     return {
         "pld": PromptLookupDrafter(pool, capacity),
         "logitspec": LogitSpecDrafter(spec),
         "logitspec-value": make_logitspec_drafter(value),
+        "eagle": EagleDrafter(head, EagleConfig(value, top_k=3, expand=2, depth=4)),
+        "eagle-head-alone": EagleDrafter(head, EagleConfig(value, retrieval=False, top_k=2)),
     }
 
 
@@ -174,7 +180,8 @@ def test_speculative_equals_vanilla(s):
     assert vanilla.output_ids == expected
     check_invariants(vanilla, config, 1)
     assert set(vanilla.accept_lengths) == {1} and set(vanilla.draft_lengths) == {0}
-    drafters = drafters_for(capacity, s["pool"], s["rank_lengths"], s["merge"], s["num_next_next"])
+    drafters = drafters_for(model, capacity, s["pool"], s["rank_lengths"], s["merge"],
+                            s["num_next_next"])
     for name, drafter in drafters.items():
         result = Decoder(model, drafter).generate(prompt, config)
         assert result.output_ids == expected, name
@@ -189,7 +196,7 @@ def test_multi_turn_reuse_equals_fresh_decoder(s, extra, keep):
     inside the prompt (the cache and pool are cut back). Each equals a fresh decoder."""
     model = CopyLM(s["vocab"], seed=s["seed"])
     config, capacity = s["config"], s["capacity"]
-    args = (capacity, s["pool"], s["rank_lengths"], s["merge"], s["num_next_next"])
+    args = (model, capacity, s["pool"], s["rank_lengths"], s["merge"], s["num_next_next"])
     decoders = {name: Decoder(model, d) for name, d in drafters_for(*args).items()}
     decoders["vanilla"] = Decoder(model)
     first = {name: d.generate(s["prompt"], config).output_ids for name, d in decoders.items()}

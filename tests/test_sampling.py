@@ -6,6 +6,8 @@ independent numpy implementation of temperature / top-k / top-p); the speculativ
 empirical distribution over a fixed set of seeds must pass a chi-square goodness-of-fit test at
 ALPHA. Deterministic: fixed seeds, fixed model. A deliberately wrong acceptance rule (greedy
 matching of drafts with a sampled bonus token) must fail the same test (negative control).
+Covered: retrieval drafters and a draft head's tree beside retrieval (the value tree), whose
+deterministic candidates are verified by the same walk.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from fakes import MarkovLM
+from fakes import MarkovLM, markov_head
 from logitspec.acceptance import greedy_accept
 from logitspec.decoding import Decoder, GenerationConfig
 from logitspec.drafters import LogitSpecConfig, LogitSpecDrafter, PoolConfig, PromptLookupDrafter
+from logitspec.eagle import EagleConfig, EagleDrafter
 from logitspec.sampling import SamplingVerifier, sampling_probs
 from logitspec.tree import build_tree
 
@@ -152,6 +155,11 @@ DRAFTERS = {
     "logitspec": lambda: LogitSpecDrafter(
         LogitSpecConfig(pool=PoolConfig(2, 3), draft_tree_capacity=8, rank_lengths=((2, 3),))
     ),
+    "eagle": lambda: EagleDrafter(
+        markov_head(MarkovLM(VOCAB), seed=2),
+        EagleConfig(LogitSpecConfig(pool=PoolConfig(2, 3), draft_tree_capacity=8, tree_policy="value"),
+                    top_k=3, expand=2, depth=2),
+    ),
 }
 CASES = [
     ("vanilla", "t1.0"),
@@ -162,6 +170,8 @@ CASES = [
     ("logitspec", "t0.7-topk3"),
     ("logitspec", "t1.0"),
     ("pld", "t1.3-topp0.8"),
+    ("eagle", "t1.0"),
+    ("eagle", "t0.7-topk3"),
 ]
 
 
@@ -178,7 +188,7 @@ def test_speculative_sampling_matches_exact_distribution(model, drafter, setting
     assert pvalue > ALPHA, f"p = {pvalue:.2e}: output distribution differs from vanilla sampling"
 
 
-@pytest.mark.parametrize("drafter", ["full-tree", "logitspec"])
+@pytest.mark.parametrize("drafter", ["full-tree", "logitspec", "eagle"])
 def test_negative_control_wrong_acceptance_rule_is_detected(model, drafter):
     settings = SETTINGS["t1.0"]
     counts = sample_outputs(WrongDecoder(model, DRAFTERS[drafter]()), settings)
@@ -247,7 +257,7 @@ def test_sampling_rejects_zero_temperature():
         SamplingVerifier(0.0)
 
 
-@pytest.mark.parametrize("drafter", ["full-tree", "pld", "logitspec"])
+@pytest.mark.parametrize("drafter", ["full-tree", "pld", "logitspec", "eagle"])
 def test_same_seed_reproduces_vanilla_sampling_token_for_token(model, drafter):
     """The walk draws once per emitted token, in order, from the same generator stream as
     vanilla sampling: with exact logits, the outputs are identical, not just equally

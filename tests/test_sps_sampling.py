@@ -5,10 +5,12 @@ target is a Markov fake (tests/fakes.py), the drafts are Markov fakes with other
 probability of every complete output (up to MAX_NEW tokens or EOS) under vanilla sampling is
 computed exactly; the speculative sampler's outputs over fixed seeds must pass a chi-square
 goodness-of-fit test at ALPHA. Covered: chains (speculative sampling, three length
-schedules), several drafts of one model merged into a trie, two draft models, and a draft
-chain mixed with LogitSpec's retrieved chains. Negative controls: dropping the residual
-(resampling from the target after a rejection) and recording merged draws with their
-unrestricted distribution must both fail the same test.
+schedules), several drafts of one model merged into a trie, two draft models, a draft
+chain mixed with LogitSpec's retrieved chains, and a draft head (logitspec/draft_head.py) as the
+draft: its own distributions (over a restricted draft vocabulary) drawn and verified by
+min(1, p/q) with residual resampling. Negative controls: dropping the residual (resampling
+from the target after a rejection), with a draft model and with the head, and recording merged
+draws with their unrestricted distribution must all fail the same test.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import torch
 
 import logitspec.draft_model as draft_model
 import logitspec.sampling as sampling
-from fakes import MarkovLM
+from fakes import MarkovLM, markov_head
 from logitspec.decoding import Decoder, GenerationConfig
 from logitspec.draft_length import DraftLengthConfig
+from logitspec.draft_head import HeadSource
 from logitspec.draft_model import CombinedDrafter, DraftChain, DraftModelConfig, DraftModelDrafter, merge_chains
 from logitspec.drafters import LogitSpecConfig, LogitSpecDrafter, PoolConfig
 from logitspec.tree import DraftTree
@@ -78,6 +81,10 @@ DRAFTERS = {
         DraftModelConfig(DraftLengthConfig(num_draft_tokens=2), num_drafts=2),
     ),
     "mixed": lambda: CombinedDrafter(chain_drafter(), logitspec_drafter(), 8),
+    "head-chain": lambda: head_drafter(),
+    "head-confidence": lambda: head_drafter("confidence", stop_threshold=0.5, bounds=(1, 3)),
+    "head-multi-draft": lambda: head_drafter(num_drafts=3),
+    "head-mixed": lambda: CombinedDrafter(head_drafter(), logitspec_drafter(), 8),
 }
 CASES = [
     ("chain", "t1.0"),
@@ -90,12 +97,29 @@ CASES = [
     ("two-models", "t1.3-topp0.8"),
     ("mixed", "t1.0"),
     ("mixed", "t1.0-topk2-topp0.9"),
+    ("head-chain", "t1.0"),
+    ("head-chain", "t0.7-topk3"),
+    ("head-confidence", "t1.3-topp0.8"),
+    ("head-multi-draft", "t1.0"),
+    ("head-multi-draft", "t0.7-topk3"),
+    ("head-mixed", "t1.0-topk2-topp0.9"),
 ]
+
+
+TARGET = MarkovLM(VOCAB, seed=3, scale=1.5)
+
+
+def head_drafter(schedule: str = "constant", num_drafts: int = 1, **length) -> DraftModelDrafter:
+    """The target's random draft head as the draft; it never proposes token 3 (outside its
+    draft vocabulary: probability 0)."""
+    head = markov_head(TARGET, seed=5, draft_vocab=(0, 1, 2, 4))
+    config = DraftLengthConfig(schedule, num_draft_tokens=2, **length)
+    return DraftModelDrafter(HeadSource(head), DraftModelConfig(config, num_drafts=num_drafts))
 
 
 @pytest.fixture(scope="module")
 def target() -> MarkovLM:
-    return MarkovLM(VOCAB, seed=3, scale=1.5)
+    return TARGET
 
 
 def exact_distribution(model: MarkovLM, settings: dict) -> dict[tuple[int, ...], float]:
@@ -143,6 +167,22 @@ def test_negative_control_no_residual_is_detected(target, monkeypatch):
     monkeypatch.setattr(sampling, "residual", lambda p, q, token: p)
     p, _ = pvalue(target, DRAFTERS["chain"](), "t1.0")
     assert p < ALPHA, f"p = {p:.2e}: the test failed to detect a biased sampler"
+
+
+def test_negative_control_no_residual_with_the_head_is_detected(target, monkeypatch):
+    monkeypatch.setattr(sampling, "residual", lambda p, q, token: p)
+    p, _ = pvalue(target, DRAFTERS["head-chain"](), "t1.0")
+    assert p < ALPHA, f"p = {p:.2e}: the test failed to detect a biased sampler"
+
+
+def test_head_drafts_only_its_vocabulary(target):
+    drafter = head_drafter(num_drafts=3)
+    drafted: set[int] = set()
+    propose = drafter.propose
+    drafter.propose = lambda *args: [drafted.update(c.tokens) or c for c in propose(*args)]
+    config = GenerationConfig(max_new_tokens=24, temperature=1.0, seed=3)
+    Decoder(target, drafter).generate(PROMPT, config)
+    assert drafted == {0, 1, 2, 4}
 
 
 def test_negative_control_unrestricted_rows_for_merged_draws_are_detected(target, monkeypatch):
