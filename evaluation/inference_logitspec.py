@@ -38,15 +38,12 @@ def capacity_arg(text: str) -> int | str:
 
 
 @dataclass(frozen=True)
-class LogitSpecParams(RetrievalParams):
-    """LogitSpec's flags (see the module docstring for the defaults)."""
+class ValueTreeParams(RetrievalParams):
+    """The value tree's flags (shared with the methods that add candidates to it)."""
 
     draft_tree_capacity: int | str = option(
         "auto", "most tokens verified per step, the root included, or 'auto': sized per step by "
         "the measured cost of verification (needs --tree-policy value)", type=capacity_arg)
-    tree_policy: str = option(
-        "value", "'value': keep the candidates most likely to be accepted (learned online); "
-        "'reference': the public code's rank-length chains", choices=["value", "reference"])
     num_continuations: int = option(
         3, "stored continuations per n-gram, newest first (value policy)", type=int)
     recycle_chains: int = option(
@@ -57,17 +54,29 @@ class LogitSpecParams(RetrievalParams):
     def __post_init__(self) -> None:
         self.logitspec_config()  # validates
 
-    def logitspec_config(self) -> LogitSpecConfig:
-        value = self.tree_policy == "value"
+    def logitspec_config(self, tree_policy: str = "value") -> LogitSpecConfig:
+        value = tree_policy == "value"
         return LogitSpecConfig(
             pool=PoolConfig(self.max_ngram_size, self.num_pred_tokens,
                             self.num_continuations if value else 1),
             draft_tree_capacity=None if self.draft_tree_capacity == "auto" else self.draft_tree_capacity,
-            tree_policy=self.tree_policy,
+            tree_policy=tree_policy,
             max_auto_capacity=self.max_auto_capacity,
             recycle_chains=self.recycle_chains if value else 0,
             recycle_depth=self.recycle_depth,
         )
+
+
+@dataclass(frozen=True)
+class LogitSpecParams(ValueTreeParams):
+    """LogitSpec's flags (see the module docstring for the defaults)."""
+
+    tree_policy: str = option(
+        "value", "'value': keep the candidates most likely to be accepted (learned online); "
+        "'reference': the public code's rank-length chains", choices=["value", "reference"])
+
+    def logitspec_config(self, tree_policy: str | None = None) -> LogitSpecConfig:
+        return super().logitspec_config(tree_policy or self.tree_policy)
 
 
 def make_decoder(loaded: LoadedModel, params: LogitSpecParams) -> Decoder:

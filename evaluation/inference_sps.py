@@ -1,8 +1,10 @@
 """Draft-model speculative decoding (SpS): draft models propose, the target verifies.
 
 Draft models: ``--draft-model-path`` (checkpoint folders, GGUF files or the default model's
-name; each must share the target's tokenizer) and ``--draft-layers`` (layer-skip self-drafts:
-the target's first L blocks); without either, one self-draft of ``DEFAULT_DRAFT_LAYERS``.
+name; each must share the target's tokenizer), ``--draft-layers`` (layer-skip self-drafts:
+the target's first L blocks) and ``--draft-head`` (a trained EAGLE-style head reading the
+target's hidden states, :mod:`logitspec.draft_head`; alone, the one trained for the target);
+without any, one self-draft of ``DEFAULT_DRAFT_LAYERS``.
 Several drafts (``--num-drafts`` per model, or several models) are merged into one token tree;
 ``--combine-logitspec`` adds LogitSpec's retrieved chains to the same tree.
 ``python -m evaluation.inference_sps --help`` lists the flags.
@@ -20,12 +22,16 @@ from logitspec.draft_model import (
     DEFAULT_DRAFT_LAYERS, CombinedDrafter, DraftMismatchError, DraftModelConfig, DraftModelDrafter,
     load_draft_models,
 )
+from logitspec.draft_head import HeadSource
 from logitspec.drafters import LogitSpecConfig, LogitSpecDrafter
 from logitspec.loading import LoadedModel, ModelLoadError
 
 from . import eval_loop
 from .args import option
+from .inference_eagle import find_head
 from .methods import Method, RetrievalParams
+
+CACHED_HEAD = "cached"  # --draft-head without a path: the head trained for the target
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,11 @@ class SPSParams(RetrievalParams):
         None, "draft model(s): HF folders, GGUF files or the default model's name", nargs="+")
     draft_layers: list[int] | None = option(
         None, "layer-skip self-draft(s) with the target's first L layers (default: "
-        f"{DEFAULT_DRAFT_LAYERS} when no --draft-model-path)", type=int, nargs="+")
+        f"{DEFAULT_DRAFT_LAYERS} when no --draft-model-path or --draft-head)", type=int, nargs="+")
+    draft_head: str | None = option(
+        None, "a trained draft head as a draft (.safetensors; without a path: the head trained "
+        "for the target under the model cache, scripts/train_draft_head.py)",
+        nargs="?", const=CACHED_HEAD)
     num_draft_tokens: int = option(
         4, "tokens per draft (constant schedule; the heuristic's start)", type=int)
     draft_schedule: str = option("constant", "draft length schedule", choices=SCHEDULES)
@@ -58,14 +68,17 @@ class SPSParams(RetrievalParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.draft_model_path and not self.draft_layers:
+        if not self.draft_model_path and not self.draft_layers and not self.draft_head:
             object.__setattr__(self, "draft_layers", [DEFAULT_DRAFT_LAYERS])
+        if self.draft_head not in (None, CACHED_HEAD) and not self.draft_head.endswith(".safetensors"):
+            raise ValueError("--draft-head must be a .safetensors file (no pickle)")
         if self.draft_length_bounds is None:
             object.__setattr__(self, "draft_length_bounds", [1, 16])
         if self.acceptance_head is not None and not self.acceptance_head.endswith(".safetensors"):
             raise ValueError("--acceptance-head must be a .safetensors file (no pickle)")
         if self.draft_tree_capacity is None:
-            models = len(self.draft_model_path or ()) + len(self.draft_layers or ())
+            models = (len(self.draft_model_path or ()) + len(self.draft_layers or ())
+                      + (self.draft_head is not None))
             drafts = 1 + models * self.num_drafts * self.length_config().longest
             object.__setattr__(self, "draft_tree_capacity", drafts + 8 * self.combine_logitspec)
         self.draft_config()  # validates
@@ -86,6 +99,9 @@ def make_decoder(loaded: LoadedModel, params: SPSParams) -> Decoder:
     try:
         drafts = load_draft_models(loaded, params.draft_model_path or (), params.draft_layers or (),
                                    dtype=model.dtype, device=model.device)
+        if params.draft_head is not None:
+            path = None if params.draft_head == CACHED_HEAD else params.draft_head
+            drafts.insert(0, HeadSource(find_head(loaded, path)))
         head = load_acceptance_head(params.acceptance_head, model.device) if params.acceptance_head else None
         drafter = DraftModelDrafter(drafts, params.draft_config(), acceptance_head=head)
     except (ModelLoadError, DraftMismatchError, ValueError) as exc:

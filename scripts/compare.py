@@ -11,11 +11,16 @@ Method specs (``name[:N][,flag=value...]``):
     recycling:N      Token Recycling, tree budget N (64)
     logitspec:N      LogitSpec with the inference_logitspec defaults, budget N or ``auto``
                      (the default: sized by the measured verification cost)
+    eagle:N          the trained draft head in LogitSpec's value tree (inference_eagle), budget
+                     N or ``auto`` (default); ``eagle:64,no_retrieval=1``: the head alone
+    sps[:N]          draft-model speculative decoding (inference_sps), tree budget N (default:
+                     room for every draft); ``sps,draft_head=cached``: the trained head as draft
 
 ``flag=value`` sets any flag of the method's command (underscores), e.g. the public code's
 LogitSpec: ``logitspec:64,tree_policy=reference``; ablations: ``logitspec:64,recycle_chains=0``
-or ``pld:21,max_ngram_size=4``. A method is built exactly as its ``inference_*`` command builds
-it, from the same params dataclass.
+or ``pld:21,max_ngram_size=4``; on/off flags take 1 or 0 (``eagle,no_retrieval=1``), list flags
+their items joined by ``/`` (``sps,draft_length_bounds=1/8``). A method is built exactly as its
+``inference_*`` command builds it, from the same params dataclass.
 
 Policies:
 
@@ -64,7 +69,9 @@ from evaluation.methods import TurnGenerator  # noqa: E402
 from evaluation.prompts import resolve_template  # noqa: E402
 from evaluation.questions import Question, QuestionFileError, load_questions, select_questions  # noqa: E402
 from evaluation.speed import OVERALL_ROW, align, format_ids, ratio, row_name  # noqa: E402
-from evaluation import inference_logitspec, inference_pld, inference_recycling  # noqa: E402
+from evaluation import (  # noqa: E402
+    inference_eagle, inference_logitspec, inference_pld, inference_recycling, inference_sps,
+)
 from logitspec.decoding import Decoder, GenerationConfig, GenerationResult  # noqa: E402
 from logitspec.loading import DTYPES, LoadedModel, ModelLoadError, load  # noqa: E402
 
@@ -75,9 +82,12 @@ BASELINE = "vanilla"
 DEFAULT_METHODS = ("vanilla", "hf", "hf-pld:10", "pld:21", "recycling:64",
                    "logitspec:64,tree_policy=reference", "logitspec")
 NO_ARGUMENT = ("vanilla", "hf")
-DEFAULT_ARGUMENT = {"hf-pld": 10, "pld": 21, "recycling": 64, "logitspec": "auto"}
+DEFAULT_ARGUMENT = {"hf-pld": 10, "pld": 21, "recycling": 64, "logitspec": "auto",
+                    "eagle": "auto", "sps": None}
 COMMANDS = {"pld": inference_pld, "recycling": inference_recycling,
-            "logitspec": inference_logitspec}  # methods built by their inference_* command
+            "logitspec": inference_logitspec, "eagle": inference_eagle,
+            "sps": inference_sps}  # methods built by their inference_* command
+AUTO_BUDGET = ("logitspec", "eagle")  # methods whose budget may be "auto"
 
 
 class CompareError(Exception):
@@ -115,11 +125,11 @@ def parse_spec(text: str) -> MethodSpec:
         raise CompareError(f"{name} takes no argument, got {text!r}")
     flags = tuple(option.partition("=")[::2] for option in options)
     if flags and name not in COMMANDS or any(not k or not v for k, v in flags):
-        raise CompareError(f"bad option in {text!r}: expected flag=value for pld, recycling "
-                           "or logitspec")
+        raise CompareError(f"bad option in {text!r}: expected flag=value for "
+                           f"{', '.join(COMMANDS)}")
     if not colon:
         number = DEFAULT_ARGUMENT.get(name)
-    elif argument == "auto" and name == "logitspec":
+    elif argument == "auto" and name in AUTO_BUDGET:
         number = argument
     elif argument.isdigit() and int(argument) >= 1:
         number = int(argument)
@@ -134,16 +144,29 @@ def parse_spec(text: str) -> MethodSpec:
 def method_params(spec: MethodSpec) -> Any:
     """The params of ``spec``'s inference command, as that command would parse them."""
     params_type = COMMANDS[spec.name].METHOD.params_type
-    types = {f.name: f.metadata.get("type", str) for f in fields(params_type)}
+    known = {f.name: f for f in fields(params_type)}
     values: dict[str, Any] = {"draft_tree_capacity": spec.number}
     try:
         for key, raw in spec.flags:
-            if key not in types or key == "draft_tree_capacity":
+            if key not in known or key == "draft_tree_capacity":
                 raise CompareError(f"{spec.name} has no flag {key!r} (in {spec.text!r})")
-            values[key] = types[key](raw)
+            values[key] = flag_value(known[key].metadata, raw)
         return params_type(**values)
     except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
         raise CompareError(f"{spec.text}: {exc}") from None
+
+
+def flag_value(metadata: Any, raw: str) -> Any:
+    """A spec's ``flag=value`` as the command's parser would read the flag: on/off flags from
+    1/0, list flags from items joined by ``/``, the rest by the flag's type."""
+    if metadata.get("action") == "store_true":
+        if raw not in ("0", "1"):
+            raise ValueError(f"expected 0 or 1, got {raw!r}")
+        return raw == "1"
+    convert = metadata.get("type", str)
+    if metadata.get("nargs") in ("+", 2):
+        return [convert(item) for item in raw.split("/")]
+    return convert(raw)
 
 
 def parse_specs(texts: Sequence[str]) -> list[MethodSpec]:

@@ -79,3 +79,21 @@ def load_script(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
     return module
+
+
+def save_random_head(folder: Path, path: Path | None = None, seed: int = 0) -> Path:
+    """A random draft head for the model in ``folder`` (every token id in its draft
+    vocabulary), saved at ``path`` or where ``inference_eagle`` looks for the target's head
+    (under the current ``$LOGITSPEC_CACHE``)."""
+    import torch
+
+    from logitspec.draft_head import (
+        DraftHead, DraftHeadConfig, default_head_path, save_draft_head, target_key,
+    )
+    from logitspec.loading import load_model
+
+    model = load_model(folder)
+    torch.manual_seed(seed)
+    head = DraftHead(DraftHeadConfig.for_target(model.config, range(model.config.vocab_size)))
+    info = {"target": {"name": folder.name, "key": target_key(model, folder.name)}}
+    return save_draft_head(head.attach(model), path or default_head_path(model, folder.name), info)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from evaluation import speed
-from cli_helpers import DEMO, load_script, read_lines, run_cli, save_tiny_llama
+from cli_helpers import DEMO, load_script, read_lines, run_cli, save_random_head, save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,8 +29,13 @@ SPECS = [
     ("logitspec:8", "logitspec", 8, ()),
     ("logitspec:64,tree_policy=reference", "logitspec", 64, (("tree_policy", "reference"),)),
     ("logitspec:auto,recycle_chains=0", "logitspec", "auto", (("recycle_chains", "0"),)),
+    ("eagle", "eagle", "auto", ()),
+    ("eagle:64,no_retrieval=1", "eagle", 64, (("no_retrieval", "1"),)),
+    ("sps", "sps", None, ()),
+    ("sps:12,draft_head=cached,draft_length_bounds=1/8", "sps", 12,
+     (("draft_head", "cached"), ("draft_length_bounds", "1/8"))),
 ]
-BAD_SPECS = ["eagle", "vanilla:3", "hf,value", "pld:0", "pld:x", "pld:8,value", "recycling:auto",
+BAD_SPECS = ["medusa", "vanilla:3", "sps:auto", "eagle:8,no_retrieval=yes", "hf,value", "pld:0", "pld:x", "pld:8,value", "recycling:auto",
              "logitspec:8,fast=1", "logitspec:-1", "logitspec:auto,tree_policy=reference",
              "logitspec:8,recycle_chains=x", "logitspec:8,tree_policy=", "pld:8,draft_tree_capacity=3"]
 
@@ -46,6 +51,14 @@ def test_specs_build_the_commands_params():
     assert params.logitspec_config().tree_policy == "reference"
     assert params.logitspec_config().draft_tree_capacity == 64
     assert compare.method_params(compare.parse_spec("logitspec")).logitspec_config().draft_tree_capacity is None
+    eagle = compare.method_params(compare.parse_spec("eagle:64,no_retrieval=1,head_depth=4"))
+    config = eagle.eagle_config()
+    assert (config.retrieval, config.depth, config.logitspec.draft_tree_capacity) == (False, 4, 64)
+    sps = compare.method_params(compare.parse_spec(
+        "sps,draft_head=cached,draft_schedule=heuristic,draft_length_bounds=2/6"))
+    assert sps.draft_head == "cached" and sps.draft_layers is None
+    assert sps.draft_length_bounds == [2, 6] and sps.length_config().schedule == "heuristic"
+    assert sps.draft_tree_capacity == 1 + 6  # one draft of at most 6 tokens
 
 
 @pytest.mark.parametrize("text", BAD_SPECS)
@@ -149,7 +162,8 @@ def check_files(result: dict, out_dir: Path) -> None:
 
 @pytest.mark.parametrize("extra,message", [
     (["--methods", "pld:8", "hf"], "must include vanilla"),
-    (["--methods", "vanilla", "eagle"], "unknown method"),
+    (["--methods", "vanilla", "medusa"], "unknown method"),
+    (["--methods", "vanilla", "eagle:16"], "no draft head trained for tiny-llama"),
     (["--question-end", "1", "--question-begin", "2"], "question_end"),
     (["--max-new-tokens", "0"], "max_new_tokens"),
 ])
@@ -182,3 +196,14 @@ def test_a_failed_question_is_left_out_and_exits_3(tiny, tmp_path, capsys):
     assert result["failed"] == ["9"] and result["rows"]["overall"]["pld:8"]["questions"] == 1
     assert result["rows"]["summarization"]["vanilla"]["mat"] is None
     assert "error" in read_lines(Path(result["answer_files"]["vanilla"]))[1]
+
+
+def test_compare_run_with_the_head(tiny, tmp_path, capsys, monkeypatch):
+    """The head's methods (hybrid, head alone, head as SpS draft) from the cache, lossless."""
+    monkeypatch.setenv("LOGITSPEC_CACHE", str(tmp_path / "cache"))
+    save_random_head(tiny)
+    methods = ["vanilla", "eagle:16", "eagle:16,no_retrieval=1",
+               "sps,draft_head=cached,num_draft_tokens=3", "sps,draft_head=cached,num_drafts=2"]
+    assert compare.main(argv_for(tiny, tmp_path / "out", "--methods", *methods, "--warmup", "0")) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]["overall"]
+    assert all(rows[label]["exact_match"] == 1.0 for label in methods)
