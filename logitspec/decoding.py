@@ -163,7 +163,8 @@ class Decoder:
         verifier = self._verifier(config)
         if self.drafter is not None:
             self.drafter.configure(config)
-        predicted, root_topk = verifier.read(self._prefill(prompt), self.top_k)
+        last = np.array([len(prompt) - 1])
+        predicted, root_topk = verifier.read(self._prefill(prompt), self.top_k, last)
         root = verifier.first_token(predicted)
         prefill_end = time.perf_counter()
         result = self._decode(root, root_topk[0], config, verifier)
@@ -231,8 +232,8 @@ class Decoder:
             t0 = time.perf_counter()
             tree = self._draft(root, root_topk, config.max_new_tokens - len(output))
             t1 = time.perf_counter()
-            logits, hidden = self._verify(tree)
-            predicted, topk = verifier.read(logits, self.top_k)
+            logits, hidden, positions = self._verify(tree)
+            predicted, topk = verifier.read(logits, self.top_k, positions)
             t2 = time.perf_counter()
             path, bonus = verifier.accept(tree, predicted)
             path = _cut_path(tree, path, eos, config.max_new_tokens - len(output))
@@ -257,16 +258,16 @@ class Decoder:
             return DraftTree((root,), (-1,), (0,))
         return self.drafter.draft(root, root_topk, max_depth)
 
-    def _verify(self, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _verify(self, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
         """Logits (N, V) of every input (tree nodes, then aux inputs) from one forward pass,
-        and their final hidden states when a drafter reads them."""
+        their final hidden states when a drafter reads them, and their positions (N,)."""
         device = self.model.device
         rows, mask = verification_inputs(tree, len(self.context))
         packed = torch.from_numpy(rows).to(device, non_blocking=True)
         if mask is not None:
             mask = torch.from_numpy(mask).to(device, non_blocking=True)
         hidden = self.model.hidden(packed[0], packed[1], self.cache, mask)
-        return self.model.lm_head(hidden), hidden if self.needs_hidden else None
+        return self.model.lm_head(hidden), hidden if self.needs_hidden else None, rows[1]
 
     def _update(self, tree: DraftTree, path: list[int], out: TargetOutput) -> None:
         self.cache.keep(path)

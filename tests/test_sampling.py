@@ -99,9 +99,9 @@ class FullTreeDrafter:
 class GreedyMatchVerifier(SamplingVerifier):
     """WRONG on purpose: accepts drafts by greedy matching, samples only the bonus token."""
 
-    def accept(self, tree, logits):
-        path = greedy_accept(tree.tokens, tree.parents, logits.argmax(dim=-1).tolist())
-        return path, self.draw(logits[path[-1]])
+    def accept(self, tree, out):
+        path = greedy_accept(tree.tokens, tree.parents, out.logits.argmax(dim=-1).tolist())
+        return path, self.token(out, path[-1])
 
 
 class WrongDecoder(Decoder):
@@ -256,3 +256,34 @@ def test_same_seed_reproduces_vanilla_sampling_token_for_token(model, drafter):
         config = GenerationConfig(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=seed)
         vanilla = Decoder(model, None).generate(PROMPT, config).output_ids
         assert Decoder(model, DRAFTERS[drafter]()).generate(PROMPT, config).output_ids == vanilla
+
+
+class EagerDecoder(Decoder):
+    """Draws every node's token in ``read`` (as on a GPU) instead of on the walk."""
+
+    def _verifier(self, config):
+        return SamplingVerifier(config.temperature, config.top_k, config.top_p, seed=config.seed,
+                                eager=True)
+
+
+@pytest.mark.parametrize("drafter", ["vanilla", "full-tree", "pld", "logitspec"])
+def test_eager_draws_equal_lazy_draws(model, drafter):
+    """Noise keyed by position: drawing all nodes at once or one walked node at a time gives
+    the same tokens, seed for seed."""
+    for seed in range(30):
+        config = GenerationConfig(max_new_tokens=12, temperature=0.8, top_k=3, seed=seed)
+        lazy = Decoder(model, DRAFTERS[drafter]()).generate(PROMPT, config).output_ids
+        assert EagerDecoder(model, DRAFTERS[drafter]()).generate(PROMPT, config).output_ids == lazy
+
+
+def test_gumbel_draws_follow_the_processed_distribution():
+    """One row, 4000 positions: the draw frequencies pass the chi-square test against
+    sampling_probs, and the draw at a position is reproducible."""
+    logits = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0])
+    verifier = SamplingVerifier(1.3, top_p=0.9, seed=5)
+    n = 4000
+    counts = Counter((verifier.draw(logits, position),) for position in range(n))
+    probs = sampling_probs(logits, 1.3, top_p=0.9)
+    expected = {(t,): float(probs[t]) for t in range(5) if probs[t] > 0}
+    assert chi_square_pvalue(counts, expected, n) > ALPHA
+    assert [verifier.draw(logits, 17) for _ in range(3)] == [verifier.draw(logits, 17)] * 3
