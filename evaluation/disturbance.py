@@ -5,7 +5,7 @@ A question's time on a quiet machine follows from the work its answer line recor
 is per method (one answer file, or one method of a comparison), so the method's own speed on
 this machine is its reference; every figure it needs is in the answer lines.
 
-Work terms of a question (sums over its turns and choices), in the order they enter the model:
+Work terms of a question (sums over its turns and choices):
 
 ============  ==========================================================================
 steps         decoding steps: one forward pass each, with the host's drafting and bookkeeping
