@@ -622,13 +622,15 @@ def prepare_out_dir(out_dir: Path, names: Sequence[str]) -> None:
 class Comparison:
     """Everything a comparison reports. ``summary`` pools every kept measurement (after any
     re-runs); ``clean`` leaves out the units (pass, question) with a ``remaining`` disturbed
-    measurement, for every method; ``found`` are the disturbed measurements before re-runs,
-    ``before_rerun`` the overall figures then (None without re-runs)."""
+    measurement, for every method (``left_out`` of the ``units`` every method answered);
+    ``found`` are the disturbed measurements before re-runs, ``before_rerun`` the overall
+    figures then (None without re-runs)."""
 
     header: dict[str, Any]
     summary: Summary
     spread: Spread
     clean: Summary
+    units: int
     left_out: int
     failed: list[str]
     threshold: float
@@ -717,10 +719,9 @@ def disturbance_sections(c: Comparison, md: bool) -> list[str]:
                          "The faster of the two measurements is kept.")
         lines += section("overall before the re-runs", row_table(c.before_rerun or {}), md)
     if c.remaining:
-        units = c.summary[OVERALL_ROW][BASELINE].questions
-        lines += section(f"overall without the disturbed measurements ({c.left_out} "
-                         "question-passes left out for every method)",
-                         row_table(c.clean[OVERALL_ROW]), md, f"{units} questions in all.")
+        lines += section("overall without the disturbed measurements", row_table(c.clean[OVERALL_ROW]),
+                         md, f"Left out, for every method: {c.left_out} of {c.units} (pass, "
+                         "question) units.")
     return lines
 
 
@@ -888,7 +889,8 @@ def compare_measurements(args: argparse.Namespace, header: dict[str, Any],
     return Comparison(
         header=header, summary=summarize(passes, rows_of, units),
         spread=spread_over_passes(passes, rows_of, units),
-        clean=summarize(passes, rows_of, clean_units), left_out=len(units) - len(clean_units),
+        clean=summarize(passes, rows_of, clean_units), units=len(units),
+        left_out=len(units) - len(clean_units),
         failed=[k for k in keys if any(per[k] is None for o in passes for per in o.values())],
         threshold=args.disturbance_threshold, found=tuple(found), reruns=tuple(reruns),
         remaining=tuple(remaining), before_rerun=before_rerun,

@@ -3,6 +3,7 @@ on the tiny random Llama (2 demo questions, 4 methods, float32: every method is 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from evaluation import speed
 from evaluation.disturbance import Measurement, TurnWork
+from evaluation.questions import Question
 from cli_helpers import DEMO, load_script, read_lines, run_cli, save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,6 +156,23 @@ def test_planted_disturbances_are_found_and_left_out_of_the_clean_figures():
     assert got == pytest.approx(want)  # the clean figures: exactly the undisturbed ones
 
 
+def test_the_report_lists_the_disturbed_and_the_figures_without_them():
+    passes = synthetic_passes({(1, "4", "vanilla"): 3.0})
+    questions = [Question(q + 1, "qa", ("?",)) for q in range(12)]
+    args = argparse.Namespace(disturbance_threshold=1.3, rerun_disturbed=False)
+    c = compare.compare_measurements(args, {"repeats": 2}, [], questions, passes)
+    assert [(f.run_pass, f.question, f.method) for f in c.remaining] == [(2, "4", "vanilla")]
+    assert c.found == c.remaining and c.reruns == () and c.before_rerun is None
+    assert (c.units, c.left_out) == (24, 1)
+    assert c.summary["overall"]["x"].speedup > c.clean["overall"]["x"].speedup  # slow vanilla
+    assert c.spread["overall"]["x"]["speedup"].n == 2
+    report = compare.report_text(c, md=True)
+    assert "| 2 | 4 | qa | vanilla |" in report and "| 3.00x |" in report
+    assert "## overall without the disturbed measurements" in report
+    assert "Left out, for every method: 1 of 24 (pass, question) units." in report
+    assert "speedup over passes" in report and "## re-runs" not in report
+
+
 # --------------------------------------------------------------------------- a real run
 
 METHODS = ["vanilla", "hf-pld:4", "recycling:16", "logitspec:auto"]
@@ -274,6 +293,8 @@ def check_files(result: dict, out_dir: Path) -> None:
     (["--methods", "vanilla", "eagle"], "unknown method"),
     (["--question-end", "1", "--question-begin", "2"], "question_end"),
     (["--max-new-tokens", "0"], "max_new_tokens"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--disturbance-threshold", "0.9"], "--disturbance-threshold must be above 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, extra, message):
     assert run_cli(compare, argv_for(tiny, tmp_path / "out", *extra)) == 2
