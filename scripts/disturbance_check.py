@@ -7,16 +7,17 @@ Runs ``scripts/compare.py`` twice on the same questions, in this process:
 
 1. undisturbed: the reference figures, and the time of every (question, method) pair;
 2. disturbed, with ``--rerun-disturbed``: when ``--disturb-method`` starts its turn of
-   ``--disturb-question`` (default: the middle question of the selection), a timer starts one
-   busy-loop process per core this process may use (each pinned to its core) after half that
-   pair's undisturbed time; they are stopped when the pair's answer is done. Only the first
-   answer of the pair is disturbed, so its re-run is not.
+   ``--disturb-question`` (default: the middle question of the selection), a timer starts
+   ``--busy-per-core`` busy-loop processes (default 1) on each core this process may use
+   (pinned to it) after half that pair's undisturbed time; they are stopped when the pair's
+   answer is done. Only the first answer of the pair is disturbed, so its re-run is not.
 
 Prints whether the disturbed run's report flagged the pair, and each method's overall speedup:
 disturbed (before the re-runs), after the re-runs, and undisturbed, with the relative gap of
-the last two; ``within_5_percent`` says whether every gap is at most 5%. The last stdout line
-is one JSON object; the two runs' reports and answer files are in ``--out-dir``. The figures
-mean something on a quiet machine only. Bad input is one line on stderr and exit code 2.
+the last two; ``within_5_percent`` says whether every gap is at most 5%. A warning says when
+the undisturbed run has disturbed measurements of its own (the machine was not quiet). The
+last stdout line is one JSON object; the two runs' reports and answer files are in
+``--out-dir``. Bad input is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -55,11 +56,11 @@ class CheckError(Exception):
 
 
 class BusyLoad:
-    """One CPU-bound process per core this process may use, each pinned to its core; started
-    at most once (from a timer thread), never after :meth:`stop`."""
+    """``per_core`` CPU-bound processes on each core this process may use, pinned to it;
+    started at most once (from a timer thread), never after :meth:`stop`."""
 
-    def __init__(self) -> None:
-        self.cores = sorted(os.sched_getaffinity(0))
+    def __init__(self, per_core: int = 1) -> None:
+        self.cores = sorted(os.sched_getaffinity(0)) * per_core
         self.processes: list[subprocess.Popen[bytes]] = []
         self.started = False
         self.stopped = False
@@ -156,6 +157,8 @@ def build_parser() -> OneLineParser:
     add("--disturb-method", default="vanilla", help="the method whose turn is disturbed")
     add("--disturb-question", default=None,
         help="the question id whose turn is disturbed (default: the middle one selected)")
+    add("--busy-per-core", type=int, default=1,
+        help="busy-loop processes per core (more: a load that stands out on a busy machine)")
     add("--model-path", default=None)
     add("--dtype", default="bfloat16")
     add("--device", default="cpu")
@@ -192,39 +195,63 @@ def target_question(args: argparse.Namespace, argv: list[str]) -> str:
     return args.disturb_question
 
 
+def run_disturbed(argv: list[str], out_dir: Path, method: str, question: str, delay: float,
+                  load: BusyLoad) -> dict[str, Any]:
+    """The disturbed run, with ``--rerun-disturbed``: ``compare.answer_question`` disturbs the
+    pair for the length of this call."""
+    original = compare.answer_question
+    compare.answer_question = disturbing(original, method, question, delay, load)
+    try:
+        return run_compare([*argv, "--rerun-disturbed"], out_dir)
+    finally:
+        compare.answer_question = original
+
+
+def print_outcome(outcome: dict[str, Any], busy_loops: int) -> None:
+    """The human-readable lines before the JSON one."""
+    print(f"disturbed: {outcome['method']} on question {outcome['question']}, {busy_loops} busy "
+          f"loops from {outcome['delay_s']:.2f} s into its turn"
+          + ("" if outcome["load_started"] else " (its turn ended before the load started)"))
+    print(f"flagged: {'yes' if outcome['flagged'] else 'no'} ({len(outcome['found'])} disturbed "
+          "measurements found)")
+    print("\n".join(align(speedup_table(outcome["speedups"]))))
+    print(f"every speedup after the re-runs within {100 * TOLERANCE:.0f}% of the undisturbed "
+          f"run's: {'yes' if outcome['within_5_percent'] else 'no'}")
+    if outcome["undisturbed_found"]:
+        pairs = ", ".join(f"{f['method']} on {f['question']} ({f['ratio']:.2f}x)"
+                          for f in outcome["undisturbed_found"])
+        print("warning: the undisturbed run has disturbed measurements of its own, so the "
+              f"machine was not quiet: {pairs}")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.disturb_method not in args.methods:
         raise CheckError(f"--disturb-method {args.disturb_method} is not in --methods")
+    if args.busy_per_core < 1:
+        raise CheckError(f"--busy-per-core must be at least 1, got {args.busy_per_core}")
     argv = compare_argv(args)
     question = target_question(args, argv)
     out_dir = args.out_dir or ROOT / "results" / f"disturbance-check-{time.strftime('%Y%m%d-%H%M%S')}"
     undisturbed = run_compare(argv, out_dir / "undisturbed")
     delay = pair_time(undisturbed, args.disturb_method, question) / 2
-    load = BusyLoad()
-    original = compare.answer_question
-    compare.answer_question = disturbing(original, args.disturb_method, question, delay, load)
-    try:
-        disturbed = run_compare([*argv, "--rerun-disturbed"], out_dir / "disturbed")
-    finally:
-        compare.answer_question = original
+    load = BusyLoad(args.busy_per_core)
+    disturbed = run_disturbed(argv, out_dir / "disturbed", args.disturb_method, question, delay,
+                              load)
     found = disturbed["disturbance"]["found"]
-    flagged = any(f["question"] == question and f["method"] == args.disturb_method for f in found)
     table = speedups(undisturbed, disturbed)
-    gaps = [row["gap"] for row in table.values()]
-    within = all(gap is not None and abs(gap) <= TOLERANCE for gap in gaps)
-    print(f"disturbed: {args.disturb_method} on question {question}, a busy loop on "
-          f"{len(load.cores)} cores from {delay:.2f} s into its turn"
-          + ("" if load.started else " (its turn ended before the load started)"))
-    print(f"flagged: {'yes' if flagged else 'no'} ({len(found)} disturbed measurements found)")
-    print("\n".join(align(speedup_table(table))))
-    print(f"every speedup after the re-runs within {100 * TOLERANCE:.0f}% of the undisturbed "
-          f"run's: {'yes' if within else 'no'}")
-    print(json.dumps({
+    outcome = {
         "question": question, "method": args.disturb_method, "delay_s": delay,
-        "load_started": load.started, "flagged": flagged, "found": found,
-        "reruns": disturbed["reruns"], "speedups": table, "within_5_percent": within,
+        "load_started": load.started,
+        "flagged": any(f["question"] == question and f["method"] == args.disturb_method
+                       for f in found),
+        "found": found, "reruns": disturbed["reruns"], "speedups": table,
+        "within_5_percent": all(row["gap"] is not None and abs(row["gap"]) <= TOLERANCE
+                                for row in table.values()),
+        "undisturbed_found": undisturbed["disturbance"]["found"],
         "runs": {"undisturbed": undisturbed["out_dir"], "disturbed": disturbed["out_dir"]},
-    }, allow_nan=False))
+    }
+    print_outcome(outcome, len(load.cores))
+    print(json.dumps(outcome, allow_nan=False))
     return 0
 
 

@@ -73,3 +73,16 @@ def test_speedups_before_and_after_the_reruns() -> None:
                             "gap": pytest.approx(0.03)}
     no_rerun = dict(disturbed, before_rerun=None)
     assert check.speedups(undisturbed, no_rerun)["pld"]["disturbed"] == 2.06
+
+
+def test_the_outcome_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    outcome = {"question": "7", "method": "vanilla", "delay_s": 1.5, "load_started": True,
+               "flagged": True, "found": [{}], "within_5_percent": False,
+               "speedups": {"pld": {"disturbed": 2.8, "after_rerun": 2.06, "undisturbed": 2.0,
+                                    "gap": 0.03}},
+               "undisturbed_found": [{"method": "pld", "question": "3", "ratio": 1.45}]}
+    check.print_outcome(outcome, 2)
+    out = capsys.readouterr().out
+    assert "vanilla on question 7, 2 busy loops from 1.50 s" in out and "flagged: yes" in out
+    assert "2.80x" in out and "+3.0%" in out and "within 5% of the undisturbed run's: no" in out
+    assert "not quiet: pld on 3 (1.45x)" in out
