@@ -2,8 +2,9 @@
 
 For each selected question not yet answered in the answer file, for each choice: reset the
 method's generator, then answer the turns in order, the conversation growing as in FastChat.
-Each question becomes one answer line (Spec-Bench/FastChat schema plus ``draft_lengths``,
-``time_breakdown`` and ``meta``; see data/README.md), appended as soon as it is done.
+Each question becomes one answer line (Spec-Bench/FastChat schema plus ``prompt_tokens``,
+``draft_lengths``, ``time_breakdown`` and ``meta``; see data/README.md), appended as soon as it
+is done.
 
 Policies:
 
@@ -20,8 +21,12 @@ Policies:
   run then ends with exit code 3 and a summary line. Everything else that stops a run (bad
   flags, question file, model, answer file) is one line on stderr and exit code 2, with
   nothing already written lost.
+- Load: each line's ``meta`` also holds ``load_average``, the machine's 1-minute load average
+  when the question started (``os.getloadavg``; null where the OS has none). It describes the
+  moment, not the run: resume ignores it, as it ignores the hardware and library versions.
 - Resume: see :mod:`evaluation.answer_file`. A file written with other settings (method,
-  params, model, dtype, device, template, generation settings) is refused rather than mixed.
+  params, model, dtype, device, template, generation settings: :data:`RESUME_KEYS`) is refused
+  rather than mixed.
   A run holds the answer file's lock throughout: a second run on the same file exits 2.
 - Workers: by default this process answers the questions, in question order
   (:class:`LocalAnswerer`). With ``--num-workers`` or several GPUs, Ray workers do
@@ -130,6 +135,7 @@ def run_meta(run: RunConfig, template_name: str) -> dict[str, Any]:
         "temperature": e.temperature, "top_p": e.top_p, "top_k": e.top_k, "seed": e.seed,
         "num_choices": e.num_choices, "torch": torch.__version__,
         "transformers": transformers.__version__, "hardware": hardware_description(device),
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -156,15 +162,17 @@ class ChoiceRecord:
     turns: list[str] = field(default_factory=list)
     decoding_steps: list[int] = field(default_factory=list)
     new_tokens: list[int] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
     wall_time: list[float] = field(default_factory=list)
     accept_lengths: list[int] = field(default_factory=list)
     draft_lengths: list[int] = field(default_factory=list)
     time_breakdown: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
-    def add(self, text: str, result: GenerationResult) -> None:
+    def add(self, text: str, prompt_tokens: int, result: GenerationResult) -> None:
         self.turns.append(text)
         self.decoding_steps.append(result.decoding_steps)
         self.new_tokens.append(result.new_tokens)
+        self.prompt_tokens.append(prompt_tokens)
         self.wall_time.append(result.wall_time)
         self.accept_lengths.extend(result.accept_lengths)
         self.draft_lengths.extend(result.draft_lengths)
@@ -180,16 +188,18 @@ def answer_choice(ctx: EvalContext, question: Question, index: int) -> dict[str,
     record = ChoiceRecord(index)
     for user_turn in question.turns:
         conversation.add_user(user_turn)
-        result = ctx.generator.generate(conversation.prompt_ids(), config)
+        prompt_ids = conversation.prompt_ids()
+        result = ctx.generator.generate(prompt_ids, config)
         text = conversation.answer_text(result.output_ids)
         conversation.add_answer(text)
-        record.add(text, result)
+        record.add(text, len(prompt_ids), result)
     return asdict(record)
 
 
 def answer_question(ctx: EvalContext, question: Question) -> dict[str, Any]:
     """The answer line of ``question``: its choices, or an error entry when it cannot be
     answered (a prompt longer than the model's context)."""
+    meta = {**ctx.meta, "load_average": load_average()}  # before the question's work
     try:
         choices = [answer_choice(ctx, question, i) for i in range(ctx.num_choices)]
     except PromptTooLongError as exc:
@@ -197,17 +207,28 @@ def answer_question(ctx: EvalContext, question: Question) -> dict[str, Any]:
     return {
         "question_id": question.question_id, "category": question.category,
         "answer_id": shortuuid.uuid(), "model_id": ctx.model_id, "tstamp": time.time(),
-        "choices": choices, "meta": ctx.meta,
+        "choices": choices, "meta": meta,
     }
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average now (runnable and waiting tasks), or None where
+    the operating system has none."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def error_entry(question: Question, model_id: str, meta: dict[str, Any],
                 error: str) -> dict[str, Any]:
-    """The answer line of a question that could not be answered (``error``: one line)."""
+    """The answer line of a question that could not be answered (``error``: one line); its
+    ``meta`` gets the load average of now."""
     return {
         "question_id": question.question_id, "category": question.category,
         "answer_id": shortuuid.uuid(), "model_id": model_id, "tstamp": time.time(),
-        "choices": [], "error": " ".join(error.split()), "meta": meta,
+        "choices": [], "error": " ".join(error.split()),
+        "meta": {**meta, "load_average": load_average()},
     }
 
 

@@ -27,11 +27,11 @@ from evaluation.questions import Question, load_questions, select_questions  # n
 # DEMO is imported from this module by other tests
 from cli_helpers import DEMO, read_lines, run_cli, save_tiny_llama, write_questions  # noqa: E402,F401
 
-CHOICE_KEYS = {"index", "turns", "decoding_steps", "new_tokens", "wall_time", "accept_lengths",
-               "draft_lengths", "time_breakdown"}
+CHOICE_KEYS = {"index", "turns", "decoding_steps", "new_tokens", "prompt_tokens", "wall_time",
+               "accept_lengths", "draft_lengths", "time_breakdown"}
 META_KEYS = {"method", "params", "model_path", "dtype", "device", "template", "max_new_tokens",
              "temperature", "top_p", "top_k", "seed", "num_choices", "torch", "transformers",
-             "hardware"}
+             "hardware", "threads", "load_average"}
 Capsys = pytest.CaptureFixture[str]
 
 
@@ -51,8 +51,11 @@ def check_answer_file(path: Path, num_turns: dict[str, int], method: str) -> lis
         for choice in line["choices"]:
             assert set(choice) == CHOICE_KEYS
             turns = num_turns[str(line["question_id"])]
-            for key in ("turns", "decoding_steps", "new_tokens", "wall_time"):
+            for key in ("turns", "decoding_steps", "new_tokens", "prompt_tokens", "wall_time"):
                 assert len(choice[key]) == turns, key
+            prompts = choice["prompt_tokens"]  # the conversation grows turn by turn
+            assert prompts[0] > 0 and all(a + n < b for a, n, b in
+                                          zip(prompts, choice["new_tokens"], prompts[1:]))
             assert sum(choice["accept_lengths"]) == sum(choice["new_tokens"])
             assert len(choice["accept_lengths"]) == sum(choice["decoding_steps"])
             assert len(choice["draft_lengths"]) == len(choice["accept_lengths"])
@@ -280,6 +283,23 @@ def test_other_settings_are_not_mixed_into_an_answer_file(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "max_new_tokens 4 != 5" in err[0]
     assert out.read_bytes() == before
+
+
+def test_load_average_is_recorded_and_is_not_a_setting(
+    tiny: Path, tmp_path: Path, capsys: Capsys
+) -> None:
+    """Every line records the load at its start; resume ignores it (and threads, hardware)."""
+    out = tmp_path / "answers.jsonl"
+    common = ["--model-path", str(tiny), "--answer-file", str(out), "--max-new-tokens", "4"]
+    assert run_cli(inference_baseline, common + ["--question-end", "1"]) == 0
+    line = read_lines(out)[0]
+    assert isinstance(line["meta"]["load_average"], float) and line["meta"]["load_average"] >= 0
+    line["meta"].update(load_average=99.5, threads=64, hardware="another machine, 64 threads")
+    out.write_text(json.dumps(line) + "\n")
+    assert run_cli(inference_baseline, common + ["--question-end", "2"]) == 0
+    lines = read_lines(out)
+    assert [x["question_id"] for x in lines] == [1, 2] and lines[0]["meta"]["load_average"] == 99.5
+    assert lines[1]["meta"]["load_average"] != 99.5
 
 
 # --------------------------------------------------------------------------- settings
