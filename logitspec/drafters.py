@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -283,6 +284,8 @@ class ValueTreeDrafter(_PoolDrafter):
         self.top_k = max(config.candidates + 1, recycled)
         self._features: list = []
         self._feature_cache: dict = {}
+        self._rank_features = [None] + [("first", bucket(rank, RANK_BUCKETS))
+                                        for rank in range(1, self.config.candidates + 1)]
 
     def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
         start = time.perf_counter()
@@ -315,16 +318,17 @@ class ValueTreeDrafter(_PoolDrafter):
     def _offer_next_next_chains(self, tree: BestFirstTree, root: int, top: list[int]) -> None:
         keep = self.pool.max_ngram_size - 1  # the tokens a query keeps before the candidate
         prefix = (self.pool.tokens[-keep:] + [root])[-keep:] if keep else []
-        for rank, token in next_next_candidates(root, top, self.config.candidates):
-            tree.offer(self._next_next_chain(prefix, rank, token))
+        first = self._rank_features
+        tree.offer_heads(
+            (token, first[rank], partial(self._next_next_tail, prefix, token))
+            for rank, token in next_next_candidates(root, top, self.config.candidates)
+        )
 
-    def _next_next_chain(self, prefix: list[int], rank: int, token: int) -> Chain:
-        """``token`` at ``rank``, then (only if asked: its first node made the cut) the pool's
+    def _next_next_tail(self, prefix: list[int], token: int) -> Chain:
+        """The rest of a next-next chain, made only once ``token`` made the cut: the pool's
         continuation of ``context + [root, token]``."""
-        yield token, ("first", bucket(rank, RANK_BUCKETS))
         n, conts = self.pool.match(prefix + [token], self.config.value_chain_length - 1)
-        if conts:
-            yield from zip(conts[0], self._depth_features("cont", n, 2))
+        return zip(conts[0], self._depth_features("cont", n, 2)) if conts else iter(())
 
     def _offer_recycled_chains(self, tree: BestFirstTree, root: int) -> None:
         """Chains through the target's remembered successors: the ``j``-th successor of the
