@@ -142,17 +142,21 @@ def attend(
     T, H, D = q.shape
     kv_heads = keys.shape[0]
     if plan.choice.fold:
-        group = H // kv_heads
-        folded = q.view(T, kv_heads, group, D).transpose(0, 1).reshape(kv_heads, T * group, D)
         out = F.scaled_dot_product_attention(
-            folded[None], keys[None], values[None], attn_mask=plan.mask
+            fold(q, kv_heads)[None], keys[None], values[None], attn_mask=plan.mask
         )  # (1, H_kv, T * g, D)
-        return out[0].view(kv_heads, T, group, D).transpose(0, 1).reshape(T, H * D)
+        return out[0].view(kv_heads, T, H // kv_heads, D).transpose(0, 1).reshape(T, H * D)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], keys[None], values[None], attn_mask=plan.mask,
         enable_gqa=H != kv_heads,
     )  # (1, H, T, D)
     return out[0].transpose(0, 1).reshape(T, H * D)
+
+
+def fold(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Queries (T, H, D) folded into (H_kv, T * g, D), token-major (module docstring)."""
+    T, H, D = q.shape
+    return q.view(T, kv_heads, H // kv_heads, D).transpose(0, 1).reshape(kv_heads, T * H // kv_heads, D)
 
 
 @functools.lru_cache(maxsize=None)
@@ -173,8 +177,7 @@ def kernel_of(plan: AttentionPlan, q: torch.Tensor, keys: torch.Tensor) -> str:
     """The SDPA kernel this plan runs for ``q`` (T, H, D) over ``keys`` (H_kv, S, D), as SDPA
     would pick it: ``"flash"``, ``"efficient"``, ``"math"``, ``"cudnn"`` (on the CPU,
     ``"flash"`` is its own flash kernel), or ``"unknown"`` where this torch cannot say."""
-    T, H, D = q.shape
-    kv_heads = keys.shape[0]
+    H, kv_heads = q.shape[1], keys.shape[0]
     if isinstance(plan.mask, CausalBias):  # mirrors CausalBias's own dispatch
         query = q.transpose(0, 1)[None]
         params = torch.backends.cuda.SDPAParams(
@@ -187,8 +190,7 @@ def kernel_of(plan: AttentionPlan, q: torch.Tensor, keys: torch.Tensor) -> str:
                 return "efficient"
         return "math"
     if plan.choice.fold:
-        query = q.view(T, kv_heads, H // kv_heads, D).transpose(0, 1).reshape(kv_heads, -1, D)[None]
-        gqa = False
+        query, gqa = fold(q, kv_heads)[None], False
     else:
         query, gqa = q.transpose(0, 1)[None], H != kv_heads
     try:

@@ -25,22 +25,32 @@ from .kv_cache import KVCache
 PASS_SHAPES = {"decode": (1, False), "chain": (20, False), "tree": (64, True), "prefill": (512, False)}
 
 
+def sample_pass(
+    model: Any, context: int, num_new: int, is_tree: bool
+) -> tuple[AttentionPlan, torch.Tensor, torch.Tensor]:
+    """The attention plan of a pass of ``num_new`` tokens (a tree when ``is_tree``: a causal
+    tree mask) over ``context`` cached tokens of ``model``, with queries (T, H, D) and keys
+    (H_kv, S, D) of its shapes (zeros, on its device, in its dtype; one layer's cache)."""
+    cfg, device = model.config, model.device
+    cache = KVCache(1, cfg.num_kv_heads, cfg.head_dim, context + num_new, dtype=model.dtype,
+                    device=device, mask_rows=num_new)
+    cache.length = context
+    cache.begin(num_new)
+    tree_mask = torch.ones(num_new, num_new, dtype=torch.bool, device=device).tril_()
+    attention = plan(cache, tree_mask if is_tree else None, num_new, cfg.num_heads,
+                     cfg.head_dim, model.sdpa_backends)
+    q = torch.zeros(num_new, cfg.num_heads, cfg.head_dim, dtype=model.dtype, device=device)
+    return attention, q, cache.buffer[0, 0, :, :context + num_new]
+
+
 def describe_attention(model: Any, context: int = 4096) -> dict[str, str]:
     """``{"decode": "flash, folded, no mask", ...}``: for each pass of :data:`PASS_SHAPES` over
     ``context`` cached tokens, the kernel SDPA picks under :mod:`logitspec.attention`'s plan,
     the query layout and the mask."""
-    cfg = model.config
     shapes = {}
     for name, (num_new, is_tree) in PASS_SHAPES.items():
-        cache = KVCache(1, cfg.num_kv_heads, cfg.head_dim, context + num_new,
-                        dtype=model.dtype, device=model.device, mask_rows=num_new)
-        cache.length = context
-        cache.begin(num_new)
-        tree_mask = torch.ones(num_new, num_new, dtype=torch.bool, device=model.device).tril_()
-        attention = plan(cache, tree_mask if is_tree else None, num_new, cfg.num_heads,
-                         cfg.head_dim, model.sdpa_backends)
-        q = torch.zeros(num_new, cfg.num_heads, cfg.head_dim, dtype=model.dtype, device=model.device)
-        shapes[name] = f"{kernel_of(attention, q, cache.buffer[0, 0, :, :context + num_new])}, {_layout(attention)}"
+        attention, q, keys = sample_pass(model, context, num_new, is_tree)
+        shapes[name] = f"{kernel_of(attention, q, keys)}, {_layout(attention)}"
     return shapes
 
 
