@@ -148,9 +148,10 @@ def test_device_faults_in_workers(
     answers = tmp_path / "answers.jsonl"
     argv = pld_argv(tiny, answers, "--num-workers", "2", "--question-end", "6")
     assert run_cli(inference_pld, argv) == 3
-    assert summary(capsys)["failed"] == ["2", "5"]
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["failed"] == ["2", "5"]
     assert "question 5: DeviceError: CUDA error: device-side assert triggered (test hook); " \
-        "replacing worker" in capsys.readouterr().err
+        "replacing worker" in captured.err
     lines = read_lines(answers)
     assert lines[1]["error"] == "OutOfMemoryError: CUDA out of memory (injected by a test hook)"
     assert lines[4]["error"].startswith("DeviceError: CUDA error: device-side assert")
