@@ -70,6 +70,10 @@ class CostCurve:
         """The relative cost at each of ``sizes``."""
         return [self.relative(n) for n in sizes]
 
+    def at(self, context: int) -> "CostCurve":
+        """This curve: one measured context stands for all (as :meth:`CostSurface.at`)."""
+        return self
+
 
 @torch.inference_mode()
 def measure_cost_curve(

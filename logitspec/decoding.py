@@ -149,6 +149,9 @@ class Decoder:
     Prefill runs in chunks of ``PREFILL_CHUNK`` tokens, each attending to the cache and
     causally to itself: memory for attention masks and activations is bounded by the chunk
     (one 6,000-token pass built a 6,000 x 6,000 mask per layer), whatever the prompt length.
+    512: for a 6,000-token prompt's attention on a 2-core CPU, the fastest of 256 to 2,048
+    and within noise of one unmasked causal pass; on a GPU in half precision a chunk attends
+    through the flash kernel with no mask built.
     """
 
     def __init__(

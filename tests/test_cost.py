@@ -96,9 +96,11 @@ def test_surface_interpolates_in_context(context, expected):
     assert SURFACE.at(context) is curve  # the same object while in the bucket
 
 
-def test_surface_is_a_drop_in_curve():
-    """Callers that do not follow the context get the shortest context's curve."""
+def test_surface_and_curve_are_interchangeable():
+    """Callers that do not follow the context get the surface's shortest context's curve;
+    callers that do can ask a single curve too."""
     assert SURFACE.cost(64) == 20.0 and SURFACE.relative(64) == 2.0 and SURFACE.table([1]) == [1.0]
+    assert CURVE.at(100_000) is CURVE
 
 
 def test_surface_extrapolation_stays_non_decreasing_in_size():
