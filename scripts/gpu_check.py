@@ -25,8 +25,9 @@ Sections (each model has random weights of a known shape, made directly on the d
    SmolLM2 on a CPU (``scripts/record_tree_shapes.py``, ``--shapes``) drive decoding steps of
    the Llama-2-7B (float16) and Llama-3-8B (bfloat16) shapes over the recorded prompt
    lengths: per method, the projected decoding speed (tokens / GPU time of its steps:
-   the verify pass, the greedy read-back and the cache compaction; drafting on the host is
-   not counted) against vanilla's single-token steps for the same tokens.
+   the verify pass, the read-back of the greedy tokens and 64 top-k ids, the cache
+   compaction; drafting on the host is not counted) against vanilla's single-token steps
+   (greedy tokens only) for the same tokens.
 
 Writes ``report.md`` and ``summary.json`` in ``--out-dir`` (default
 ``results/gpu-check-<device>-<time>``); the report is also printed, and the last stdout line
@@ -53,10 +54,11 @@ import torch
 from torch.nn.attention import SDPBackend
 
 from logitspec import decoding
+from logitspec.acceptance import read_back
 from logitspec.attention import fold, kernel_of
 from logitspec.config import ModelConfig
 from logitspec.cost import fill_cache, measure_cost_surface
-from logitspec.decoding import Decoder, GenerationConfig
+from logitspec.decoding import Decoder, GenerationConfig, verification_inputs
 from logitspec.kv_cache import KVCache
 from logitspec.loading import RANDOM_SHAPES, random_model
 from logitspec.model import Transformer
@@ -71,6 +73,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHAPES = ROOT / "results" / "tree-shapes" / "smollm2-135m-float32.json"
 CUDNN_FIRST = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+READ_BACK_TOP_K = 64  # top-k ids read back per step by a replayed method (vanilla: none)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -398,7 +401,7 @@ def _replay_turns(model: Transformer, cache: KVCache, turns: Sequence[dict], lim
                                  tuple(parents), tuple(depths))
                 synchronize(device)
                 start = time.perf_counter()
-                _verify_step(model, cache, tree, path)
+                _verify_step(model, cache, tree, path, 0 if vanilla else READ_BACK_TOP_K)
                 synchronize(device)
                 seconds += time.perf_counter() - start
                 tokens += len(path)
@@ -408,17 +411,15 @@ def _replay_turns(model: Transformer, cache: KVCache, turns: Sequence[dict], lim
             "mat": tokens / max(steps, 1), "mean_tree": nodes / max(steps, 1)}
 
 
-def _verify_step(model: Transformer, cache: KVCache, tree: DraftTree, path: list[int]) -> None:
+def _verify_step(model: Transformer, cache: KVCache, tree: DraftTree, path: list[int],
+                 top_k: int) -> None:
     """One decoding step's device work, as the decoder does it: inputs up, one forward pass,
-    the greedy picks read back, the accepted path kept."""
+    the greedy tokens and top-``top_k`` ids read back in one transfer, the path kept."""
     device = model.device
-    tokens = torch.tensor(tree.tokens, device=device)
-    positions = torch.tensor(tree.depths, device=device) + cache.length
-    tree_mask = None
-    if len(tree) > 1 and max(tree.depths) < len(tree) - 1:
-        tree_mask = torch.from_numpy(tree.tree_mask()).to(device)
-    logits = model(tokens, positions, cache, tree_mask)
-    logits.max(dim=-1).indices.tolist()
+    rows, mask = verification_inputs(tree, cache.length)
+    packed = torch.from_numpy(rows).to(device)
+    tree_mask = None if mask is None else torch.from_numpy(mask).to(device)
+    read_back(model(packed[0], packed[1], cache, tree_mask), top_k)
     cache.keep(path)
 
 
