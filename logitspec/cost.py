@@ -7,7 +7,9 @@ attention over the cache makes every step dearer as C grows. Drafters that size 
 this surface stay profitable on both.
 
 :func:`measure_cost_surface` times forward passes of N tokens (with a tree mask) over caches
-of a few context lengths (:data:`DEFAULT_CONTEXTS`, those the model's context allows);
+of a few context lengths (:data:`DEFAULT_CONTEXTS`, those the model's context allows; on the
+CPU only the first two, as filling an 8,192-token cache there takes minutes, and the curve is
+extrapolated along them);
 :class:`CostSurface` interpolates between them. :func:`cost_surface_for` caches the result
 per model, dtype, device and torch version (plus the thread count on the CPU; threads do not
 change a CUDA measurement) as JSON in the cache directory, and measures it on first use (or
@@ -33,6 +35,7 @@ from .timing import synchronize
 
 DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 DEFAULT_CONTEXTS = (512, 2048, 8192)
+CPU_CONTEXTS = DEFAULT_CONTEXTS[:2]
 CONTEXT_BUCKET = 256
 FORMAT = "surface-1"  # part of the cache key: files of another format are not read
 
@@ -230,13 +233,16 @@ def usable_contexts(model: Transformer, contexts: Sequence[int], largest_size: i
 def measure_cost_surface(
     model: Transformer,
     sizes: Sequence[int] = DEFAULT_SIZES,
-    contexts: Sequence[int] = DEFAULT_CONTEXTS,
+    contexts: Sequence[int] | None = None,
     *,
     repeats: int = 7,
     warmup: int = 2,
 ) -> CostSurface:
-    """:func:`measure_cost_curve` at each of :func:`usable_contexts`, over one cache filled
-    once in prefill-sized chunks up to each context in turn."""
+    """:func:`measure_cost_curve` at each of :func:`usable_contexts` (default:
+    :data:`DEFAULT_CONTEXTS`, :data:`CPU_CONTEXTS` on the CPU), over one cache filled once in
+    prefill-sized chunks up to each context in turn."""
+    if contexts is None:
+        contexts = CPU_CONTEXTS if model.device.type == "cpu" else DEFAULT_CONTEXTS
     sizes = sorted(set(int(n) for n in sizes) | {1})
     contexts = usable_contexts(model, contexts, sizes[-1])
     cache = model.new_cache(contexts[-1] + sizes[-1], mask_rows=sizes[-1])

@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from logitspec.cost import DEFAULT_CONTEXTS, DEFAULT_SIZES, measure_cost_surface, store_cost_surface
+from logitspec.cost import DEFAULT_SIZES, measure_cost_surface, store_cost_surface
 from logitspec.loading import DTYPES, RANDOM_SHAPES, ModelLoadError, load, parse_dtype, random_model
 from logitspec.model import Transformer
 
@@ -32,15 +32,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="random weights in this architecture's shape instead of a checkpoint")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--contexts", type=int, nargs="+", default=list(DEFAULT_CONTEXTS),
-                        help="cached tokens before the step, one curve each")
+    parser.add_argument("--contexts", type=int, nargs="+", default=None,
+                        help="cached tokens before the step, one curve each (default: 512 2048 "
+                             "8192; 512 2048 on cpu)")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--store", action="store_true",
                         help="store the curve as the one automatic tree budgets use for this "
                              "model, dtype and device (replacing the cached one)")
     args = parser.parse_args(argv)
-    if min(args.contexts) < 1 or args.repeats < 1 or min(args.sizes) < 1:
+    if min(args.contexts or [1]) < 1 or args.repeats < 1 or min(args.sizes) < 1:
         parser.error("--contexts, --repeats and --sizes must be positive")
     return args
 

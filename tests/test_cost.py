@@ -153,3 +153,20 @@ def test_store_replaces_the_cached_surface(tmp_path):
     stored = CostSurface((CostCurve((1, 4), (0.5, 0.75), 512), CostCurve((1, 4), (0.6, 0.9), 900)))
     store_cost_surface(model, "m", stored, cache_root=tmp_path)
     assert cost_surface_for(model, "m", cache_root=tmp_path) == stored
+
+
+def test_default_contexts_follow_the_device(monkeypatch):
+    """The CPU measures at 512 and 2,048 cached tokens; other devices at 8,192 as well."""
+    seen = []
+
+    def fake_curve(model, sizes, *, context, **kwargs):
+        seen.append(context)
+        return CostCurve(tuple(sizes), tuple(1.0 for _ in sizes), context)
+
+    monkeypatch.setattr(cost_module, "measure_cost_curve", fake_curve)
+    monkeypatch.setattr(cost_module, "fill_cache", lambda *args, **kwargs: None)
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=32768),
+                            device=torch.device("cpu"), new_cache=lambda *a, **k: None)
+    assert measure_cost_surface(model, (1, 2)).contexts == (512, 2048)
+    model.device = torch.device("meta")
+    assert measure_cost_surface(model, (1, 2)).contexts == (512, 2048, 8192)
