@@ -92,6 +92,7 @@ from evaluation.speed import (  # noqa: E402
 from evaluation import inference_logitspec, inference_pld, inference_recycling  # noqa: E402
 from logitspec.decoding import Decoder, GenerationConfig, GenerationResult  # noqa: E402
 from logitspec.loading import DTYPES, LoadedModel, ModelLoadError, load  # noqa: E402
+from logitspec.runtime import runtime_meta  # noqa: E402
 
 PROG = "compare.py"
 EXIT_USAGE = 2
@@ -469,13 +470,14 @@ def build_contenders(specs: Sequence[MethodSpec], models: Models, settings: Eval
     template = resolve_template(loaded.tokenizer, settings.model_name, None)
     eos = tuple(dict.fromkeys(loaded.eos_token_ids + template.stop_token_ids))
     hardware = hardware_description(str(loaded.model.device))
+    runtime = runtime_meta(loaded.model)
     contenders = []
     for spec in specs:
         ctx = EvalContext(
             model_id=model_id(spec, settings), loaded=loaded,
             generator=RecordingGenerator(make_generator(spec, models)), template=template,
             generation=settings.generation_config(eos), num_choices=1,
-            meta=method_meta(spec, specs, settings, template.name, hardware),
+            meta=method_meta(spec, specs, settings, template.name, hardware, runtime),
         )
         paths = tuple(out_dir / answer_file_name(ctx.model_id, r, repeats)
                       for r in range(1, repeats + 1))
@@ -484,8 +486,9 @@ def build_contenders(specs: Sequence[MethodSpec], models: Models, settings: Eval
 
 
 def method_meta(spec: MethodSpec, specs: Sequence[MethodSpec], settings: EvalConfig,
-                template: str, hardware: str) -> dict[str, Any]:
-    """The answer lines' ``meta``: the harness's keys, plus the comparison it ran in."""
+                template: str, hardware: str, runtime: dict[str, Any]) -> dict[str, Any]:
+    """The answer lines' ``meta``: the harness's keys (``runtime``: the machine's, from
+    :func:`logitspec.runtime.runtime_meta`), plus the comparison it ran in."""
     import transformers
 
     return {
@@ -494,7 +497,7 @@ def method_meta(spec: MethodSpec, specs: Sequence[MethodSpec], settings: EvalCon
         "device": str(torch.device(settings.resolved_device)), "template": template,
         "max_new_tokens": settings.max_new_tokens, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
         "seed": 0, "num_choices": 1, "torch": torch.__version__,
-        "transformers": transformers.__version__, "hardware": hardware,
+        "transformers": transformers.__version__, "hardware": hardware, **runtime,
         "threads": torch.get_num_threads(), "compared_with": [s.text for s in specs],
     }
 

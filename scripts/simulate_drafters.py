@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from logitspec.acceptance import TargetOutput, greedy_accept
-from logitspec.cost import CostCurve, cost_curve_for
+from logitspec.cost import CostCurve, cost_surface_for
 from logitspec.decoding import Decoder, GenerationConfig
 from logitspec.drafters import Drafter
 from logitspec.loading import load
@@ -221,7 +221,7 @@ def load_traces(path: str) -> tuple[dict, list[TurnTrace]]:
 def replay(args: argparse.Namespace) -> int:
     data, traces = load_traces(args.trace)
     lm = load(data["model_path"], dtype=data["dtype"], device=args.device)
-    curve = cost_curve_for(lm.model, str(lm.path))
+    curve = cost_surface_for(lm.model, str(lm.path))
     vocab = lm.model.config.vocab_size
     report = {}
     for spec in args.drafter:

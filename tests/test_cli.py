@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -22,6 +23,7 @@ if str(ROOT) not in sys.path:
 
 from evaluation import inference_baseline, inference_logitspec, inference_pld, speed  # noqa: E402
 from evaluation.args import EvalConfig, RunConfig, parse_args  # noqa: E402
+from evaluation import eval_loop  # noqa: E402
 from evaluation.eval_loop import TEST_EXIT_AFTER_ENV  # noqa: E402
 from evaluation.questions import Question, load_questions, select_questions  # noqa: E402
 # DEMO is imported from this module by other tests
@@ -31,7 +33,8 @@ CHOICE_KEYS = {"index", "turns", "decoding_steps", "new_tokens", "prompt_tokens"
                "accept_lengths", "draft_lengths", "time_breakdown"}
 META_KEYS = {"method", "params", "model_path", "dtype", "device", "template", "max_new_tokens",
              "temperature", "top_p", "top_k", "seed", "num_choices", "torch", "transformers",
-             "hardware", "threads", "load_average"}
+             "hardware", "threads", "load_average", "attention", "float32_matmul_precision",
+             "peak_memory_bytes"}
 Capsys = pytest.CaptureFixture[str]
 
 
@@ -95,6 +98,8 @@ def test_three_methods_on_two_demo_questions(
                               "max_auto_capacity": 64}
     assert len(list((tmp_path / "cache" / "costs").glob("*.json"))) == 1
     assert meta["dtype"] == "float32" and meta["template"] == "chat_template"
+    assert meta["attention"]["decode"] == "flash, folded, no mask"  # the CPU's flash kernel
+    assert meta["float32_matmul_precision"] == "highest" and meta["peak_memory_bytes"] > 0
     assert read_lines(files["pld"])[0]["meta"]["params"]["draft_tree_capacity"] == 21
     for method in ("logitspec", "pld"):
         code = speed.main(["--file-path", str(files[method]), "--base-path", str(files["vanilla"])])
@@ -182,6 +187,61 @@ def test_resume_after_a_crash_and_a_partial_line(
     assert run_cli(inference_logitspec, argv) == 0  # all answered: nothing to do
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["skipped"] == 4
     assert out.read_bytes() == after
+
+
+def faulty_answers(monkeypatch: pytest.MonkeyPatch, faults: dict[int, BaseException]) -> None:
+    """Answering the questions in ``faults`` raises the given error (once per question)."""
+    real = eval_loop.answer_choice
+
+    def answer_choice(ctx, question, index):
+        if question.question_id in faults:
+            raise faults.pop(question.question_id)
+        return real(ctx, question, index)
+
+    monkeypatch.setattr(eval_loop, "answer_choice", answer_choice)
+
+
+def questions_4_to_6(tiny: Path, out: Path) -> list[str]:
+    return ["--model-path", str(tiny), "--question-begin", "3", "--question-end", "6",
+            "--max-new-tokens", "6", "--answer-file", str(out), "--warmup", "0"]
+
+
+def test_out_of_memory_is_an_error_entry_and_the_run_goes_on(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Capsys
+) -> None:
+    released = []
+    monkeypatch.setattr(eval_loop, "release_memory", lambda device: released.append(str(device)))
+    faulty_answers(monkeypatch, {5: torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 20.00 GiB.\nSee the documentation")})
+    out = tmp_path / "answers.jsonl"
+    argv = questions_4_to_6(tiny, out)
+    assert run_cli(inference_pld, argv) == 3
+    assert "question 5: OutOfMemoryError: CUDA out of memory." in capsys.readouterr().err
+    lines = {line["question_id"]: line for line in read_lines(out)}
+    assert lines[5]["error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB."
+    assert lines[4]["choices"] and lines[6]["choices"] and released == ["cpu"]
+    assert run_cli(inference_pld, argv) == 0  # a re-run retries it
+    assert all(line["choices"] for line in read_lines(out))
+
+
+def test_a_device_error_stops_the_run_and_a_rerun_resumes(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Capsys
+) -> None:
+    """After a device-side error the process's CUDA context is unusable: the question gets
+    its error entry, the run stops (exit 2), the same command resumes in a fresh process."""
+    faulty_answers(monkeypatch, {5: torch.AcceleratorError(
+        "CUDA error: device-side assert triggered\nCompile with TORCH_USE_CUDA_DSA")})
+    out = tmp_path / "answers.jsonl"
+    argv = questions_4_to_6(tiny, out)
+    assert run_cli(inference_pld, argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "inference_pld: error: question 5: DeviceError: CUDA error: device-side assert "
+        "triggered; the CUDA context of this process is unusable: run the same command again "
+        "to resume")
+    lines = read_lines(out)
+    assert [line["question_id"] for line in lines] == [4, 5] and lines[1]["choices"] == []
+    assert run_cli(inference_pld, argv) == 0
+    assert sorted(line["question_id"] for line in read_lines(out)) == [4, 5, 6]
 
 
 def test_prompt_too_long_is_an_error_entry_and_is_retried(tmp_path: Path, capsys: Capsys) -> None:

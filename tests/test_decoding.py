@@ -18,10 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from logitspec import decoding as decoding_module
 from logitspec.decoding import (
     Decoder,
     GenerationConfig,
     PromptTooLongError,
+    TokenIdError,
     generate_logitspec,
     generate_pld,
     generate_vanilla,
@@ -403,6 +405,65 @@ def test_cache_grows_when_needed():
     grown_from = decoder.cache.capacity
     assert decoder.generate(second, config2).output_ids == reference_greedy(model, second, config2)
     assert decoder.cache.capacity > grown_from
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ([1, 2, 8], r"token id 8 \(position 2\) is outside the model's vocabulary of 8 ids"),
+        ([1, -1, 2], r"token id -1 \(position 1\) is outside"),
+        ([9, 1, -3], r"token id 9 \(position 0\)"),
+    ],
+    ids=["past-the-end", "negative", "both-first-too-large"],
+)
+def test_token_ids_are_range_checked_before_the_model(prompt, message):
+    model = CopyLM(8)
+    decoder = Decoder(model)
+    with pytest.raises(TokenIdError, match=message):
+        decoder.generate(prompt, GenerationConfig(max_new_tokens=4))
+    assert model.forward_sizes == []  # refused before any forward pass
+    assert decoder.generate([0, 7, 7], GenerationConfig(max_new_tokens=2)).new_tokens == 2
+
+
+def test_cache_growth_is_geometric_up_to_the_context():
+    """Policy: grow to max(needed, 1.5 x capacity), at most context + tree budget; the committed
+    tokens survive every growth (the outputs equal the reference)."""
+    model = CopyLM(10, seed=4, max_position_embeddings=104)
+    decoder = Decoder(model, PromptLookupDrafter(PoolConfig(), 8), capacity=20)
+    config = GenerationConfig(max_new_tokens=10)
+    sizes = []
+    prompt = REPEATED[:12]
+    for extra in (0, 4, 26, 20):
+        prompt = prompt + REPEATED[:extra]
+        assert decoder.generate(prompt, config).output_ids == reference_greedy(model, prompt, config)
+        prompt = prompt + reference_greedy(model, prompt, config)
+        sizes.append(decoder.cache.capacity)
+    # prompt + 10 new + 8 tree: 30 -> 30; 44 -> max(44, 1.5 x 30) = 45; 80 -> max(80, 68);
+    # 110 -> max(110, 120), capped at the context 104 + 8
+    assert sizes == [30, 45, 80, 112]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+@torch.inference_mode()
+def test_chunked_prefill_equals_one_pass(tiny_model, monkeypatch, chunk):
+    """Prefill in chunks of 1, 7 or 64 tokens: the same cache rows, the same last logit and the
+    same greedy output as one pass (float32 rounding only), also for a follow-up turn."""
+    prompt = torch.randint(0, tiny_model.config.vocab_size, (50,),
+                           generator=torch.Generator().manual_seed(3)).tolist()
+    config = GenerationConfig(max_new_tokens=6)
+
+    def run():
+        decoder = Decoder(tiny_model)
+        first = decoder.generate(prompt, config).output_ids
+        second = decoder.generate(prompt + first + prompt[:20], config).output_ids
+        return first + second, decoder.cache.buffer[:, :, :, :decoder.cache.length].clone()
+
+    monkeypatch.setattr(decoding_module, "PREFILL_CHUNK", 10_000)
+    expected, rows = run()
+    monkeypatch.setattr(decoding_module, "PREFILL_CHUNK", chunk)
+    got, chunked_rows = run()
+    assert got == expected
+    assert (chunked_rows - rows).abs().max().item() < 1e-5  # measured: at most 1.1e-6
 
 
 @pytest.mark.parametrize(
