@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .acceptance import TargetOutput
-from .cost import CostCurve
+from .cost import CostCurve, CostSurface
 from .pool import NGramPool
 from .tree import DraftTree, build_tree
 from .value_tree import DEPTH_BUCKETS, RANK_BUCKETS, AcceptanceStats, BestFirstTree, Chain, bucket
@@ -257,7 +257,8 @@ class ValueTreeDrafter(_PoolDrafter):
     """LogitSpec's candidates (next-token chains, next-next chains from the top-k of the last
     logit), ranked by estimated acceptance probability learned online, the tree sized by the
     budget or, with a cost curve and ``draft_tree_capacity=None``, by expected tokens per
-    second (:mod:`logitspec.value_tree`).
+    second (:mod:`logitspec.value_tree`). A :class:`~logitspec.cost.CostSurface` is read at the
+    current context length (attention over a long context makes large trees dearer).
 
     Features: ``("next", n, depth)`` for the next-token chain retrieved by an n-gram of order
     ``n``, ``("alt", n, depth)`` for older stored continuations (``max_continuations > 1``),
@@ -268,7 +269,8 @@ class ValueTreeDrafter(_PoolDrafter):
     name = "logitspec-value"
 
     def __init__(
-        self, config: LogitSpecConfig, cost_curve: CostCurve | None = None, successors=None
+        self, config: LogitSpecConfig, cost_curve: CostCurve | CostSurface | None = None,
+        successors=None,
     ) -> None:
         if config.tree_policy != "value":
             raise ValueError("ValueTreeDrafter needs tree_policy='value'")
@@ -276,7 +278,7 @@ class ValueTreeDrafter(_PoolDrafter):
             raise ValueError("an automatic draft_tree_capacity needs a cost curve")
         super().__init__(config.pool, config.capacity)
         self.config = config
-        self.cost = cost_curve.cost if config.draft_tree_capacity is None else None
+        self.costs = cost_curve if config.draft_tree_capacity is None else None
         self.stats = AcceptanceStats(_value_prior)
         self.overhead = 0.0
         self.successors = successors
@@ -295,7 +297,8 @@ class ValueTreeDrafter(_PoolDrafter):
             self._offer_next_next_chains(tree, root, root_topk[: self.config.candidates + 1].tolist())
             if self.successors is not None and self.config.recycle_chains:
                 self._offer_recycled_chains(tree, root)
-        draft, self._features = tree.grow(self.tree_capacity, self.cost, self.overhead)
+        cost = self.costs.at(len(self.pool)).cost if self.costs is not None else None
+        draft, self._features = tree.grow(self.tree_capacity, cost, self.overhead)
         self.overhead = 0.9 * self.overhead + 0.1 * (time.perf_counter() - start)
         return draft
 

@@ -11,8 +11,8 @@ chose it is enough to replay any retrieval drafter exactly, without the model:
         --drafter pld:8 --drafter logitspec:64 --drafter logitspec:auto
 
 Replay reports MAT per category (exact for the recorded outputs) and a speedup estimated from
-the measured cost curve (verify forward of N tokens) plus the drafter's own measured host
-time. The last stdout line is one JSON object.
+the measured cost surface (a verify forward of N tokens at the step's context length) plus the
+drafter's own measured host time. The last stdout line is one JSON object.
 """
 
 from __future__ import annotations
@@ -133,17 +133,29 @@ def record(args: argparse.Namespace) -> int:
     return 0
 
 
-def replay_turn(drafter: Drafter, trace: TurnTrace) -> tuple[list[int], list[int], float]:
-    """Accept lengths and tree sizes of ``drafter`` on one recorded turn, and its host time."""
+@dataclass
+class ReplayedTurn:
+    """A drafter on one recorded turn: per step its accept length, its verified inputs and the
+    context length before the step; its host time in all."""
+
+    accept_lengths: list[int]
+    tree_sizes: list[int]
+    contexts: list[int]
+    host: float
+
+
+def replay_turn(drafter: Drafter, trace: TurnTrace) -> ReplayedTurn:
+    """``drafter`` on one recorded turn, step by step, as the decoding loop would run it."""
     out, n = trace.output, len(trace.output)
     topk = trace.topk.numpy().astype(np.int64)
     drafter.begin(trace.prompt, 0)
-    accept_lengths, tree_sizes, host = [], [], 0.0
+    turn = ReplayedTurn([], [], [], 0.0)
     i = 0
     while i < n:
+        turn.contexts.append(len(trace.prompt) + i)
         if i == n - 1:
-            accept_lengths.append(1)
-            tree_sizes.append(0)
+            turn.accept_lengths.append(1)
+            turn.tree_sizes.append(0)
             break
         start = time.perf_counter()
         tree = drafter.draft(out[i], topk[i], trace.max_new_tokens - i - 1)
@@ -151,11 +163,11 @@ def replay_turn(drafter: Drafter, trace: TurnTrace) -> tuple[list[int], list[int
         path = greedy_accept(tree.tokens, tree.parents, pred)
         drafter.observe(tree, TargetOutput(None, rows))
         drafter.extend(out[i:i + len(path)], tree, path)
-        host += time.perf_counter() - start
-        accept_lengths.append(len(path))
-        tree_sizes.append(tree.num_inputs)
+        turn.host += time.perf_counter() - start
+        turn.accept_lengths.append(len(path))
+        turn.tree_sizes.append(tree.num_inputs)
         i += len(path)
-    return accept_lengths, tree_sizes, host
+    return turn
 
 
 def trace_outputs(tree: DraftTree, out: Sequence[int], start: int,
@@ -228,14 +240,16 @@ def replay(args: argparse.Namespace) -> int:
         rows = defaultdict(lambda: {"tokens": 0, "steps": 0, "time": 0.0, "vanilla": 0.0, "host": 0.0})
         drafter = make_drafter(spec, curve, vocab)  # one per run, as in the harness: statistics persist
         for trace in traces:
-            lengths, sizes, host = replay_turn(drafter, trace)
+            turn = replay_turn(drafter, trace)
+            verify = sum(curve.at(c).cost(s) for s, c in zip(turn.tree_sizes, turn.contexts) if s)
+            vanilla = sum(curve.at(len(trace.prompt) + j).cost(1) for j in range(len(trace.output) - 1))
             for key in (group_of(trace.category), "overall"):
                 row = rows[key]
-                row["tokens"] += sum(lengths)
-                row["steps"] += len(lengths)
-                row["time"] += sum(curve.cost(s) for s in sizes if s) + host
-                row["host"] += host
-                row["vanilla"] += (sum(lengths) - 1) * curve.cost(1)
+                row["tokens"] += sum(turn.accept_lengths)
+                row["steps"] += len(turn.accept_lengths)
+                row["time"] += verify + turn.host
+                row["host"] += turn.host
+                row["vanilla"] += vanilla
         report[spec] = {k: {"mat": r["tokens"] / r["steps"], "speedup": r["vanilla"] / r["time"],
                             "host_share": r["host"] / r["time"]} for k, r in rows.items()}
     _print_report(report)
