@@ -466,6 +466,9 @@ def run(config: RunConfig) -> int:
             print(f"{prog}: all {len(questions)} selected questions are already answered in "
                   f"{path}", file=sys.stderr)
             totals = Totals()
+        # Workers finish in any order; the summary lists failures in question order.
+        failed_now = set(totals.failed)
+        totals.failed = [q.key for q in todo if q.key in failed_now]
         if config.settings.sharding_flag is not None:
             reorder_answers(path, order)
     print(json.dumps({
