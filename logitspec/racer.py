@@ -49,7 +49,6 @@ Where this engine's version departs from the public code (github.com/hkr04/RACER
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -100,6 +99,10 @@ class TrieBuilder:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def __contains__(self, edge: tuple[int, int]) -> bool:
+        """Whether ``(parent, token)`` is already a node."""
+        return edge in self._children
+
     def add(self, parent: int, token: int) -> tuple[int, bool]:
         """The child of ``parent`` with ``token`` and whether it was created."""
         key = (parent, token)
@@ -116,11 +119,14 @@ class TrieBuilder:
     def to_tree(self) -> DraftTree:
         """The trie breadth-first: by depth, ties in creation order."""
         order = sorted(range(len(self.tokens)), key=self.depths.__getitem__)
-        place = {old: new for new, old in enumerate(order)}
+        place = [0] * len(order)
+        for new, old in enumerate(order):
+            place[old] = new
+        parents = self.parents
         return DraftTree(
-            tuple(self.tokens[i] for i in order),
-            tuple(place[self.parents[i]] if i else -1 for i in order),
-            tuple(self.depths[i] for i in order),
+            tuple([self.tokens[i] for i in order]),
+            tuple([place[parents[i]] if i else -1 for i in order]),
+            tuple([self.depths[i] for i in order]),
         )
 
 
@@ -165,20 +171,24 @@ def grow_copy_logit_tree(
     under root 7: depth 1 gets 3 and 4 (breadths 1 and 1), depth 2 gets 5 (under 3) and 8
     (under 4), depth 3 gets 1 (under 5): tokens 7, 3, 4, 5, 8, 1.
     """
-    queue = deque([(0, breadth)])
-    table = successors.table
-    while queue and len(trie) < capacity:
-        node, width = queue.popleft()
-        depth = trie.depths[node]
-        if depth >= max_depth:
-            continue
-        row = table[trie.tokens[node]]
-        for rank, child_width in enumerate(child_breadths(width, depth)):
-            token = int(row[rank]) if rank < len(row) else -1
-            if token < 0 or len(trie) >= capacity:
-                break
-            child, _ = trie.add(node, token)
-            queue.append((child, child_width))
+    table, tokens = successors.table, trie.tokens
+    breadths: dict[tuple[int, int], list[int]] = {}
+    level, depth = [(0, breadth)], 0
+    while level and depth < max_depth:
+        rows = table[[tokens[node] for node, _ in level]].tolist()  # one gather per level
+        upcoming = []
+        for (node, width), row in zip(level, rows):
+            key = (width, min(depth, 2))  # breadths differ only between depth 1 and the rest
+            widths = breadths.get(key)
+            if widths is None:
+                widths = breadths[key] = child_breadths(width, depth)
+            for token, child_width in zip(row, widths):
+                if token < 0:
+                    break
+                if len(tokens) >= capacity and (node, token) not in trie:
+                    return
+                upcoming.append((trie.add(node, token)[0], child_width))
+        level, depth = upcoming, depth + 1
 
 
 class RacerDrafter:
