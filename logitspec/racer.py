@@ -3,7 +3,7 @@
 Two candidate sources fill one draft trie under the step's root ``r`` (the token the target
 just chose), ``draft_tree_capacity`` nodes in all, the root included:
 
-1. **Retrieval** (:class:`~logitspec.automaton.NGramAutomaton`): every window of ``max_ngram``
+1. **Retrieval** (:class:`~logitspec.automaton.NGramAutomaton`): every window of ``ngram``
    (10) context tokens is kept in a trie of at most ``max_nodes`` (10 000) nodes, the least
    recently used evicted; the continuations of every suffix of ``context + [r]`` that the trie
    holds (at least one context token matched) are taken best first, by window count, until the
@@ -53,13 +53,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
+import torch
 
 from .automaton import DEFAULT_MAX_NGRAM, DEFAULT_MAX_NODES, Continuation, NGramAutomaton
 from .recycling import SuccessorTable
 from .tree import DraftTree
 
 if TYPE_CHECKING:
-    from .acceptance import TargetOutput
     from .decoding import GenerationConfig
 
 DEFAULT_BREADTH = 8
@@ -68,21 +68,22 @@ MIN_MATCH = 1  # context tokens a retrieval match needs besides the root (the pu
 
 @dataclass(frozen=True)
 class RacerConfig:
-    """RACER's settings, published defaults: a 64-node tree (root included), windows of 10
-    tokens, an automaton of at most 10 000 nodes, 8 successors per token."""
+    """RACER's settings, published defaults: a 64-node tree (root included), windows of
+    ``ngram`` = 10 tokens (the longest n-gram), an automaton of at most 10 000 nodes, 8
+    successors per token."""
 
     draft_tree_capacity: int = 64
-    max_ngram: int = DEFAULT_MAX_NGRAM
+    ngram: int = DEFAULT_MAX_NGRAM
     max_nodes: int = DEFAULT_MAX_NODES
     max_breadth: int = DEFAULT_BREADTH
 
     def __post_init__(self) -> None:
         if self.draft_tree_capacity < 1:
             raise ValueError(f"draft_tree_capacity must be >= 1 (the root), got {self.draft_tree_capacity}")
-        if self.max_ngram < 2:
-            raise ValueError(f"max_ngram must be >= 2, got {self.max_ngram}")
-        if self.max_nodes <= self.max_ngram:
-            raise ValueError(f"max_nodes must be > max_ngram={self.max_ngram}, got {self.max_nodes}")
+        if self.ngram < 2:
+            raise ValueError(f"ngram must be >= 2, got {self.ngram}")
+        if self.max_nodes <= self.ngram:
+            raise ValueError(f"max_nodes must be > ngram={self.ngram}, got {self.max_nodes}")
         if self.max_breadth < 1:
             raise ValueError(f"max_breadth must be >= 1, got {self.max_breadth}")
 
@@ -199,7 +200,6 @@ class RacerDrafter:
     """
 
     name = "racer"
-    needs_hidden = False
 
     def __init__(self, config: RacerConfig = RacerConfig(), successors: SuccessorTable | None = None) -> None:
         if successors is not None and successors.k < config.max_breadth:
@@ -207,14 +207,13 @@ class RacerDrafter:
                              f"max_breadth={config.max_breadth}")
         self.config = config
         self.tree_capacity = config.draft_tree_capacity
-        self.top_k = config.max_breadth
-        self.automaton = NGramAutomaton(config.max_ngram, config.max_nodes)
+        self.automaton = NGramAutomaton(config.ngram, config.max_nodes)
         self.successors = successors
 
     def configure(self, config: GenerationConfig) -> None:
         pass
 
-    def begin(self, context: Sequence[int], reused: int, hidden=None) -> None:
+    def begin(self, context: Sequence[int], reused: int) -> None:
         """Follows the new context; the automaton and the table are kept."""
         self.automaton.resume(context, reused)
 
@@ -225,21 +224,22 @@ class RacerDrafter:
             self.successors = SuccessorTable(vocab_size, self.config.max_breadth)
         self.successors.update(tokens, np.asarray(topk)[:, : self.successors.k])
 
-    def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
+    def draft(self, root: int, last_logits: torch.Tensor, max_depth: int) -> DraftTree:
         """Retrieval first, then the copy-logit tree, merged (module docstring)."""
         trie = TrieBuilder(root)
         capacity = self.tree_capacity
         if capacity > 1 and max_depth > 0:
-            limit = (capacity - 1) * (self.config.max_ngram - 1)  # enough to fill after merges
+            limit = (capacity - 1) * (self.config.ngram - 1)  # enough to fill after merges
             found = self.automaton.continuations(int(root), limit, MIN_MATCH)
             add_retrieval_tree(trie, found, capacity, max_depth)
             if self.successors is not None:
                 grow_copy_logit_tree(trie, self.successors, capacity, max_depth, self.config.max_breadth)
         return trie.to_tree()
 
-    def observe(self, tree: DraftTree, out: TargetOutput) -> None:
-        """Every verified node's top-k, accepted or not, in node order."""
-        self.learn(tree.tokens, out.topk[: len(tree)], out.logits.shape[-1])
+    def observe(self, tree: DraftTree, logits: torch.Tensor) -> None:
+        """Every verified node's top-k (``logits``: (T, V)), accepted or not, in node order."""
+        k = min(self.config.max_breadth, logits.shape[-1])
+        self.learn(tree.tokens, logits.topk(k, dim=-1).indices.cpu().numpy(), logits.shape[-1])
 
     def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
         self.automaton.extend(tokens)

@@ -8,6 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from logitspec.automaton import Continuation
 from logitspec.racer import (
@@ -116,8 +117,8 @@ def test_retrieval_tree_table(items, capacity, max_depth, tokens, parents):
 # --------------------------------------------------------------------------- the drafter
 
 
-def drafter_of(context, rows, capacity=8, breadth=2, max_ngram=3) -> RacerDrafter:
-    drafter = RacerDrafter(RacerConfig(capacity, max_ngram, 100, breadth), table_of(rows, k=breadth))
+def drafter_of(context, rows, capacity=8, breadth=2, ngram=3) -> RacerDrafter:
+    drafter = RacerDrafter(RacerConfig(capacity, ngram, 100, breadth), table_of(rows, k=breadth))
     drafter.begin(context, 0)
     return drafter
 
@@ -148,9 +149,10 @@ def test_no_candidates_no_table_gives_the_root_alone():
 def test_observe_copies_every_node_and_the_deepest_wins():
     drafter = drafter_of([1, 2, 3], {}, capacity=8)
     tree = DraftTree((4, 5, 4, 6), (-1, 0, 1, 0), (0, 1, 2, 1))
-    out = type("Out", (), {"topk": np.array([[1, 2, 9], [3, 4, 9], [5, 6, 9], [7, 8, 9]]),
-                           "logits": np.zeros((4, 32))})()
-    drafter.observe(tree, out)
+    logits = torch.zeros(4, 32)
+    for node, best in enumerate([[1, 2], [3, 4], [5, 6], [7, 8]]):
+        logits[node, best] = torch.tensor([2.0, 1.0])
+    drafter.observe(tree, logits)
     table = drafter.successors
     assert table.successors_of(4).tolist() == [5, 6]  # node 2 (depth 2), not the root
     assert table.successors_of(5).tolist() == [3, 4] and table.successors_of(6).tolist() == [7, 8]
@@ -164,7 +166,7 @@ def test_learn_creates_the_table_on_first_use():
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(draft_tree_capacity=0), dict(max_ngram=1), dict(max_nodes=10), dict(max_breadth=0),
+    dict(draft_tree_capacity=0), dict(ngram=1), dict(max_nodes=10), dict(max_breadth=0),
 ])
 def test_config_validation(kwargs):
     with pytest.raises(ValueError):
@@ -174,3 +176,14 @@ def test_config_validation(kwargs):
 def test_a_shared_table_must_be_wide_enough():
     with pytest.raises(ValueError):
         RacerDrafter(RacerConfig(max_breadth=8), SuccessorTable(10, 4))
+
+
+def test_drafts_are_accepted_with_the_fake_copying_target():
+    """The property tests (tests/test_decoding.py) are meaningful only if drafts get accepted."""
+    from test_decoding import REPEATED, CopyLM
+
+    from logitspec.decoding import Decoder, GenerationConfig
+
+    decoder = Decoder(CopyLM(20, seed=1), RacerDrafter(RacerConfig(16, 4, 40, 3)))
+    result = decoder.generate(REPEATED, GenerationConfig(max_new_tokens=60))
+    assert max(result.accept_lengths) >= 3 and result.mean_accepted_tokens > 1.2
