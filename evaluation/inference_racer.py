@@ -15,6 +15,7 @@ from typing import Sequence
 from logitspec.decoding import Decoder
 from logitspec.loading import LoadedModel
 from logitspec.racer import RacerConfig, RacerDrafter
+from logitspec.recycling import SuccessorTable
 
 from . import eval_loop
 from .args import option
@@ -44,7 +45,12 @@ class RacerParams:
 
 
 def make_decoder(loaded: LoadedModel, params: RacerParams) -> Decoder:
-    return Decoder(loaded.model, RacerDrafter(params.racer_config()))
+    """The drafter copies the prompt's logits through the model's LM head (the published
+    policy) and keeps one successor table over the vocabulary."""
+    config = params.racer_config()
+    model = loaded.model
+    table = SuccessorTable(model.config.vocab_size, config.max_breadth)
+    return Decoder(model, RacerDrafter(config, table, head=model.lm_head))
 
 
 METHOD = Method(

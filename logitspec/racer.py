@@ -17,12 +17,18 @@ Both hang under the same root and merge into one trie: a candidate whose path is
 tree costs nothing. The tree is laid out breadth-first (depth by depth; within a depth,
 retrieval nodes in rank order, then copy-logit nodes in the order grown).
 
-Which logits fill the successor table (:meth:`RacerDrafter.observe`): the target's top-k at
-every verified tree node, accepted or not, written in node order, so a token at several nodes
-keeps the deepest one's (the last write wins); and, when a generation begins, the prompt's
-logits at every newly prefilled position (the row of token ``x_i`` is the top-k of the logit
-after ``x_i``, the last occurrence winning). The table and the automaton live as long as the
-drafter: questions teach the next ones.
+Which logits fill the successor table: when a generation begins, the prompt's logits at every
+newly prefilled position (:meth:`RacerDrafter.begin`: the row of token ``x_i`` becomes the
+top-k of the logit after ``x_i``, the last occurrence winning; this needs the target's LM
+head, which the command passes); after every step, the target's top-k at every verified tree
+node, accepted or not, written in node order, so a token at several nodes keeps the deepest
+one's (:meth:`RacerDrafter.observe`, the last write wins). The automaton follows the context:
+the prompt's windows when a generation begins, then one window per accepted token
+(:meth:`RacerDrafter.extend`). The table and the automaton live as long as the drafter:
+questions teach the next ones, as in the public code (one automaton for the whole run).
+
+In trace replay (``scripts/simulate_drafters.py``) the table learns only the rows the trace
+knows: the target's top-k on the recorded path, not at rejected nodes or prompt positions.
 
 Where this engine's version departs from the public code (github.com/hkr04/RACER), and why:
 
@@ -43,18 +49,20 @@ Where this engine's version departs from the public code (github.com/hkr04/RACER
 - *Unknown rows.* A token never seen has no successors here (its subtree is dropped); the
   public table starts at zeros and drafts token 0 there.
 - *Multi-turn prompts.* A follow-up turn inserts only the windows of the new tokens (each
-  occurrence counts once); the public code re-inserts the whole conversation every turn.
+  occurrence counts once) and copies only the new positions' logits, as the engine prefills
+  only them; the public code re-prefills and re-inserts the whole conversation every turn.
 - The public code's chain mode (one path per source) is not its default and is not built here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
+from .acceptance import TargetOutput, read_back
 from .automaton import DEFAULT_MAX_NGRAM, DEFAULT_MAX_NODES, Continuation, NGramAutomaton
 from .recycling import SuccessorTable
 from .tree import DraftTree
@@ -64,6 +72,7 @@ if TYPE_CHECKING:
 
 DEFAULT_BREADTH = 8
 MIN_MATCH = 1  # context tokens a retrieval match needs besides the root (the public min_depth 2)
+PROMPT_CHUNK = 256  # prompt positions whose logits are computed at once (memory: CHUNK x V)
 
 
 @dataclass(frozen=True)
@@ -196,26 +205,43 @@ class RacerDrafter:
     """RACER behind the :class:`~logitspec.drafters.Drafter` protocol (module docstring).
 
     ``successors``: a table to share; by default one is created on the first rows learned,
-    sized by the vocabulary of the logits they came from.
+    sized by the vocabulary of the logits they came from. ``head``: the target's LM head
+    (final hidden states (T, H) -> logits (T, V)); with it the drafter asks for the prompt's
+    hidden states and copies the prompt's logits when a generation begins (the public code's
+    policy: the prompt is prefilled with logits at every position). Without it (trace replay)
+    the table learns from verified nodes only.
     """
 
     name = "racer"
 
-    def __init__(self, config: RacerConfig = RacerConfig(), successors: SuccessorTable | None = None) -> None:
+    def __init__(self, config: RacerConfig = RacerConfig(), successors: SuccessorTable | None = None,
+                 head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if successors is not None and successors.k < config.max_breadth:
             raise ValueError(f"the shared table keeps {successors.k} successors, fewer than "
                              f"max_breadth={config.max_breadth}")
         self.config = config
         self.tree_capacity = config.draft_tree_capacity
+        self.top_k = config.max_breadth
+        self.needs_hidden = head is not None
+        self.head = head
         self.automaton = NGramAutomaton(config.ngram, config.max_nodes)
         self.successors = successors
 
     def configure(self, config: GenerationConfig) -> None:
         pass
 
-    def begin(self, context: Sequence[int], reused: int) -> None:
-        """Follows the new context; the automaton and the table are kept."""
+    def begin(self, context: Sequence[int], reused: int, hidden: torch.Tensor | None = None) -> None:
+        """Follows the new context (the automaton and the table are kept); with the prompt's
+        hidden states (len(context) - reused, H), copies the logit after each new prompt token,
+        computed and read back :data:`PROMPT_CHUNK` positions at a time."""
         self.automaton.resume(context, reused)
+        if hidden is None or self.head is None:
+            return
+        for start in range(0, hidden.shape[0], PROMPT_CHUNK):
+            logits = self.head(hidden[start:start + PROMPT_CHUNK])
+            _, topk = read_back(logits, self.top_k, with_greedy=False)
+            first = reused + start
+            self.learn(context[first:first + len(topk)], topk, logits.shape[-1])
 
     def learn(self, tokens: Sequence[int], topk: np.ndarray, vocab_size: int) -> None:
         """Copies the logits that followed ``tokens``: row ``tokens[i]`` becomes ``topk[i]``
@@ -224,8 +250,9 @@ class RacerDrafter:
             self.successors = SuccessorTable(vocab_size, self.config.max_breadth)
         self.successors.update(tokens, np.asarray(topk)[:, : self.successors.k])
 
-    def draft(self, root: int, last_logits: torch.Tensor, max_depth: int) -> DraftTree:
-        """Retrieval first, then the copy-logit tree, merged (module docstring)."""
+    def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
+        """Retrieval first, then the copy-logit tree, merged (module docstring). ``root_topk``
+        (the logit before the root) is not used."""
         trie = TrieBuilder(root)
         capacity = self.tree_capacity
         if capacity > 1 and max_depth > 0:
@@ -236,10 +263,12 @@ class RacerDrafter:
                 grow_copy_logit_tree(trie, self.successors, capacity, max_depth, self.config.max_breadth)
         return trie.to_tree()
 
-    def observe(self, tree: DraftTree, logits: torch.Tensor) -> None:
-        """Every verified node's top-k (``logits``: (T, V)), accepted or not, in node order."""
-        k = min(self.config.max_breadth, logits.shape[-1])
-        self.learn(tree.tokens, logits.topk(k, dim=-1).indices.cpu().numpy(), logits.shape[-1])
+    def observe(self, tree: DraftTree, out: TargetOutput) -> None:
+        """Every verified node's top-k ids, accepted or not, in node order; unknown rows
+        (trace replay) are skipped."""
+        if self.successors is None:
+            self.successors = SuccessorTable(out.logits.shape[-1], self.config.max_breadth)
+        self.successors.observe(tree, out)
 
     def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
         self.automaton.extend(tokens)

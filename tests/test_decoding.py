@@ -138,6 +138,8 @@ def drafters_for(capacity: int, pool: PoolConfig, rank_lengths, merge: bool, num
         "logitspec": LogitSpecDrafter(spec),
         "logitspec-value": make_logitspec_drafter(value),
         "racer": RacerDrafter(racer),
+        # the fake targets' LM head is the identity: the prompt's logits are copied too
+        "racer-prompt": RacerDrafter(racer, head=lambda hidden: hidden),
     }
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from logitspec.acceptance import TargetOutput
 from logitspec.automaton import Continuation
 from logitspec.racer import (
     RacerConfig, RacerDrafter, TrieBuilder, add_retrieval_tree, child_breadths, grow_copy_logit_tree,
@@ -149,13 +150,36 @@ def test_no_candidates_no_table_gives_the_root_alone():
 def test_observe_copies_every_node_and_the_deepest_wins():
     drafter = drafter_of([1, 2, 3], {}, capacity=8)
     tree = DraftTree((4, 5, 4, 6), (-1, 0, 1, 0), (0, 1, 2, 1))
-    logits = torch.zeros(4, 32)
-    for node, best in enumerate([[1, 2], [3, 4], [5, 6], [7, 8]]):
-        logits[node, best] = torch.tensor([2.0, 1.0])
-    drafter.observe(tree, logits)
+    topk = np.array([[1, 2, 9], [3, 4, 9], [5, 6, 9], [7, 8, 9]])
+    drafter.observe(tree, TargetOutput(torch.zeros(4, 32), topk))
     table = drafter.successors
     assert table.successors_of(4).tolist() == [5, 6]  # node 2 (depth 2), not the root
     assert table.successors_of(5).tolist() == [3, 4] and table.successors_of(6).tolist() == [7, 8]
+    unknown = np.array([[-1, -1, -1], [11, 12, 9], [-1, -1, -1], [-1, -1, -1]])  # trace replay
+    drafter.observe(tree, TargetOutput(None, unknown))
+    assert table.successors_of(4).tolist() == [5, 6] and table.successors_of(5).tolist() == [11, 12]
+
+
+def test_begin_copies_the_prompt_logits_of_the_new_positions(monkeypatch):
+    monkeypatch.setattr("logitspec.racer.PROMPT_CHUNK", 2)  # several chunks
+    heads = []
+
+    def head(hidden):  # (T, 1) -> logits (T, 6) whose best ids are hidden + 1, then hidden + 2
+        heads.append(hidden.shape[0])
+        return torch.nn.functional.one_hot(hidden[:, 0].long() + 1, 6) * 2.0 + \
+            torch.nn.functional.one_hot(hidden[:, 0].long() + 2, 6).float()
+
+    drafter = RacerDrafter(RacerConfig(8, 3, 100, 2), head=head)
+    assert drafter.needs_hidden and drafter.top_k == 2
+    context = [0, 1, 3, 0, 2]
+    drafter.begin(context, 2, torch.tensor([[1.0], [3.0], [0.0]]))  # positions 2, 3, 4 are new
+    table = drafter.successors
+    assert heads == [2, 1] and table.table.shape == (6, 2)
+    assert table.successors_of(3).tolist() == [2, 3]  # position 2 (token 3), hidden 1
+    assert table.successors_of(0).tolist() == [4, 5]  # position 3 (token 0), hidden 3
+    assert table.successors_of(2).tolist() == [1, 2]  # the last position too
+    assert table.successors_of(1).tolist() == [-1, -1]  # reused: not copied again
+    assert not RacerDrafter(RacerConfig(8, 3, 100, 2)).needs_hidden
 
 
 def test_learn_creates_the_table_on_first_use():
@@ -187,3 +211,19 @@ def test_drafts_are_accepted_with_the_fake_copying_target():
     decoder = Decoder(CopyLM(20, seed=1), RacerDrafter(RacerConfig(16, 4, 40, 3)))
     result = decoder.generate(REPEATED, GenerationConfig(max_new_tokens=60))
     assert max(result.accept_lengths) >= 3 and result.mean_accepted_tokens > 1.2
+
+
+def test_replay_spec_and_a_replayed_turn():
+    """scripts/simulate_drafters.py builds RACER from its spec and replays it on a trace."""
+    from cli_helpers import load_script
+
+    simulate = load_script("simulate_drafters")
+    drafter = simulate.make_drafter("racer:16,ngram=4,nodes=50,breadth=2", None, vocab_size=32)
+    assert isinstance(drafter, RacerDrafter) and drafter.successors.table.shape == (32, 2)
+    assert drafter.config == RacerConfig(16, 4, 50, 2)
+    assert simulate.make_drafter("racer", None).config == RacerConfig()
+    output = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8, 9]
+    topk = torch.tensor([[t] + [0] * (simulate.TOP_K - 1) for t in output], dtype=torch.int32)
+    trace = simulate.TurnTrace(1, "qa", [1, 2, 5, 6, 7, 8], output, topk, 13)
+    lengths, sizes, _ = simulate.replay_turn(drafter, trace)
+    assert sum(lengths) == len(output) and max(lengths) > 2

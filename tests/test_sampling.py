@@ -153,8 +153,10 @@ DRAFTERS = {
     "logitspec": lambda: LogitSpecDrafter(
         LogitSpecConfig(pool=PoolConfig(2, 3), draft_tree_capacity=8, rank_lengths=((2, 3),))
     ),
-    # windows of 3 and a 12-node automaton: retrieval and eviction within these short outputs
-    "racer": lambda: RacerDrafter(RacerConfig(8, ngram=3, max_nodes=12, max_breadth=3)),
+    # windows of 3 and a 12-node automaton: retrieval and eviction within these short outputs;
+    # the prompt's logits copied through MarkovLM's LM head (the identity)
+    "racer": lambda: RacerDrafter(RacerConfig(8, ngram=3, max_nodes=12, max_breadth=3),
+                                  head=lambda hidden: hidden),
 }
 CASES = [
     ("vanilla", "t1.0"),
