@@ -173,13 +173,14 @@ class NGramAutomaton:
         """Inserts ``window`` (counts +1 along it); returns the nodes it created, shallowest first."""
         node, path = ROOT, []
         children = self._children
-        for token in window:  # the existing part first, made most recent before any eviction
+        for token in window:
             child = children[node].get(token, NONE)
             if child == NONE:
                 break
             node = child
             path.append(node)
-        self._touch(path)
+        if len(self._lru) + len(window) - len(path) >= self.max_nodes:
+            self._touch(path)  # evictions ahead: the existing part first becomes most recent
         created = []
         for token in window[len(path):]:
             node = self._new_node(node, token)

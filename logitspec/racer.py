@@ -109,22 +109,19 @@ class TrieBuilder:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def __contains__(self, edge: tuple[int, int]) -> bool:
-        """Whether ``(parent, token)`` is already a node."""
-        return edge in self._children
-
-    def add(self, parent: int, token: int) -> tuple[int, bool]:
-        """The child of ``parent`` with ``token`` and whether it was created."""
+    def add(self, parent: int, token: int, capacity: int) -> int:
+        """The child of ``parent`` with ``token``, created if the trie has fewer than
+        ``capacity`` nodes; -1 if it would have to be created past that."""
         key = (parent, token)
-        child = self._children.get(key)
-        if child is not None:
-            return child, False
+        child = self._children.get(key, -1)
+        if child >= 0 or len(self.tokens) >= capacity:
+            return child
         child = len(self.tokens)
         self._children[key] = child
         self.tokens.append(token)
         self.parents.append(parent)
         self.depths.append(self.depths[parent] + 1)
-        return child, True
+        return child
 
     def to_tree(self) -> DraftTree:
         """The trie breadth-first: by depth, ties in creation order."""
@@ -153,7 +150,7 @@ def add_retrieval_tree(
         if parent < 0 or item.depth > max_depth:
             placed.append(-1)
             continue
-        placed.append(trie.add(parent, item.token)[0])
+        placed.append(trie.add(parent, item.token, capacity))
 
 
 def child_breadths(breadth: int, depth: int) -> list[int]:
@@ -195,9 +192,10 @@ def grow_copy_logit_tree(
             for token, child_width in zip(row, widths):
                 if token < 0:
                     break
-                if len(tokens) >= capacity and (node, token) not in trie:
+                child = trie.add(node, token, capacity)
+                if child < 0:
                     return
-                upcoming.append((trie.add(node, token)[0], child_width))
+                upcoming.append((child, child_width))
         level, depth = upcoming, depth + 1
 
 

@@ -81,9 +81,15 @@ def test_copy_logit_levels_at_the_published_settings():
     assert [Counter(trie.depths)[d] for d in range(1, 6)] == [8, 12, 17, 18, 8]
 
 
+def test_trie_builder_adds_until_the_capacity_and_reuses_paths():
+    trie = TrieBuilder(7)
+    assert [trie.add(0, 3, 3), trie.add(1, 4, 3), trie.add(0, 5, 3), trie.add(0, 3, 3)] == [1, 2, -1, 1]
+    assert trie.to_tree() == DraftTree((7, 3, 4), (-1, 0, 1), (0, 1, 2))
+
+
 def test_nodes_already_in_the_trie_cost_nothing():
     trie = TrieBuilder(7)
-    trie.add(0, 3)  # as if retrieval had drafted 7 -> 3
+    trie.add(0, 3, 5)  # as if retrieval had drafted 7 -> 3
     grow_copy_logit_tree(trie, table_of({7: [3, 4], 3: [5, 6], 4: [8, 9]}), 5, 10, 2)
     assert trie.to_tree().tokens == (7, 3, 4, 5, 8)  # 3 reused: room for 5 and 8
 
