@@ -190,6 +190,8 @@ CASES = [
          r"max_nodes must be > ngram=10, got 10", inference_racer),
     Case("racer breadth 0", _tiny("--max-breadth", "0"), r"max_breadth must be >= 1, got 0",
          inference_racer),
+    Case("racer prompt logits neither on nor off", _tiny("--prompt-logits", "maybe"),
+         r"argument --prompt-logits: invalid choice: 'maybe'", inference_racer),
 ]
 
 

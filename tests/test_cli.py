@@ -116,7 +116,8 @@ def test_racer_on_two_demo_questions(tiny: Path, tmp_path: Path, capsys: Capsys)
               "--max-new-tokens", "24", "--device", "cpu"]
     runs = {"vanilla": (inference_baseline, []), "racer": (inference_racer, []),
             "racer-small": (inference_racer, ["--ngram", "3", "--max-nodes", "20",
-                                              "--draft-tree-capacity", "8", "--max-breadth", "2"])}
+                                              "--draft-tree-capacity", "8", "--max-breadth", "2",
+                                              "--prompt-logits", "off"])}
     files = {}
     for name, (module, flags) in runs.items():
         files[name] = tmp_path / f"{name}.jsonl"
@@ -125,8 +126,10 @@ def test_racer_on_two_demo_questions(tiny: Path, tmp_path: Path, capsys: Capsys)
         assert summary["answered"] == 2 and summary["failed"] == []
         check_answer_file(files[name], {"4": 2, "5": 1}, module.METHOD.name)
     params = [read_lines(files[name])[0]["meta"]["params"] for name in ("racer", "racer-small")]
-    assert params == [{"draft_tree_capacity": 64, "ngram": 10, "max_nodes": 10000, "max_breadth": 8},
-                      {"draft_tree_capacity": 8, "ngram": 3, "max_nodes": 20, "max_breadth": 2}]
+    assert params == [{"draft_tree_capacity": 64, "ngram": 10, "max_nodes": 10000, "max_breadth": 8,
+                       "prompt_logits": "on"},
+                      {"draft_tree_capacity": 8, "ngram": 3, "max_nodes": 20, "max_breadth": 2,
+                       "prompt_logits": "off"}]
     for name in ("racer", "racer-small"):
         code = speed.main(["--file-path", str(files[name]), "--base-path", str(files["vanilla"])])
         overall = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][-1]
