@@ -13,7 +13,8 @@ Every demo question runs (``LOGITSPEC_LOSSLESS_QUICK=1``: a subset covering ever
 and every multi-turn question); ``LOGITSPEC_LOSSLESS_MAX_NEW`` sets the tokens per turn
 (default 32). The methods: PLD, LogitSpec's reference policy at budgets 64 and 8, the value
 tree with recycled chains at an automatic budget (the command-line default), Token
-Recycling, and RACER at its published settings. The one-shot helpers (``generate_pld`` ...) are checked against vanilla on the fake
+Recycling, and RACER at its published tree settings (its copying of the prompt's logits, which
+changes only what is drafted, runs in the fake-model and command tests). The one-shot helpers (``generate_pld`` ...) are checked against vanilla on the fake
 and tiny models in test_decoding.py.
 """
 
@@ -88,7 +89,7 @@ METHODS = {  # the reference is "vanilla"
     "logitspec-8": lambda: LogitSpecDrafter(SMALL),
     "logitspec-auto": lambda: ValueTreeDrafter(AUTO, CPU_LIKE, SuccessorTable(49152)),
     "recycling": lambda: TokenRecyclingDrafter(RecyclingConfig(64)),
-    "racer": lambda: RacerDrafter(RacerConfig()),  # the published settings
+    "racer": lambda: RacerDrafter(RacerConfig()),  # 64 nodes, 10-token windows, 10 000 nodes
 }
 
 
