@@ -237,7 +237,7 @@ class RacerDrafter:
             return
         for start in range(0, hidden.shape[0], PROMPT_CHUNK):
             logits = self.head(hidden[start:start + PROMPT_CHUNK])
-            _, topk = read_back(logits, self.top_k, with_greedy=False)
+            _, topk = read_back(logits, self.top_k, greedy=False)
             first = reused + start
             self.learn(context[first:first + len(topk)], topk, logits.shape[-1])
 

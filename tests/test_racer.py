@@ -231,5 +231,5 @@ def test_replay_spec_and_a_replayed_turn():
     output = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8, 9]
     topk = torch.tensor([[t] + [0] * (simulate.TOP_K - 1) for t in output], dtype=torch.int32)
     trace = simulate.TurnTrace(1, "qa", [1, 2, 5, 6, 7, 8], output, topk, 13)
-    lengths, sizes, _ = simulate.replay_turn(drafter, trace)
+    lengths = simulate.replay_turn(drafter, trace).accept_lengths
     assert sum(lengths) == len(output) and max(lengths) > 2
