@@ -11,6 +11,7 @@ Method specs (``name[:N][,flag=value...]``):
     hf, hf-pld:N     HF transformers generate, plain or with prompt_lookup_num_tokens=N (10)
     pld:N            prompt lookup decoding, tree budget N (21: 20 retrieved tokens + root)
     recycling:N      Token Recycling, tree budget N (64)
+    racer:N          RACER, tree budget N (64)
     logitspec:N      LogitSpec with the inference_logitspec defaults, budget N or ``auto``
                      (the default: sized by the measured verification cost)
 
@@ -89,7 +90,7 @@ from evaluation.questions import Question, QuestionFileError, load_questions, se
 from evaluation.speed import (  # noqa: E402
     OVERALL_ROW, align, format_ids, load_average_of, measurement, parse_record, ratio, row_name,
 )
-from evaluation import inference_logitspec, inference_pld, inference_recycling  # noqa: E402
+from evaluation import inference_logitspec, inference_pld, inference_racer, inference_recycling  # noqa: E402
 from logitspec.decoding import Decoder, GenerationConfig, GenerationResult  # noqa: E402
 from logitspec.loading import DTYPES, LoadedModel, ModelLoadError, load  # noqa: E402
 from logitspec.runtime import runtime_meta  # noqa: E402
@@ -101,8 +102,8 @@ BASELINE = "vanilla"
 DEFAULT_METHODS = ("vanilla", "hf", "hf-pld:10", "pld:21", "recycling:64",
                    "logitspec:64,tree_policy=reference", "logitspec")
 NO_ARGUMENT = ("vanilla", "hf")
-DEFAULT_ARGUMENT = {"hf-pld": 10, "pld": 21, "recycling": 64, "logitspec": "auto"}
-COMMANDS = {"pld": inference_pld, "recycling": inference_recycling,
+DEFAULT_ARGUMENT = {"hf-pld": 10, "pld": 21, "recycling": 64, "racer": 64, "logitspec": "auto"}
+COMMANDS = {"pld": inference_pld, "recycling": inference_recycling, "racer": inference_racer,
             "logitspec": inference_logitspec}  # methods built by their inference_* command
 
 
@@ -141,8 +142,8 @@ def parse_spec(text: str) -> MethodSpec:
         raise CompareError(f"{name} takes no argument, got {text!r}")
     flags = tuple(option.partition("=")[::2] for option in options)
     if flags and name not in COMMANDS or any(not k or not v for k, v in flags):
-        raise CompareError(f"bad option in {text!r}: expected flag=value for pld, recycling "
-                           "or logitspec")
+        raise CompareError(f"bad option in {text!r}: expected flag=value for "
+                           f"{', '.join(COMMANDS)}")
     if not colon:
         number = DEFAULT_ARGUMENT.get(name)
     elif argument == "auto" and name == "logitspec":

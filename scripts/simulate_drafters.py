@@ -193,9 +193,13 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
     ``value`` (value-ranked tree), ``k=32`` (next-next candidates), ``max=64`` (auto's largest
     tree), ``len=8`` (value chain length), ``rec=8,recd=6`` (recycled chains and their depth).
 
-    Token Recycling and recycled chains learn successors from the trace, which knows the
-    target's top-k on the recorded path only (the real run also learns from rejected nodes)."""
+    ``racer:<capacity>``: RACER, options ``ngram=10,nodes=10000,breadth=8``.
+
+    Token Recycling, recycled chains and RACER learn successors from the trace, which knows the
+    target's top-k on the recorded path only (the real run also learns from rejected nodes,
+    and RACER from every prompt position)."""
     from logitspec.drafters import LogitSpecConfig, PoolConfig, PromptLookupDrafter, make_logitspec_drafter
+    from logitspec.racer import RacerConfig, RacerDrafter
     from logitspec.recycling import RecyclingConfig, TokenRecyclingDrafter
 
     kind, _, rest = spec.partition(":")
@@ -207,6 +211,10 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
         return PromptLookupDrafter(pool, int(capacity))
     if kind == "recycling":
         return TokenRecyclingDrafter(RecyclingConfig(int(capacity)), SuccessorTable(vocab_size))
+    if kind == "racer":
+        racer = RacerConfig(int(capacity), int(options.get("ngram", 10)),
+                            int(options.get("nodes", 10_000)), int(options.get("breadth", 8)))
+        return RacerDrafter(racer, SuccessorTable(vocab_size, racer.max_breadth))
     if kind == "logitspec":
         auto = capacity == "auto"
         config = LogitSpecConfig(

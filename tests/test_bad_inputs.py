@@ -18,7 +18,7 @@ from typing import Callable
 import pytest
 
 from cli_helpers import DEMO, run_cli, save_tiny_llama, write_questions
-from evaluation import inference_pld, inference_sps
+from evaluation import inference_pld, inference_racer, inference_sps
 
 Argv = Callable[["Inputs"], list[str]]
 
@@ -182,6 +182,16 @@ CASES = [
          r"argument --max-new-tokens: invalid int value: 'many'"),
     Case("empty slice", _tiny("--question-begin", "100", "--question-end", "200"),
          r"no questions selected from .*demo/question\.jsonl"),
+    Case("racer tree budget 0", _tiny("--draft-tree-capacity", "0"),
+         r"draft_tree_capacity must be >= 1 \(the root\), got 0", inference_racer),
+    Case("racer n-gram window 1", _tiny("--ngram", "1"), r"ngram must be >= 2, got 1",
+         inference_racer),
+    Case("racer automaton too small", _tiny("--max-nodes", "10"),
+         r"max_nodes must be > ngram=10, got 10", inference_racer),
+    Case("racer breadth 0", _tiny("--max-breadth", "0"), r"max_breadth must be >= 1, got 0",
+         inference_racer),
+    Case("racer prompt logits neither on nor off", _tiny("--prompt-logits", "maybe"),
+         r"argument --prompt-logits: invalid choice: 'maybe'", inference_racer),
 ]
 
 

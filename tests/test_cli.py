@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from evaluation import inference_baseline, inference_logitspec, inference_pld, speed  # noqa: E402
+from evaluation import inference_baseline, inference_logitspec, inference_pld, inference_racer, speed  # noqa: E402
 from evaluation.args import EvalConfig, RunConfig, parse_args  # noqa: E402
 from evaluation import eval_loop  # noqa: E402
 from evaluation.eval_loop import TEST_EXIT_AFTER_ENV  # noqa: E402
@@ -107,6 +107,33 @@ def test_three_methods_on_two_demo_questions(
         assert code == 0
         overall = report["rows"][-1]
         assert overall["baseline"]["mat"] == 1.0 and overall["exact_match"] == 1.0
+
+
+def test_racer_on_two_demo_questions(tiny: Path, tmp_path: Path, capsys: Capsys) -> None:
+    """RACER's command with its published defaults, and a small automaton that must evict:
+    answer files in the harness's schema, float32 greedy output equal to vanilla's."""
+    common = ["--model-path", str(tiny), "--question-begin", "3", "--question-end", "5",
+              "--max-new-tokens", "24", "--device", "cpu"]
+    runs = {"vanilla": (inference_baseline, []), "racer": (inference_racer, []),
+            "racer-small": (inference_racer, ["--ngram", "3", "--max-nodes", "20",
+                                              "--draft-tree-capacity", "8", "--max-breadth", "2",
+                                              "--prompt-logits", "off"])}
+    files = {}
+    for name, (module, flags) in runs.items():
+        files[name] = tmp_path / f"{name}.jsonl"
+        assert run_cli(module, common + flags + ["--answer-file", str(files[name])]) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert summary["answered"] == 2 and summary["failed"] == []
+        check_answer_file(files[name], {"4": 2, "5": 1}, module.METHOD.name)
+    params = [read_lines(files[name])[0]["meta"]["params"] for name in ("racer", "racer-small")]
+    assert params == [{"draft_tree_capacity": 64, "ngram": 10, "max_nodes": 10000, "max_breadth": 8,
+                       "prompt_logits": "on"},
+                      {"draft_tree_capacity": 8, "ngram": 3, "max_nodes": 20, "max_breadth": 2,
+                       "prompt_logits": "off"}]
+    for name in ("racer", "racer-small"):
+        code = speed.main(["--file-path", str(files[name]), "--base-path", str(files["vanilla"])])
+        overall = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][-1]
+        assert code == 0 and overall["exact_match"] == 1.0
 
 
 def test_subprocess_run_and_default_answer_path(tiny: Path, tmp_path: Path) -> None:

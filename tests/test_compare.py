@@ -29,6 +29,9 @@ SPECS = [
     ("pld", "pld", 21, ()),
     ("pld:8,max_ngram_size=4", "pld", 8, (("max_ngram_size", "4"),)),
     ("recycling", "recycling", 64, ()),
+    ("racer", "racer", 64, ()),
+    ("racer:16,max_nodes=500", "racer", 16, (("max_nodes", "500"),)),
+    ("racer:64,prompt_logits=off", "racer", 64, (("prompt_logits", "off"),)),
     ("logitspec", "logitspec", "auto", ()),
     ("logitspec:8", "logitspec", 8, ()),
     ("logitspec:64,tree_policy=reference", "logitspec", 64, (("tree_policy", "reference"),)),
@@ -36,7 +39,9 @@ SPECS = [
 ]
 BAD_SPECS = ["eagle", "vanilla:3", "hf,value", "pld:0", "pld:x", "pld:8,value", "recycling:auto",
              "logitspec:8,fast=1", "logitspec:-1", "logitspec:auto,tree_policy=reference",
-             "logitspec:8,recycle_chains=x", "logitspec:8,tree_policy=", "pld:8,draft_tree_capacity=3"]
+             "logitspec:8,recycle_chains=x", "logitspec:8,tree_policy=", "pld:8,draft_tree_capacity=3",
+             "racer:auto", "racer:8,max_nodes=10", "racer:8,ngram=1", "racer:8,max_breadth=0",
+             "racer:8,prompt_logits=no"]
 
 
 @pytest.mark.parametrize("text,name,number,flags", SPECS)

@@ -36,6 +36,7 @@ from logitspec.drafters import (
     make_logitspec_drafter,
 )
 from logitspec.kv_cache import KVCache
+from logitspec.racer import RacerConfig, RacerDrafter
 from logitspec.tree import DraftTree
 
 COPY_BONUS = 8.0
@@ -130,10 +131,15 @@ def drafters_for(capacity: int, pool: PoolConfig, rank_lengths, merge: bool, num
                            merge_prefixes=merge, num_next_next=num_next_next)
     value = LogitSpecConfig(pool=pool, draft_tree_capacity=capacity, tree_policy="value",
                             num_next_next=num_next_next)
+    ngram = pool.max_ngram_size + 1  # small tries, so that nodes are evicted
+    racer = RacerConfig(capacity, ngram, ngram + 1 + 2 * pool.num_pred_tokens, pool.max_continuations + 1)
     return {
         "pld": PromptLookupDrafter(pool, capacity),
         "logitspec": LogitSpecDrafter(spec),
         "logitspec-value": make_logitspec_drafter(value),
+        "racer": RacerDrafter(racer),
+        # the fake targets' LM head is the identity: the prompt's logits are copied too
+        "racer-prompt": RacerDrafter(racer, head=lambda hidden: hidden),
     }
 
 

@@ -20,6 +20,7 @@ from fakes import MarkovLM
 from logitspec.acceptance import greedy_accept
 from logitspec.decoding import Decoder, GenerationConfig
 from logitspec.drafters import LogitSpecConfig, LogitSpecDrafter, PoolConfig, PromptLookupDrafter
+from logitspec.racer import RacerConfig, RacerDrafter
 from logitspec.sampling import SamplingVerifier, sampling_probs
 from logitspec.tree import build_tree
 
@@ -152,6 +153,10 @@ DRAFTERS = {
     "logitspec": lambda: LogitSpecDrafter(
         LogitSpecConfig(pool=PoolConfig(2, 3), draft_tree_capacity=8, rank_lengths=((2, 3),))
     ),
+    # windows of 3 and a 12-node automaton: retrieval and eviction within these short outputs;
+    # the prompt's logits copied through MarkovLM's LM head (the identity)
+    "racer": lambda: RacerDrafter(RacerConfig(8, ngram=3, max_nodes=12, max_breadth=3),
+                                  head=lambda hidden: hidden),
 }
 CASES = [
     ("vanilla", "t1.0"),
@@ -162,6 +167,8 @@ CASES = [
     ("logitspec", "t0.7-topk3"),
     ("logitspec", "t1.0"),
     ("pld", "t1.3-topp0.8"),
+    ("racer", "t1.0"),
+    ("racer", "t0.7-topk3"),
 ]
 
 
@@ -178,7 +185,7 @@ def test_speculative_sampling_matches_exact_distribution(model, drafter, setting
     assert pvalue > ALPHA, f"p = {pvalue:.2e}: output distribution differs from vanilla sampling"
 
 
-@pytest.mark.parametrize("drafter", ["full-tree", "logitspec"])
+@pytest.mark.parametrize("drafter", ["full-tree", "logitspec", "racer"])
 def test_negative_control_wrong_acceptance_rule_is_detected(model, drafter):
     settings = SETTINGS["t1.0"]
     counts = sample_outputs(WrongDecoder(model, DRAFTERS[drafter]()), settings)
@@ -186,9 +193,10 @@ def test_negative_control_wrong_acceptance_rule_is_detected(model, drafter):
     assert pvalue < ALPHA, f"p = {pvalue:.2e}: the test failed to detect a biased sampler"
 
 
-def test_drafts_are_accepted_while_sampling(model):
+@pytest.mark.parametrize("drafter", ["full-tree", "racer"])
+def test_drafts_are_accepted_while_sampling(model, drafter):
     """The exact test is only meaningful if trees actually get accepted beyond the root."""
-    decoder = Decoder(model, FullTreeDrafter())
+    decoder = Decoder(model, DRAFTERS[drafter]())
     config = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=(EOS,), temperature=1.0)
     lengths = []
     for seed in range(50):
@@ -247,7 +255,7 @@ def test_sampling_rejects_zero_temperature():
         SamplingVerifier(0.0)
 
 
-@pytest.mark.parametrize("drafter", ["full-tree", "pld", "logitspec"])
+@pytest.mark.parametrize("drafter", ["full-tree", "pld", "logitspec", "racer"])
 def test_same_seed_reproduces_vanilla_sampling_token_for_token(model, drafter):
     """The walk draws once per emitted token, in order, from the same generator stream as
     vanilla sampling: with exact logits, the outputs are identical, not just equally
