@@ -13,6 +13,9 @@ Method specs (``name[:N][,flag=value...]``):
     recycling:N      Token Recycling, tree budget N (64)
     logitspec:N      LogitSpec with the inference_logitspec defaults, budget N or ``auto``
                      (the default: sized by the measured verification cost)
+    sam:N            SAM-Decoding with the Token Recycling fallback (SAMD[T]), tree budget N
+                     (64: Token Recycling's tree; automaton drafts of min(40, N) tokens);
+                     SAM-Decoding alone: ``sam:40,fallback=none,match_scale=4``
 
 ``flag=value`` sets any flag of the method's command (underscores), e.g. the public code's
 LogitSpec: ``logitspec:64,tree_policy=reference``; ablations: ``logitspec:64,recycle_chains=0``
@@ -89,7 +92,7 @@ from evaluation.questions import Question, QuestionFileError, load_questions, se
 from evaluation.speed import (  # noqa: E402
     OVERALL_ROW, align, format_ids, load_average_of, measurement, parse_record, ratio, row_name,
 )
-from evaluation import inference_logitspec, inference_pld, inference_recycling  # noqa: E402
+from evaluation import inference_logitspec, inference_pld, inference_recycling, inference_sam  # noqa: E402
 from logitspec.decoding import Decoder, GenerationConfig, GenerationResult  # noqa: E402
 from logitspec.loading import DTYPES, LoadedModel, ModelLoadError, load  # noqa: E402
 
@@ -100,9 +103,9 @@ BASELINE = "vanilla"
 DEFAULT_METHODS = ("vanilla", "hf", "hf-pld:10", "pld:21", "recycling:64",
                    "logitspec:64,tree_policy=reference", "logitspec")
 NO_ARGUMENT = ("vanilla", "hf")
-DEFAULT_ARGUMENT = {"hf-pld": 10, "pld": 21, "recycling": 64, "logitspec": "auto"}
+DEFAULT_ARGUMENT = {"hf-pld": 10, "pld": 21, "recycling": 64, "logitspec": "auto", "sam": 64}
 COMMANDS = {"pld": inference_pld, "recycling": inference_recycling,
-            "logitspec": inference_logitspec}  # methods built by their inference_* command
+            "logitspec": inference_logitspec, "sam": inference_sam}  # built by their inference_* command
 
 
 class CompareError(Exception):
@@ -140,8 +143,8 @@ def parse_spec(text: str) -> MethodSpec:
         raise CompareError(f"{name} takes no argument, got {text!r}")
     flags = tuple(option.partition("=")[::2] for option in options)
     if flags and name not in COMMANDS or any(not k or not v for k, v in flags):
-        raise CompareError(f"bad option in {text!r}: expected flag=value for pld, recycling "
-                           "or logitspec")
+        raise CompareError(f"bad option in {text!r}: expected flag=value for "
+                           f"{', '.join(COMMANDS)}")
     if not colon:
         number = DEFAULT_ARGUMENT.get(name)
     elif argument == "auto" and name == "logitspec":

@@ -12,8 +12,8 @@ second turn extends the first.
 Every demo question runs (``LOGITSPEC_LOSSLESS_QUICK=1``: a subset covering every category
 and every multi-turn question); ``LOGITSPEC_LOSSLESS_MAX_NEW`` sets the tokens per turn
 (default 32). The methods: PLD, LogitSpec's reference policy at budgets 64 and 8, the value
-tree with recycled chains at an automatic budget (the command-line default), and Token
-Recycling. The one-shot helpers (``generate_pld`` ...) are checked against vanilla on the fake
+tree with recycled chains at an automatic budget (the command-line default), Token
+Recycling, and SAM-Decoding with its Token Recycling fallback. The one-shot helpers (``generate_pld`` ...) are checked against vanilla on the fake
 and tiny models in test_decoding.py.
 """
 
@@ -32,6 +32,7 @@ from logitspec.drafters import (
     LogitSpecConfig, LogitSpecDrafter, PoolConfig, PromptLookupDrafter, ValueTreeDrafter,
 )
 from logitspec.recycling import RecyclingConfig, SuccessorTable, TokenRecyclingDrafter
+from logitspec.sam import SamConfig, SamDrafter
 
 pytestmark = pytest.mark.slow
 
@@ -87,6 +88,7 @@ METHODS = {  # the reference is "vanilla"
     "logitspec-8": lambda: LogitSpecDrafter(SMALL),
     "logitspec-auto": lambda: ValueTreeDrafter(AUTO, CPU_LIKE, SuccessorTable(49152)),
     "recycling": lambda: TokenRecyclingDrafter(RecyclingConfig(64)),
+    "sam": lambda: SamDrafter(SamConfig()),  # SAMD[T] at its published settings
 }
 
 
@@ -118,7 +120,7 @@ def test_speculative_equals_vanilla_on_demo_question(smollm2_f32, shared_decoder
         messages += [{"role": "assistant", "content": answer}]
     # not vacuous: drafts were accepted on every question (measured: LogitSpec 3 to 22 of
     # 16-32 tokens, PLD 0 to 20)
-    assert drafts_accepted["logitspec"] > 0, drafts_accepted
+    assert drafts_accepted["logitspec"] > 0 and drafts_accepted["sam"] > 0, drafts_accepted
 
 
 def check_same(expected, results: dict, config: GenerationConfig, turn: int = 0) -> None:

@@ -20,6 +20,9 @@ from fakes import MarkovLM
 from logitspec.acceptance import greedy_accept
 from logitspec.decoding import Decoder, GenerationConfig
 from logitspec.drafters import LogitSpecConfig, LogitSpecDrafter, PoolConfig, PromptLookupDrafter
+from logitspec.recycling import RecyclingConfig
+from logitspec.sam import SamConfig, SamDrafter
+from logitspec.suffix_automaton import CorpusAutomaton
 from logitspec.sampling import SamplingVerifier, sampling_probs
 from logitspec.tree import build_tree
 
@@ -152,6 +155,10 @@ DRAFTERS = {
     "logitspec": lambda: LogitSpecDrafter(
         LogitSpecConfig(pool=PoolConfig(2, 3), draft_tree_capacity=8, rank_lengths=((2, 3),))
     ),
+    # SAMD[T] with short matches counted: context and corpus chains, recycled trees otherwise
+    "sam": lambda: SamDrafter(SamConfig(draft_size=4, threshold=2, static_bias=1,
+                                        recycling=RecyclingConfig(6)),
+                              CorpusAutomaton([[2, 1, 0, 1, 0, 4], [2, 2, 1, 0]])),
 }
 CASES = [
     ("vanilla", "t1.0"),
@@ -162,6 +169,8 @@ CASES = [
     ("logitspec", "t0.7-topk3"),
     ("logitspec", "t1.0"),
     ("pld", "t1.3-topp0.8"),
+    ("sam", "t1.0"),
+    ("sam", "t0.7-topk3"),
 ]
 
 
@@ -178,7 +187,7 @@ def test_speculative_sampling_matches_exact_distribution(model, drafter, setting
     assert pvalue > ALPHA, f"p = {pvalue:.2e}: output distribution differs from vanilla sampling"
 
 
-@pytest.mark.parametrize("drafter", ["full-tree", "logitspec"])
+@pytest.mark.parametrize("drafter", ["full-tree", "logitspec", "sam"])
 def test_negative_control_wrong_acceptance_rule_is_detected(model, drafter):
     settings = SETTINGS["t1.0"]
     counts = sample_outputs(WrongDecoder(model, DRAFTERS[drafter]()), settings)
@@ -195,6 +204,20 @@ def test_drafts_are_accepted_while_sampling(model):
         decoder.reset()
         lengths += decoder.generate(PROMPT, GenerationConfig(**{**config.__dict__, "seed": seed})).accept_lengths
     assert max(lengths) == MAX_NEW and sum(lengths) / len(lengths) > 1.5
+
+
+def test_sam_drafts_from_every_source_while_sampling(model):
+    drafter = DRAFTERS["sam"]()
+    decoder = Decoder(model, drafter)
+    for seed in range(100):
+        decoder.reset()
+        config = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=(EOS,), temperature=1.0,
+                                  seed=seed)
+        decoder.generate(PROMPT, config)
+    stats = drafter.stats  # the context's chains are drafted, the corpus's and recycled ones taken
+    accepted = {source: stats.tokens[source] - stats.steps[source] for source in stats.steps}
+    assert set(accepted) == {"dynamic", "static", "recycling"}, accepted
+    assert accepted["static"] > 20 and accepted["recycling"] > 5, accepted
 
 
 @pytest.mark.parametrize("drafter", ["vanilla", "logitspec"])
@@ -247,7 +270,7 @@ def test_sampling_rejects_zero_temperature():
         SamplingVerifier(0.0)
 
 
-@pytest.mark.parametrize("drafter", ["full-tree", "pld", "logitspec"])
+@pytest.mark.parametrize("drafter", ["full-tree", "pld", "logitspec", "sam"])
 def test_same_seed_reproduces_vanilla_sampling_token_for_token(model, drafter):
     """The walk draws once per emitted token, in order, from the same generator stream as
     vanilla sampling: with exact logits, the outputs are identical, not just equally
