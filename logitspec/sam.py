@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .recycling import RecyclingConfig, TokenRecyclingDrafter
-from .suffix_automaton import EMPTY, CorpusAutomaton, Match, SuffixAutomaton, SuffixMatcher
+from .suffix_automaton import CorpusAutomaton, Match, SuffixAutomaton, SuffixMatcher
 from .tree import DraftTree
 
 if TYPE_CHECKING:
@@ -136,31 +136,25 @@ def chain_tree(root: int, chain: Sequence[int]) -> DraftTree:
     return DraftTree((int(root), *chain), tuple(range(-1, n)), tuple(range(n + 1)))
 
 
-class SamDrafter:
-    """SAM-Decoding behind the :class:`~logitspec.drafters.Drafter` protocol (module
-    docstring). ``corpus``: a static automaton to match as well (shared, read only)."""
+class SuffixSources:
+    """SAM-Decoding's retrieval sources, usable by any drafter: the suffix automaton of the
+    context and, with ``corpus``, a match state in the corpus's automaton that follows the same
+    context. :meth:`begin` and :meth:`extend` follow the context; :meth:`matches` gives the
+    longest matches of ``context + [root]`` (the match length is the source's evidence), the
+    ``*_continuation`` methods their drafts, :meth:`CorpusAutomaton.next_counts` the corpus's
+    frequencies.
 
-    name = "sam"
-    needs_hidden = False
+    The context's automaton is extended while a conversation grows (``begin`` over a context
+    whose first ``reused`` tokens cover all it holds) and rebuilt over the whole context
+    otherwise (a reset or a diverging prompt: O(context), once per turn).
+    """
 
-    def __init__(self, config: SamConfig = SamConfig(), corpus: CorpusAutomaton | None = None) -> None:
-        self.config = config
-        self.tree_capacity = config.tree_capacity
+    def __init__(self, corpus: CorpusAutomaton | None = None) -> None:
         self.context = SuffixAutomaton()
         self.corpus = corpus
         self.corpus_match = SuffixMatcher(corpus.automaton) if corpus is not None else None
-        self.fallback = TokenRecyclingDrafter(config.recycling) if config.fallback else None
-        self.top_k = getattr(self.fallback, "top_k", 0)
-        self.stats = SourceStats()
-        self._source = RECYCLING
 
-    def configure(self, config: GenerationConfig) -> None:
-        if self.fallback is not None:
-            self.fallback.configure(config)
-
-    def begin(self, context: Sequence[int], reused: int, hidden=None) -> None:
-        """Extends the context's automaton when ``context`` extends what it holds (the first
-        ``reused`` tokens unchanged); otherwise rebuilds it over ``context``."""
+    def begin(self, context: Sequence[int], reused: int) -> None:
         if reused >= len(self.context):
             fresh = context[len(self.context):]
             self.context.extend(fresh)
@@ -171,32 +165,68 @@ class SamDrafter:
                 self.corpus_match.reset()
         if self.corpus_match is not None:
             self.corpus_match.advance(fresh)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        self.context.extend(tokens)
+        if self.corpus_match is not None:
+            self.corpus_match.advance(tokens)
+
+    def matches(self, root: int) -> tuple[Match, Match | None]:
+        """The longest suffix of ``context + [root]`` that occurred in the context (the
+        dynamic match) and in the corpus (the static one; ``None`` without a corpus)."""
+        dynamic = self.context.step(self.context.repeat(), root)
+        static = self.corpus_match.peek(root) if self.corpus_match is not None else None
+        return dynamic, static
+
+    def dynamic_continuation(self, match: Match, max_tokens: int, roomier: bool) -> list[int]:
+        """What followed the match's earliest occurrence in the context; with ``roomier``, at a
+        shorter suffix when fewer than ``max_tokens`` follow (the public code's policy)."""
+        state = self.context.roomier_suffix(match.state, max_tokens) if roomier else match.state
+        return self.context.continuation(state, max_tokens)
+
+    def static_continuation(self, match: Match, max_tokens: int) -> list[int]:
+        """What followed the match's earliest occurrence in the corpus."""
+        return self.corpus.automaton.continuation(match.state, max_tokens)
+
+
+class SamDrafter:
+    """SAM-Decoding behind the :class:`~logitspec.drafters.Drafter` protocol (module
+    docstring). ``corpus``: a static automaton to match as well (shared, read only)."""
+
+    name = "sam"
+    needs_hidden = False
+
+    def __init__(self, config: SamConfig = SamConfig(), corpus: CorpusAutomaton | None = None) -> None:
+        self.config = config
+        self.tree_capacity = config.tree_capacity
+        self.sources = SuffixSources(corpus)
+        self.fallback = TokenRecyclingDrafter(config.recycling) if config.fallback else None
+        self.top_k = getattr(self.fallback, "top_k", 0)
+        self.stats = SourceStats()
+        self._source = RECYCLING
+
+    def configure(self, config: GenerationConfig) -> None:
+        if self.fallback is not None:
+            self.fallback.configure(config)
+
+    def begin(self, context: Sequence[int], reused: int, hidden=None) -> None:
+        self.sources.begin(context, reused)
         if self.fallback is not None:
             self.fallback.begin(context, reused)
 
     def draft(self, root: int, root_topk, max_depth: int) -> DraftTree:
-        dynamic = self.context.step(self.context.repeat(), root)
-        static = self.corpus_match.peek(root) if self.corpus_match is not None else None
+        dynamic, static = self.sources.matches(root)
         self._source = choose_source(dynamic.length, None if static is None else static.length,
                                      self.config)
         if self._source == RECYCLING:
             return self.fallback.draft(root, root_topk, max_depth)
         if self._source == DYNAMIC:
-            chain = self._dynamic_chain(dynamic)
+            needed = self.config.draft_nodes(dynamic.length) - 1
+            chain = self.sources.dynamic_continuation(dynamic, needed, self.config.roomier_suffix)
         else:
-            chain = self._static_chain(static)
+            needed = self.config.draft_nodes(static.length - self.config.static_bias) - 1
+            chain = self.sources.static_continuation(static, needed)
         return chain_tree(root, chain[:max(max_depth, 0)])
-
-    def _dynamic_chain(self, match: Match) -> list[int]:
-        needed = self.config.draft_nodes(match.length) - 1
-        state = match.state
-        if self.config.roomier_suffix:
-            state = self.context.roomier_suffix(state, needed)
-        return self.context.continuation(state, needed)
-
-    def _static_chain(self, match: Match) -> list[int]:
-        needed = self.config.draft_nodes(match.length - self.config.static_bias) - 1
-        return self.corpus.automaton.continuation(match.state, needed)
 
     def observe(self, tree: DraftTree, out) -> None:
         """Token Recycling learns from every verified tree, whichever source drafted it."""
@@ -205,9 +235,7 @@ class SamDrafter:
 
     def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
         self.stats.record(self._source, len(tokens))
-        self.context.extend(tokens)
-        if self.corpus_match is not None:
-            self.corpus_match.advance(tokens)
+        self.sources.extend(tokens)
         if self.fallback is not None:
             self.fallback.extend(tokens, tree, path)
 

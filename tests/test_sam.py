@@ -156,7 +156,7 @@ def test_the_corpus_match_follows_accepted_tokens():
     tree = drafter.draft(3, NO_TOPK, 4)
     assert drafter._source == STATIC and tree.tokens == (3, 4, 5, 6, 7)
     drafter.extend([3, 4, 5], tree, [0, 1, 2])
-    assert drafter.corpus_match.match.length == 5
+    assert drafter.sources.corpus_match.match.length == 5
     assert drafter.draft(6, NO_TOPK, 2).tokens == (6, 7, 8)
 
 
@@ -196,8 +196,8 @@ def test_begin_extends_or_rebuilds_like_a_fresh_drafter(first, keep, follow, roo
     drafter.begin(context, reused)
     fresh = drafter_with_table(config, corpus=corpus)
     fresh.begin(context, 0)
-    assert drafter.context.tokens == context
-    assert drafter.corpus_match.match == fresh.corpus_match.match
+    assert drafter.sources.context.tokens == context
+    assert drafter.sources.corpus_match.match == fresh.sources.corpus_match.match
     assert drafter.draft(root, NO_TOPK, 50) == fresh.draft(root, NO_TOPK, 50)
 
 
@@ -280,7 +280,7 @@ def test_multi_turn_and_diverging_prompts_equal_vanilla(prompt, follow, keep, ki
     for turn in (extended, extended[:keep] + follow):
         assert decoder.generate(turn, config).output_ids == \
             Decoder(MODEL, None).generate(turn, config).output_ids
-        assert SHARED[kind].context.tokens == decoder.context
+        assert SHARED[kind].sources.context.tokens == decoder.context
 
 
 def test_same_seed_sampling_reproduces_vanilla_token_for_token():
