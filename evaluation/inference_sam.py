@@ -24,7 +24,7 @@ from typing import Sequence
 
 from logitspec.decoding import Decoder
 from logitspec.loading import LoadedModel
-from logitspec.recycling import RecyclingConfig
+from logitspec.recycling import RecyclingConfig, SuccessorTable
 from logitspec.sam import CorpusError, SamConfig, SamDrafter, read_corpus
 from logitspec.suffix_automaton import CorpusAutomaton
 
@@ -99,8 +99,10 @@ def load_corpus(loaded: LoadedModel, path: str) -> CorpusAutomaton:
 
 
 def make_decoder(loaded: LoadedModel, params: SamParams) -> Decoder:
+    config = params.sam_config()
     corpus = load_corpus(loaded, params.corpus) if params.corpus is not None else None
-    return Decoder(loaded.model, SamDrafter(params.sam_config(), corpus))
+    successors = SuccessorTable(loaded.model.config.vocab_size, config.recycling.k)
+    return Decoder(loaded.model, SamDrafter(config, corpus, successors))
 
 
 METHOD = Method(

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from .recycling import RecyclingConfig, TokenRecyclingDrafter
+from .recycling import RecyclingConfig, SuccessorTable, TokenRecyclingDrafter
 from .suffix_automaton import CorpusAutomaton, Match, SuffixAutomaton, SuffixMatcher
 from .tree import DraftTree
 
@@ -191,16 +191,21 @@ class SuffixSources:
 
 class SamDrafter:
     """SAM-Decoding behind the :class:`~logitspec.drafters.Drafter` protocol (module
-    docstring). ``corpus``: a static automaton to match as well (shared, read only)."""
+    docstring). ``corpus``: a static automaton to match as well (shared, read only);
+    ``successors``: the fallback's successor table (by default made on its first observation,
+    sized by the target's logits)."""
 
     name = "sam"
     needs_hidden = False
 
-    def __init__(self, config: SamConfig = SamConfig(), corpus: CorpusAutomaton | None = None) -> None:
+    def __init__(self, config: SamConfig = SamConfig(), corpus: CorpusAutomaton | None = None,
+                 successors: SuccessorTable | None = None) -> None:
         self.config = config
         self.tree_capacity = config.tree_capacity
         self.sources = SuffixSources(corpus)
-        self.fallback = TokenRecyclingDrafter(config.recycling) if config.fallback else None
+        self.fallback = None
+        if config.fallback:
+            self.fallback = TokenRecyclingDrafter(config.recycling, successors)
         self.top_k = getattr(self.fallback, "top_k", 0)
         self.stats = SourceStats()
         self._source = RECYCLING

@@ -90,13 +90,10 @@ def test_chain_tree():
 
 
 def drafter_with_table(config: SamConfig = SamConfig(), rows: dict | None = None, corpus=None):
-    drafter = SamDrafter(config, corpus)
-    if drafter.fallback is not None:
-        table = SuccessorTable(64, config.recycling.k)
-        for token, row in (rows or {}).items():
-            table.update([token], np.array([row]))
-        drafter.fallback.table = table
-    return drafter
+    table = SuccessorTable(64, config.recycling.k)
+    for token, row in (rows or {}).items():
+        table.update([token], np.array([row]))
+    return SamDrafter(config, corpus, table)
 
 
 def test_docstring_example():
