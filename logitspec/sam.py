@@ -207,8 +207,8 @@ class SamDrafter:
         if config.fallback:
             self.fallback = TokenRecyclingDrafter(config.recycling, successors)
         self.top_k = getattr(self.fallback, "top_k", 0)
-        self.stats = SourceStats()
-        self._source = RECYCLING
+        self.source_stats = SourceStats()
+        self.last_source = RECYCLING
 
     def configure(self, config: GenerationConfig) -> None:
         if self.fallback is not None:
@@ -221,11 +221,11 @@ class SamDrafter:
 
     def draft(self, root: int, root_topk, max_depth: int) -> DraftTree:
         dynamic, static = self.sources.matches(root)
-        self._source = choose_source(dynamic.length, None if static is None else static.length,
+        self.last_source = choose_source(dynamic.length, None if static is None else static.length,
                                      self.config)
-        if self._source == RECYCLING:
+        if self.last_source == RECYCLING:
             return self.fallback.draft(root, root_topk, max_depth)
-        if self._source == DYNAMIC:
+        if self.last_source == DYNAMIC:
             needed = self.config.draft_nodes(dynamic.length) - 1
             chain = self.sources.dynamic_continuation(dynamic, needed, self.config.roomier_suffix)
         else:
@@ -239,7 +239,7 @@ class SamDrafter:
             self.fallback.observe(tree, out)
 
     def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
-        self.stats.record(self._source, len(tokens))
+        self.source_stats.record(self.last_source, len(tokens))
         self.sources.extend(tokens)
         if self.fallback is not None:
             self.fallback.extend(tokens, tree, path)

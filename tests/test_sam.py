@@ -102,11 +102,11 @@ def test_docstring_example():
     drafter = drafter_with_table(config, rows)
     drafter.begin([3, 18, 41, 7, 9, 30, 2, 18, 41, 7], 0)
     tree = drafter.draft(9, NO_TOPK, 100)
-    assert drafter._source == RECYCLING and tree.tokens == (9, 30, 2)  # the recycled chain
+    assert drafter.last_source == RECYCLING and tree.tokens == (9, 30, 2)  # the recycled chain
     drafter = drafter_with_table(config, rows)
     drafter.begin([2, 18, 41, 7, 9, 30, 2, 18, 41, 7], 0)
     tree = drafter.draft(9, NO_TOPK, 100)
-    assert drafter._source == DYNAMIC and tree.tokens == (9, 30, 2, 18, 41, 7)
+    assert drafter.last_source == DYNAMIC and tree.tokens == (9, 30, 2, 18, 41, 7)
     assert tree.parents == (-1, 0, 1, 2, 3, 4)
 
 
@@ -139,11 +139,11 @@ def test_static_draft_when_the_corpus_match_is_longer_by_more_than_the_bias():
     drafter = drafter_with_table(SamConfig(), corpus=corpus)
     drafter.begin([5, 10, 11, 12, 13, 14, 15, 16, 17, 18], 0)
     tree = drafter.draft(19, NO_TOPK, 100)  # corpus match 10 tokens (5 after the bias)
-    assert drafter._source == STATIC and tree.tokens == (19, 20, 21)
+    assert drafter.last_source == STATIC and tree.tokens == (19, 20, 21)
     drafter = drafter_with_table(SamConfig(), corpus=corpus)
     drafter.begin([5, 13, 14, 15, 16, 17, 18], 0)
     drafter.draft(19, NO_TOPK, 100)  # corpus match 7 tokens: 2 after the bias, too short
-    assert drafter._source == RECYCLING
+    assert drafter.last_source == RECYCLING
 
 
 def test_the_corpus_match_follows_accepted_tokens():
@@ -151,7 +151,7 @@ def test_the_corpus_match_follows_accepted_tokens():
     drafter = drafter_with_table(SamConfig(threshold=3, static_bias=0), corpus=corpus)
     drafter.begin([40, 1, 2], 0)
     tree = drafter.draft(3, NO_TOPK, 4)
-    assert drafter._source == STATIC and tree.tokens == (3, 4, 5, 6, 7)
+    assert drafter.last_source == STATIC and tree.tokens == (3, 4, 5, 6, 7)
     drafter.extend([3, 4, 5], tree, [0, 1, 2])
     assert drafter.sources.corpus_match.match.length == 5
     assert drafter.draft(6, NO_TOPK, 2).tokens == (6, 7, 8)
@@ -163,7 +163,7 @@ def test_sam_alone_drafts_the_root_alone_when_nothing_matches_and_scales_with_th
     drafter.begin([1, 2, 3, 4, 5, 6, 1, 2], 0)
     assert drafter.draft(9, NO_TOPK, 100).tokens == (9,)
     assert drafter.draft(3, NO_TOPK, 100).tokens == (3, 4, 5, 6)  # match 3: 1 + 3 nodes
-    assert drafter._source == DYNAMIC
+    assert drafter.last_source == DYNAMIC
 
 
 def test_stats_count_steps_and_tokens_per_source():
@@ -173,7 +173,7 @@ def test_stats_count_steps_and_tokens_per_source():
     drafter.extend([3, 4], tree, [0, 1])
     tree = drafter.draft(7, NO_TOPK, 10)
     drafter.extend([7], tree, [0])
-    assert drafter.stats.summary() == {DYNAMIC: {"share": 0.5, "mat": 2.0},
+    assert drafter.source_stats.summary() == {DYNAMIC: {"share": 0.5, "mat": 2.0},
                                        RECYCLING: {"share": 0.5, "mat": 1.0}}
 
 
@@ -296,4 +296,4 @@ def test_a_repetitive_target_is_drafted_from_the_context():
     result = Decoder(model, drafter).generate([3, 4], config)
     assert result.output_ids == Decoder(model, None).generate([3, 4], config).output_ids
     assert result.mean_accepted_tokens > 3
-    assert drafter.stats.steps[DYNAMIC] > 0
+    assert drafter.source_stats.steps[DYNAMIC] > 0

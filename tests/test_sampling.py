@@ -214,7 +214,7 @@ def test_sam_drafts_from_every_source_while_sampling(model):
         config = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=(EOS,), temperature=1.0,
                                   seed=seed)
         decoder.generate(PROMPT, config)
-    stats = drafter.stats  # the context's chains are drafted, the corpus's and recycled ones taken
+    stats = drafter.source_stats  # the context's chains are drafted, the corpus's and recycled ones taken
     accepted = {source: stats.tokens[source] - stats.steps[source] for source in stats.steps}
     assert set(accepted) == {"dynamic", "static", "recycling"}, accepted
     assert accepted["static"] > 20 and accepted["recycling"] > 5, accepted
