@@ -134,6 +134,31 @@ def test_dynamic_draft_table(context, root, size, roomier, max_depth, expected):
     assert tree.tokens == expected and len(tree) <= drafter.tree_capacity
 
 
+@settings(deadline=None, max_examples=100)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=30), st.lists(st.integers(0, 3), max_size=8),
+       st.integers(0, 3), st.integers(1, 12))
+def test_dynamic_draft_is_the_earliest_continuation_of_the_longest_match(prompt, accepted, root, size):
+    """Brute force over ``prompt`` extended by ``accepted`` in one step: the chain after the
+    earliest occurrence of the longest suffix of ``context + [root]`` found in the context."""
+    drafter = SamDrafter(SamConfig(draft_size=size, threshold=0, fallback=False, roomier_suffix=False))
+    drafter.begin(prompt, 0)
+    if accepted:
+        drafter.extend(accepted, chain_tree(accepted[0], accepted[1:]), list(range(len(accepted))))
+    context = prompt + accepted
+    stream = context + [root]
+    length = max(k for k in range(len(stream)) if _occurs(stream[len(stream) - k:], context))
+    expected = [root]
+    if length:
+        needle = stream[len(stream) - length:]
+        end = next(i + length for i in range(len(context)) if context[i:i + length] == needle)
+        expected += context[end:end + size - 1]
+    assert list(drafter.draft(root, NO_TOPK, 100).tokens) == expected
+
+
+def _occurs(needle: list[int], hay: list[int]) -> bool:
+    return any(hay[i:i + len(needle)] == needle for i in range(len(hay) - len(needle) + 1))
+
+
 def test_static_draft_when_the_corpus_match_is_longer_by_more_than_the_bias():
     corpus = CorpusAutomaton([[10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]])
     drafter = drafter_with_table(SamConfig(), corpus=corpus)
