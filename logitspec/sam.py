@@ -49,6 +49,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
+import numpy as np
+import torch
+
+from .acceptance import TargetOutput
 from .recycling import RecyclingConfig, SuccessorTable, TokenRecyclingDrafter
 from .suffix_automaton import CorpusAutomaton, Match, SuffixAutomaton, SuffixMatcher
 from .tree import DraftTree
@@ -206,7 +210,7 @@ class SamDrafter:
         self.fallback = None
         if config.fallback:
             self.fallback = TokenRecyclingDrafter(config.recycling, successors)
-        self.top_k = getattr(self.fallback, "top_k", 0)
+        self.top_k = self.fallback.top_k if self.fallback is not None else 0
         self.source_stats = SourceStats()
         self.last_source = RECYCLING
 
@@ -214,12 +218,12 @@ class SamDrafter:
         if self.fallback is not None:
             self.fallback.configure(config)
 
-    def begin(self, context: Sequence[int], reused: int, hidden=None) -> None:
+    def begin(self, context: Sequence[int], reused: int, hidden: torch.Tensor | None = None) -> None:
         self.sources.begin(context, reused)
         if self.fallback is not None:
             self.fallback.begin(context, reused)
 
-    def draft(self, root: int, root_topk, max_depth: int) -> DraftTree:
+    def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
         dynamic, static = self.sources.matches(root)
         self.last_source = choose_source(dynamic.length, None if static is None else static.length,
                                      self.config)
@@ -233,7 +237,7 @@ class SamDrafter:
             chain = self.sources.static_continuation(static, needed)
         return chain_tree(root, chain[:max(max_depth, 0)])
 
-    def observe(self, tree: DraftTree, out) -> None:
+    def observe(self, tree: DraftTree, out: TargetOutput) -> None:
         """Token Recycling learns from every verified tree, whichever source drafted it."""
         if self.fallback is not None:
             self.fallback.observe(tree, out)
