@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cli_helpers import load_script
+from evaluation.inference_sam import SamParams
 from fakes import MarkovLM
 from logitspec.decoding import Decoder, GenerationConfig
 from logitspec.recycling import RecyclingConfig, SuccessorTable
@@ -221,6 +224,37 @@ def test_begin_extends_or_rebuilds_like_a_fresh_drafter(first, keep, follow, roo
     assert drafter.sources.context.tokens == context
     assert drafter.sources.corpus_match.match == fresh.sources.corpus_match.match
     assert drafter.draft(root, NO_TOPK, 50) == fresh.draft(root, NO_TOPK, 50)
+
+
+# --------------------------------------------------------------------------- replay
+
+
+@pytest.mark.parametrize("spec,params", [
+    ("sam:64", SamParams()),
+    ("sam:8", SamParams(draft_tree_capacity=8)),
+    ("sam:40,alone,scale=4", SamParams(draft_tree_capacity=40, fallback="none", match_scale=4.0)),
+    ("sam:32,size=16,thr=3,bias=2,earliest",
+     SamParams(draft_tree_capacity=32, draft_size=16, match_threshold=3, static_bias=2,
+               dynamic_position="earliest")),
+])
+def test_replay_specs_build_what_the_command_builds(spec, params):
+    simulate = load_script("simulate_drafters")
+    assert simulate.make_drafter(spec, None, 64).config == params.sam_config()
+
+
+def test_replay_of_a_repetitive_trace_drafts_from_the_context():
+    simulate = load_script("simulate_drafters")
+    prompt = list(range(10, 30))
+    output = list(range(10, 30)) * 2
+    topk = torch.full((len(output), 64), -1, dtype=torch.int32)
+    topk[:-1, 0] = torch.tensor(output[1:], dtype=torch.int32)
+    trace = simulate.TurnTrace(1, "qa", prompt, output, topk, len(output))
+    drafter = simulate.make_drafter("sam:64", None, 64)
+    lengths, sizes, _ = simulate.replay_turn(drafter, trace)
+    # matches of 1 to 4 tokens: recycled trees (nothing learned yet); 5 tokens: the context's
+    # continuation (19 tokens after the prompt's 10..14), then the rest of the turn
+    assert lengths == [1, 1, 1, 1, 20, 16]
+    assert drafter.source_stats.steps == {RECYCLING: 4, DYNAMIC: 2}
 
 
 # --------------------------------------------------------------------------- corpus files
