@@ -4,7 +4,8 @@ corpus), Token Recycling when the match is short (SAMD[T]). ``python -m evaluati
 
 Defaults are the public SAMD[T] settings: automaton drafts of 40 tokens (root included), match
 threshold 5, corpus bias 5, Token Recycling's tree on 64 nodes. ``--fallback none
---match-scale 4`` is SAM-Decoding alone as its public code runs it (drafts sized by the match).
+--match-scale 4 --dynamic-position earliest`` is SAM-Decoding alone as its public code runs it
+(drafts sized by the match, continued at the match's earliest occurrence).
 
 ``--corpus PATH``: a static automaton built once, when the run starts (about 6 microseconds and
 about 450 bytes of memory per token). A file named ``*.ids`` holds

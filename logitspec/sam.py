@@ -21,8 +21,9 @@ Per step, with ``root`` the token the target chose and ``ctx`` the context so fa
 
 ``fallback=False`` is SAM-Decoding alone: no threshold, every step drafts from the automaton
 that wins step 3 (a root-only tree when nothing matches). Its public code sizes each draft by
-the match: ``min(draft_size, 1 + floor(match_scale * match))`` nodes (``match_scale`` 4;
-``None``: always ``draft_size``), the static match counted after the bias.
+the match, ``min(draft_size, 1 + floor(match_scale * match))`` nodes (``match_scale`` 4;
+``None``: always ``draft_size``), the static match counted after the bias, and continues a
+context match at its earliest occurrence without the walk (``roomier_suffix=False``).
 
 Where this differs from the public code, by design of this engine: a draft shorter than
 ``draft_size`` is verified as it is (the public code pads it with token 0); the walk to shorter

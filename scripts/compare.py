@@ -15,7 +15,8 @@ Method specs (``name[:N][,flag=value...]``):
                      (the default: sized by the measured verification cost)
     sam:N            SAM-Decoding with the Token Recycling fallback (SAMD[T]), tree budget N
                      (64: Token Recycling's tree; automaton drafts of min(40, N) tokens);
-                     SAM-Decoding alone: ``sam:40,fallback=none,match_scale=4``
+                     SAM-Decoding alone as its public code runs it:
+                     ``sam:40,fallback=none,match_scale=4,dynamic_position=earliest``
 
 ``flag=value`` sets any flag of the method's command (underscores), e.g. the public code's
 LogitSpec: ``logitspec:64,tree_policy=reference``; ablations: ``logitspec:64,recycle_chains=0``
