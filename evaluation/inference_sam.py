@@ -8,9 +8,9 @@ threshold 5, corpus bias 5, Token Recycling's tree on 64 nodes. ``--fallback non
 (drafts sized by the match, continued at the match's earliest occurrence).
 
 ``--corpus PATH``: a static automaton built once, when the run starts (about 6 microseconds and
-about 450 bytes of memory per token). A file named ``*.ids`` holds
-token ids of the model's vocabulary, one document per line, separated by white space; any other
-file is UTF-8 text, tokenized whole with the model's tokenizer as one document.
+450 bytes of memory per token). A file named ``*.ids`` holds token ids of the model's
+vocabulary, one document per line, separated by white space; any other file is UTF-8 text,
+tokenized whole with the model's tokenizer as one document.
 
 The Token Recycling table and the corpus automaton live as long as the run (every question, and
 the untimed warm-up, teaches the table); the context's automaton follows each conversation.
