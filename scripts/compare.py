@@ -14,6 +14,10 @@ Method specs (``name[:N][,flag=value...]``):
     racer:N          RACER, tree budget N (64)
     logitspec:N      LogitSpec with the inference_logitspec defaults, budget N or ``auto``
                      (the default: sized by the measured verification cost)
+    sam:N            SAM-Decoding with the Token Recycling fallback (SAMD[T]), tree budget N
+                     (64: Token Recycling's tree; automaton drafts of min(40, N) tokens);
+                     SAM-Decoding alone as its public code runs it:
+                     ``sam:40,fallback=none,match_scale=4,dynamic_position=earliest``
 
 ``flag=value`` sets any flag of the method's command (underscores), e.g. the public code's
 LogitSpec: ``logitspec:64,tree_policy=reference``; ablations: ``logitspec:64,recycle_chains=0``
@@ -90,7 +94,9 @@ from evaluation.questions import Question, QuestionFileError, load_questions, se
 from evaluation.speed import (  # noqa: E402
     OVERALL_ROW, align, format_ids, load_average_of, measurement, parse_record, ratio, row_name,
 )
-from evaluation import inference_logitspec, inference_pld, inference_racer, inference_recycling  # noqa: E402
+from evaluation import (  # noqa: E402
+    inference_logitspec, inference_pld, inference_racer, inference_recycling, inference_sam,
+)
 from logitspec.decoding import Decoder, GenerationConfig, GenerationResult  # noqa: E402
 from logitspec.loading import DTYPES, LoadedModel, ModelLoadError, load  # noqa: E402
 from logitspec.runtime import runtime_meta  # noqa: E402
@@ -102,9 +108,15 @@ BASELINE = "vanilla"
 DEFAULT_METHODS = ("vanilla", "hf", "hf-pld:10", "pld:21", "recycling:64",
                    "logitspec:64,tree_policy=reference", "logitspec")
 NO_ARGUMENT = ("vanilla", "hf")
-DEFAULT_ARGUMENT = {"hf-pld": 10, "pld": 21, "recycling": 64, "racer": 64, "logitspec": "auto"}
-COMMANDS = {"pld": inference_pld, "recycling": inference_recycling, "racer": inference_racer,
-            "logitspec": inference_logitspec}  # methods built by their inference_* command
+DEFAULT_ARGUMENT = {"hf-pld": 10, "pld": 21, "recycling": 64, "logitspec": "auto",
+                    "racer": 64, "sam": 64}
+COMMANDS = {  # methods built by their inference_* command
+    "pld": inference_pld,
+    "recycling": inference_recycling,
+    "logitspec": inference_logitspec,
+    "racer": inference_racer,
+    "sam": inference_sam,
+}
 
 
 class CompareError(Exception):

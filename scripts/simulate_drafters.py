@@ -192,6 +192,10 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
     ``logitspec:auto``, options after commas: ``ngram=3,pred=20,conts=1`` (pool), ``nomerge``,
     ``value`` (value-ranked tree), ``k=32`` (next-next candidates), ``max=64`` (auto's largest
     tree), ``len=8`` (value chain length), ``rec=8,recd=6`` (recycled chains and their depth).
+    ``sam:<capacity>``: SAMD[T] as ``inference_sam`` builds it (automaton drafts of
+    ``min(40, capacity)`` tokens, Token Recycling on ``capacity`` nodes), options ``size=40``
+    (automaton draft), ``thr=5``, ``bias=5``, ``alone`` (no fallback), ``scale=4`` (drafts sized
+    by the match), ``earliest`` (no walk to roomier suffixes).
 
     ``racer:<capacity>``: RACER, options ``ngram=10,nodes=10000,breadth=8``.
 
@@ -229,7 +233,25 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
         )
         successors = SuccessorTable(vocab_size) if config.recycle_chains else None
         return make_logitspec_drafter(config, curve, successors)
+    if kind == "sam":
+        return _make_sam_drafter(int(capacity), options, vocab_size)
     raise ValueError(f"unknown drafter spec {spec!r}")
+
+
+def _make_sam_drafter(capacity: int, options: dict[str, str], vocab_size: int) -> Drafter:
+    from logitspec.recycling import RecyclingConfig
+    from logitspec.sam import SamConfig, SamDrafter
+
+    config = SamConfig(
+        draft_size=min(int(options.get("size", 40)), capacity),
+        threshold=int(options.get("thr", 5)),
+        static_bias=int(options.get("bias", 5)),
+        fallback="alone" not in options,
+        recycling=RecyclingConfig(capacity),
+        match_scale=float(options["scale"]) if "scale" in options else None,
+        roomier_suffix="earliest" not in options,
+    )
+    return SamDrafter(config, None, SuccessorTable(vocab_size, config.recycling.k))
 
 
 def load_traces(path: str) -> tuple[dict, list[TurnTrace]]:

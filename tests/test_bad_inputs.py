@@ -18,7 +18,7 @@ from typing import Callable
 import pytest
 
 from cli_helpers import DEMO, run_cli, save_tiny_llama, write_questions
-from evaluation import inference_pld, inference_racer, inference_sps
+from evaluation import inference_pld, inference_racer, inference_sam, inference_sps
 
 Argv = Callable[["Inputs"], list[str]]
 
@@ -90,6 +90,16 @@ def _model(name: str, edit: Callable[[Path], None], *flags: str) -> Argv:
 
 def _draft_mismatch(inputs: Inputs) -> list[str]:
     return _tiny("--draft-model-path", str(inputs.reversed_bytes))(inputs)
+
+
+def _corpus(name: str, content: bytes) -> Argv:
+    """The tiny model with ``--corpus`` pointing at a file holding ``content``."""
+    def argv(inputs: Inputs) -> list[str]:
+        path = inputs.folder / "corpora" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        return _tiny("--corpus", str(path))(inputs)
+    return argv
 
 
 @dataclass(frozen=True)
@@ -192,6 +202,30 @@ CASES = [
          inference_racer),
     Case("racer prompt logits neither on nor off", _tiny("--prompt-logits", "maybe"),
          r"argument --prompt-logits: invalid choice: 'maybe'", inference_racer),
+    # SAM-Decoding
+    Case("sam draft size 0", _tiny("--draft-size", "0"),
+         r"draft_size must be >= 1 \(the root\), got 0", inference_sam),
+    Case("sam tree budget 0", _tiny("--draft-tree-capacity", "0"),
+         r"draft_tree_capacity must be >= 1 \(the root\), got 0", inference_sam),
+    Case("sam threshold negative", _tiny("--match-threshold", "-1"),
+         r"threshold and static_bias must be >= 0, got -1 and 5", inference_sam),
+    Case("sam bias negative", _tiny("--static-bias", "-2"),
+         r"threshold and static_bias must be >= 0, got 5 and -2", inference_sam),
+    Case("sam match scale 0", _tiny("--match-scale", "0"), r"match_scale must be > 0, got 0\.0",
+         inference_sam),
+    Case("sam unknown fallback", _tiny("--fallback", "eagle"),
+         r"argument --fallback: invalid choice: 'eagle'", inference_sam),
+    Case("sam corpus missing", lambda i: _tiny("--corpus", str(i.folder / "none.ids"))(i),
+         r"corpus .*none\.ids: no such file", inference_sam),
+    Case("sam corpus id not a number", _corpus("words.ids", b"5 6\n7 x\n"),
+         r"corpus .*words\.ids, line 2: 'x' is not a token id", inference_sam),
+    Case("sam corpus id outside the vocabulary", _corpus("big.ids", b"5 6 400\n"),
+         r"corpus .*big\.ids, line 1: token id 400 is outside the vocabulary of 259",
+         inference_sam),
+    Case("sam corpus empty", _corpus("empty.txt", b" \n\n"), r"corpus .*empty\.txt: no tokens",
+         inference_sam),
+    Case("sam corpus not UTF-8", _corpus("latin.txt", b"caf\xe9"),
+         r"corpus .*latin\.txt: not UTF-8 text \(byte 3\)", inference_sam),
 ]
 
 

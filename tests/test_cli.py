@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from evaluation import inference_baseline, inference_logitspec, inference_pld, inference_racer, speed  # noqa: E402
+from evaluation import (  # noqa: E402
+    inference_baseline, inference_logitspec, inference_pld, inference_racer, inference_sam, speed,
+)
 from evaluation.args import EvalConfig, RunConfig, parse_args  # noqa: E402
 from evaluation import eval_loop  # noqa: E402
 from evaluation.eval_loop import TEST_EXIT_AFTER_ENV  # noqa: E402
@@ -134,6 +136,37 @@ def test_racer_on_two_demo_questions(tiny: Path, tmp_path: Path, capsys: Capsys)
         code = speed.main(["--file-path", str(files[name]), "--base-path", str(files["vanilla"])])
         overall = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][-1]
         assert code == 0 and overall["exact_match"] == 1.0
+
+
+def test_sam_on_two_demo_questions_with_and_without_a_corpus(
+    tiny: Path, tmp_path: Path, capsys: Capsys
+) -> None:
+    """SAMD[T] at its defaults, with a text corpus and with a token-id corpus, and SAM alone:
+    float32 greedy answers equal vanilla's; the flags are recorded."""
+    common = ["--model-path", str(tiny), "--question-begin", "3", "--question-end", "5",
+              "--max-new-tokens", "12", "--device", "cpu"]
+    (tmp_path / "corpus.txt").write_text("The quick brown fox jumps over the lazy dog.\n")
+    (tmp_path / "corpus.ids").write_text("40 41 42 43\n44 45\n")
+    runs = {
+        "vanilla": (inference_baseline, []),
+        "samd": (inference_sam, []),
+        "text": (inference_sam, ["--corpus", str(tmp_path / "corpus.txt")]),
+        "ids": (inference_sam, ["--corpus", str(tmp_path / "corpus.ids"), "--static-bias", "0"]),
+        "alone": (inference_sam, ["--fallback", "none", "--match-scale", "4"]),
+    }
+    turns = {}
+    for name, (module, extra) in runs.items():
+        path = tmp_path / f"{name}.jsonl"
+        assert run_cli(module, common + extra + ["--answer-file", str(path)]) == 0
+        capsys.readouterr()
+        lines = check_answer_file(path, {"4": 2, "5": 1}, "vanilla" if name == "vanilla" else "sam")
+        turns[name] = {line["question_id"]: line["choices"][0]["turns"] for line in lines}
+    assert all(turns[name] == turns["vanilla"] for name in runs)
+    params = read_lines(tmp_path / "ids.jsonl")[0]["meta"]["params"]
+    assert params == {"draft_tree_capacity": 64, "draft_size": 40, "match_threshold": 5,
+                      "static_bias": 0, "fallback": "recycling", "match_scale": None,
+                      "dynamic_position": "roomier", "corpus": str(tmp_path / "corpus.ids"),
+                      "recycling_k": 8}
 
 
 def test_subprocess_run_and_default_answer_path(tiny: Path, tmp_path: Path) -> None:

@@ -36,12 +36,15 @@ SPECS = [
     ("logitspec:8", "logitspec", 8, ()),
     ("logitspec:64,tree_policy=reference", "logitspec", 64, (("tree_policy", "reference"),)),
     ("logitspec:auto,recycle_chains=0", "logitspec", "auto", (("recycle_chains", "0"),)),
+    ("sam", "sam", 64, ()),
+    ("sam:40,fallback=none,match_scale=4", "sam", 40, (("fallback", "none"), ("match_scale", "4"))),
 ]
 BAD_SPECS = ["eagle", "vanilla:3", "hf,value", "pld:0", "pld:x", "pld:8,value", "recycling:auto",
              "logitspec:8,fast=1", "logitspec:-1", "logitspec:auto,tree_policy=reference",
              "logitspec:8,recycle_chains=x", "logitspec:8,tree_policy=", "pld:8,draft_tree_capacity=3",
              "racer:auto", "racer:8,max_nodes=10", "racer:8,ngram=1", "racer:8,max_breadth=0",
-             "racer:8,prompt_logits=no"]
+             "racer:8,prompt_logits=no",
+             "sam:auto", "sam:8,fallback=eagle", "sam:8,match_scale=0"]
 
 
 @pytest.mark.parametrize("text,name,number,flags", SPECS)
@@ -55,6 +58,12 @@ def test_specs_build_the_commands_params():
     assert params.logitspec_config().tree_policy == "reference"
     assert params.logitspec_config().draft_tree_capacity == 64
     assert compare.method_params(compare.parse_spec("logitspec")).logitspec_config().draft_tree_capacity is None
+    samd = compare.method_params(compare.parse_spec("sam")).sam_config()
+    assert (samd.draft_size, samd.recycling.draft_tree_capacity, samd.fallback) == (40, 64, True)
+    small = compare.method_params(compare.parse_spec("sam:16")).sam_config()
+    assert (small.draft_size, small.tree_capacity) == (16, 16)
+    alone = compare.method_params(compare.parse_spec("sam:40,fallback=none,match_scale=4")).sam_config()
+    assert (alone.fallback, alone.match_scale, alone.tree_capacity) == (False, 4.0, 40)
 
 
 @pytest.mark.parametrize("text", BAD_SPECS)

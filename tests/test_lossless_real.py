@@ -13,9 +13,10 @@ Every demo question runs (``LOGITSPEC_LOSSLESS_QUICK=1``: a subset covering ever
 and every multi-turn question); ``LOGITSPEC_LOSSLESS_MAX_NEW`` sets the tokens per turn
 (default 32). The methods: PLD, LogitSpec's reference policy at budgets 64 and 8, the value
 tree with recycled chains at an automatic budget (the command-line default), Token
-Recycling, and RACER at its published tree settings (its copying of the prompt's logits, which
-changes only what is drafted, runs in the fake-model and command tests). The one-shot helpers (``generate_pld`` ...) are checked against vanilla on the fake
-and tiny models in test_decoding.py.
+Recycling, and the peers at their published settings: RACER (its copying of the prompt's
+logits, which changes only what is drafted, runs in the fake-model and command tests) and
+SAM-Decoding with its Token Recycling fallback. The one-shot helpers (``generate_pld`` ...) are
+checked against vanilla on the fake and tiny models in test_decoding.py.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from logitspec.drafters import (
 )
 from logitspec.racer import RacerConfig, RacerDrafter
 from logitspec.recycling import RecyclingConfig, SuccessorTable, TokenRecyclingDrafter
+from logitspec.sam import SamConfig, SamDrafter
 
 pytestmark = pytest.mark.slow
 
@@ -90,6 +92,7 @@ METHODS = {  # the reference is "vanilla"
     "logitspec-auto": lambda: ValueTreeDrafter(AUTO, CPU_LIKE, SuccessorTable(49152)),
     "recycling": lambda: TokenRecyclingDrafter(RecyclingConfig(64)),
     "racer": lambda: RacerDrafter(RacerConfig()),  # 64 nodes, 10-token windows, 10 000 nodes
+    "sam": lambda: SamDrafter(SamConfig()),  # SAMD[T] at its published settings
 }
 
 
@@ -121,7 +124,8 @@ def test_speculative_equals_vanilla_on_demo_question(smollm2_f32, shared_decoder
         messages += [{"role": "assistant", "content": answer}]
     # not vacuous: drafts were accepted on every question (measured: LogitSpec 3 to 22 of
     # 16-32 tokens, PLD 0 to 20)
-    assert drafts_accepted["logitspec"] > 0 and drafts_accepted["racer"] > 0, drafts_accepted
+    assert all(drafts_accepted[name] > 0 for name in ("logitspec", "racer", "sam")), \
+        drafts_accepted
 
 
 def check_same(expected, results: dict, config: GenerationConfig, turn: int = 0) -> None:

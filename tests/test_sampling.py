@@ -21,6 +21,9 @@ from logitspec.acceptance import greedy_accept
 from logitspec.decoding import Decoder, GenerationConfig
 from logitspec.drafters import LogitSpecConfig, LogitSpecDrafter, PoolConfig, PromptLookupDrafter
 from logitspec.racer import RacerConfig, RacerDrafter
+from logitspec.recycling import RecyclingConfig
+from logitspec.sam import SamConfig, SamDrafter
+from logitspec.suffix_automaton import CorpusAutomaton
 from logitspec.sampling import SamplingVerifier, sampling_probs
 from logitspec.tree import build_tree
 
@@ -157,6 +160,10 @@ DRAFTERS = {
     # the prompt's logits copied through MarkovLM's LM head (the identity)
     "racer": lambda: RacerDrafter(RacerConfig(8, ngram=3, max_nodes=12, max_breadth=3),
                                   head=lambda hidden: hidden),
+    # SAMD[T] with short matches counted: context and corpus chains, recycled trees otherwise
+    "sam": lambda: SamDrafter(SamConfig(draft_size=4, threshold=2, static_bias=1,
+                                        recycling=RecyclingConfig(6)),
+                              CorpusAutomaton([[2, 1, 0, 1, 0, 4], [2, 2, 1, 0]])),
 }
 CASES = [
     ("vanilla", "t1.0"),
@@ -169,6 +176,8 @@ CASES = [
     ("pld", "t1.3-topp0.8"),
     ("racer", "t1.0"),
     ("racer", "t0.7-topk3"),
+    ("sam", "t1.0"),
+    ("sam", "t0.7-topk3"),
 ]
 
 
@@ -185,7 +194,7 @@ def test_speculative_sampling_matches_exact_distribution(model, drafter, setting
     assert pvalue > ALPHA, f"p = {pvalue:.2e}: output distribution differs from vanilla sampling"
 
 
-@pytest.mark.parametrize("drafter", ["full-tree", "logitspec", "racer"])
+@pytest.mark.parametrize("drafter", ["full-tree", "logitspec", "racer", "sam"])
 def test_negative_control_wrong_acceptance_rule_is_detected(model, drafter):
     settings = SETTINGS["t1.0"]
     counts = sample_outputs(WrongDecoder(model, DRAFTERS[drafter]()), settings)
@@ -203,6 +212,20 @@ def test_drafts_are_accepted_while_sampling(model, drafter):
         decoder.reset()
         lengths += decoder.generate(PROMPT, GenerationConfig(**{**config.__dict__, "seed": seed})).accept_lengths
     assert max(lengths) == MAX_NEW and sum(lengths) / len(lengths) > 1.5
+
+
+def test_sam_drafts_from_every_source_while_sampling(model):
+    drafter = DRAFTERS["sam"]()
+    decoder = Decoder(model, drafter)
+    for seed in range(100):
+        decoder.reset()
+        config = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=(EOS,), temperature=1.0,
+                                  seed=seed)
+        decoder.generate(PROMPT, config)
+    stats = drafter.source_stats  # the context's chains are drafted, the corpus's and recycled ones taken
+    accepted = {source: stats.tokens[source] - stats.steps[source] for source in stats.steps}
+    assert set(accepted) == {"dynamic", "static", "recycling"}, accepted
+    assert accepted["static"] > 20 and accepted["recycling"] > 5, accepted
 
 
 @pytest.mark.parametrize("drafter", ["vanilla", "logitspec"])
@@ -255,7 +278,7 @@ def test_sampling_rejects_zero_temperature():
         SamplingVerifier(0.0)
 
 
-@pytest.mark.parametrize("drafter", ["full-tree", "pld", "logitspec", "racer"])
+@pytest.mark.parametrize("drafter", ["full-tree", "pld", "logitspec", "racer", "sam"])
 def test_same_seed_reproduces_vanilla_sampling_token_for_token(model, drafter):
     """The walk draws once per emitted token, in order, from the same generator stream as
     vanilla sampling: with exact logits, the outputs are identical, not just equally
