@@ -9,11 +9,13 @@ Method specs (``name[:N][,flag=value...]``):
     hf, hf-pld:N     HF transformers generate, plain or with prompt_lookup_num_tokens=N (10)
     pld:N            prompt lookup decoding, tree budget N (21: 20 retrieved tokens + root)
     recycling:N      Token Recycling, tree budget N (64)
+    suffix:N         SuffixDecoding, tree budget N (65: the published 64 speculated tokens + root)
     logitspec:N      LogitSpec with the inference_logitspec defaults, budget N or ``auto``
                      (the default: sized by the measured verification cost)
 
 ``flag=value`` sets any flag of the method's command (underscores), e.g. the public code's
-LogitSpec: ``logitspec:64,tree_policy=reference``; ablations: ``logitspec:64,recycle_chains=0``
+LogitSpec: ``logitspec:64,tree_policy=reference``; ablations: ``logitspec:64,recycle_chains=0``,
+``suffix:65,mode=chain``
 or ``pld:21,max_ngram_size=4``. A method is built exactly as its ``inference_*`` command builds
 it, from the same params dataclass.
 
@@ -64,7 +66,9 @@ from evaluation.methods import TurnGenerator  # noqa: E402
 from evaluation.prompts import resolve_template  # noqa: E402
 from evaluation.questions import Question, QuestionFileError, load_questions, select_questions  # noqa: E402
 from evaluation.speed import OVERALL_ROW, align, format_ids, ratio, row_name  # noqa: E402
-from evaluation import inference_logitspec, inference_pld, inference_recycling  # noqa: E402
+from evaluation import (  # noqa: E402
+    inference_logitspec, inference_pld, inference_recycling, inference_suffix,
+)
 from logitspec.decoding import Decoder, GenerationConfig, GenerationResult  # noqa: E402
 from logitspec.loading import DTYPES, LoadedModel, ModelLoadError, load  # noqa: E402
 
@@ -75,8 +79,8 @@ BASELINE = "vanilla"
 DEFAULT_METHODS = ("vanilla", "hf", "hf-pld:10", "pld:21", "recycling:64",
                    "logitspec:64,tree_policy=reference", "logitspec")
 NO_ARGUMENT = ("vanilla", "hf")
-DEFAULT_ARGUMENT = {"hf-pld": 10, "pld": 21, "recycling": 64, "logitspec": "auto"}
-COMMANDS = {"pld": inference_pld, "recycling": inference_recycling,
+DEFAULT_ARGUMENT = {"hf-pld": 10, "pld": 21, "recycling": 64, "suffix": 65, "logitspec": "auto"}
+COMMANDS = {"pld": inference_pld, "recycling": inference_recycling, "suffix": inference_suffix,
             "logitspec": inference_logitspec}  # methods built by their inference_* command
 
 
@@ -115,8 +119,8 @@ def parse_spec(text: str) -> MethodSpec:
         raise CompareError(f"{name} takes no argument, got {text!r}")
     flags = tuple(option.partition("=")[::2] for option in options)
     if flags and name not in COMMANDS or any(not k or not v for k, v in flags):
-        raise CompareError(f"bad option in {text!r}: expected flag=value for pld, recycling "
-                           "or logitspec")
+        raise CompareError(f"bad option in {text!r}: expected flag=value for "
+                           f"{', '.join(COMMANDS)}")
     if not colon:
         number = DEFAULT_ARGUMENT.get(name)
     elif argument == "auto" and name == "logitspec":

@@ -181,6 +181,9 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
     ``value`` (value-ranked tree), ``k=32`` (next-next candidates), ``max=64`` (auto's largest
     tree), ``len=8`` (value chain length), ``rec=8,recd=6`` (recycled chains and their depth).
 
+    ``suffix:<capacity>`` (SuffixDecoding, published settings), options ``chain`` (chain mode),
+    ``depth=64``, ``factor=1.0``, ``offset=0``, ``prob=0.1``, ``cached=100000``.
+
     Token Recycling and recycled chains learn successors from the trace, which knows the
     target's top-k on the recorded path only (the real run also learns from rejected nodes)."""
     from logitspec.drafters import LogitSpecConfig, PoolConfig, PromptLookupDrafter, make_logitspec_drafter
@@ -189,6 +192,8 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
     kind, _, rest = spec.partition(":")
     fields = rest.split(",") if rest else ["64"]
     capacity, options = fields[0], dict(f.partition("=")[::2] for f in fields[1:])
+    if kind == "suffix":
+        return _suffix_drafter(int(capacity), options)
     pool = PoolConfig(int(options.get("ngram", 3)), int(options.get("pred", 20)),
                       int(options.get("conts", 1)))
     if kind == "pld":
@@ -210,6 +215,18 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
         successors = SuccessorTable(vocab_size) if config.recycle_chains else None
         return make_logitspec_drafter(config, curve, successors)
     raise ValueError(f"unknown drafter spec {spec!r}")
+
+
+def _suffix_drafter(capacity: int, options: dict[str, str]) -> Drafter:
+    from logitspec.suffix_decoding import SuffixConfig, SuffixDecodingDrafter
+
+    return SuffixDecodingDrafter(SuffixConfig(
+        draft_tree_capacity=capacity, mode="chain" if "chain" in options else "tree",
+        max_depth=int(options.get("depth", 64)), max_spec_factor=float(options.get("factor", 1.0)),
+        max_spec_offset=float(options.get("offset", 0.0)),
+        min_token_prob=float(options.get("prob", 0.1)),
+        max_cached_answers=int(options.get("cached", 100_000)),
+    ))
 
 
 def load_traces(path: str) -> tuple[dict, list[TurnTrace]]:
