@@ -18,7 +18,7 @@ from typing import Callable
 import pytest
 
 from cli_helpers import DEMO, run_cli, save_tiny_llama, write_questions
-from evaluation import inference_pld, inference_sps
+from evaluation import inference_pld, inference_sps, inference_suffix
 
 Argv = Callable[["Inputs"], list[str]]
 
@@ -182,6 +182,21 @@ CASES = [
          r"argument --max-new-tokens: invalid int value: 'many'"),
     Case("empty slice", _tiny("--question-begin", "100", "--question-end", "200"),
          r"no questions selected from .*demo/question\.jsonl"),
+    # SuffixDecoding's flags
+    Case("suffix tree budget 0", _tiny("--draft-tree-capacity", "0"),
+         r"draft_tree_capacity must be >= 1 \(the root\), got 0", inference_suffix),
+    Case("suffix mode unknown", _tiny("--mode", "path"),
+         r"argument --mode: invalid choice: 'path'", inference_suffix),
+    Case("suffix tree depth 0", _tiny("--max-depth", "0"), r"max_depth must be >= 1, got 0",
+         inference_suffix),
+    Case("suffix spec factor negative", _tiny("--max-spec-factor", "-1"),
+         r"max_spec_factor must be >= 0, got -1\.0", inference_suffix),
+    Case("suffix spec offset not finite", _tiny("--max-spec-offset", "inf"),
+         r"max_spec_offset must be finite, got inf", inference_suffix),
+    Case("suffix min token prob above 1", _tiny("--min-token-prob", "1.5"),
+         r"min_token_prob must be in \[0, 1\], got 1\.5", inference_suffix),
+    Case("suffix cached answers negative", _tiny("--max-cached-answers", "-1"),
+         r"max_cached_answers must be >= 0, got -1", inference_suffix),
 ]
 
 

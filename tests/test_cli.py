@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from evaluation import inference_baseline, inference_logitspec, inference_pld, speed  # noqa: E402
+from evaluation import (  # noqa: E402
+    inference_baseline, inference_logitspec, inference_pld, inference_suffix, speed,
+)
 from evaluation.args import EvalConfig, RunConfig, parse_args  # noqa: E402
 from evaluation.eval_loop import TEST_EXIT_AFTER_ENV  # noqa: E402
 from evaluation.questions import Question, load_questions, select_questions  # noqa: E402
@@ -99,6 +101,29 @@ def test_three_methods_on_two_demo_questions(
         assert code == 0
         overall = report["rows"][-1]
         assert overall["baseline"]["mat"] == 1.0 and overall["exact_match"] == 1.0
+
+
+def test_suffix_decoding_on_two_demo_questions(tiny: Path, tmp_path: Path, capsys: Capsys) -> None:
+    """Tree and chain mode against vanilla (float32 greedy: the same tokens), with the
+    published settings recorded."""
+    common = ["--model-path", str(tiny), "--question-begin", "3", "--question-end", "5",
+              "--max-new-tokens", "24", "--device", "cpu"]
+    files = {}
+    for name, module, flags in (("vanilla", inference_baseline, []),
+                                ("tree", inference_suffix, []),
+                                ("chain", inference_suffix, ["--mode", "chain"])):
+        files[name] = tmp_path / f"{name}.jsonl"
+        assert run_cli(module, common + flags + ["--answer-file", str(files[name])]) == 0
+        capsys.readouterr()
+        check_answer_file(files[name], {"4": 2, "5": 1}, "vanilla" if name == "vanilla" else "suffix")
+    meta = read_lines(files["tree"])[0]["meta"]
+    assert meta["params"] == {"draft_tree_capacity": 65, "mode": "tree", "max_depth": 64,
+                              "max_spec_factor": 1.0, "max_spec_offset": 0.0,
+                              "min_token_prob": 0.1, "max_cached_answers": 100000}
+    for name in ("tree", "chain"):
+        code = speed.main(["--file-path", str(files[name]), "--base-path", str(files["vanilla"])])
+        overall = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][-1]
+        assert code == 0 and overall["exact_match"] == 1.0
 
 
 def test_subprocess_run_and_default_answer_path(tiny: Path, tmp_path: Path) -> None:

@@ -7,11 +7,15 @@ import itertools
 from fractions import Fraction
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from logitspec.suffix_decoding import SuffixCache, SuffixConfig, draft_tree
+from logitspec.decoding import Decoder, GenerationConfig
+from logitspec.suffix_decoding import (
+    MODES, SuffixCache, SuffixConfig, SuffixDecodingDrafter, draft_tree,
+)
 
+from test_decoding import CopyLM, check_invariants, reference_greedy
 from test_suffix_tree import brute_count
 
 
@@ -216,3 +220,63 @@ def test_speculate_matches_brute_force(requests, capacity, max_depth, alpha, off
             assert Fraction(sum(draft.counts), draft.denominator) == expected[0]
             if expected[0]:
                 assert draft.match_len == expected[1]
+
+
+# --------------------------------------------------------------------------- in the decoding loop
+
+@st.composite
+def runs(draw):
+    """Requests answered one after another by one drafter (the global tree carries the answers
+    over), each with an optional follow-up turn that extends its conversation."""
+    vocab = draw(st.integers(8, 30))
+    alphabet = draw(st.integers(2, min(vocab, 6)))
+    requests = []
+    for _ in range(draw(st.integers(1, 3))):
+        segment = draw(st.lists(st.integers(0, alphabet - 1), min_size=1, max_size=8))
+        noise = draw(st.lists(st.integers(0, vocab - 1), max_size=4))
+        prompt = segment * draw(st.integers(1, 3)) + noise + segment[: draw(st.integers(0, 3))]
+        follow_up = draw(st.lists(st.integers(0, vocab - 1), max_size=4))
+        requests.append((prompt, follow_up if draw(st.booleans()) else None))
+    return dict(
+        vocab=vocab, seed=draw(st.integers(0, 2**16)), requests=requests,
+        generation=GenerationConfig(
+            max_new_tokens=draw(st.integers(1, 40)),
+            eos_token_ids=tuple(draw(st.lists(st.integers(0, vocab - 1), max_size=1))),
+        ),
+        config=SuffixConfig(
+            draft_tree_capacity=draw(st.integers(1, 40)), mode=draw(st.sampled_from(MODES)),
+            max_depth=draw(st.integers(1, 12)),
+            max_spec_factor=draw(st.sampled_from([0.5, 1.0, 3.0])),
+            max_spec_offset=draw(st.sampled_from([-1.0, 0.0, 2.0])),
+            min_token_prob=draw(st.sampled_from([0.0, 0.1, 0.5])),
+            max_cached_answers=draw(st.sampled_from([0, 1, 100_000])),
+        ),
+    )
+
+
+@settings(deadline=None, max_examples=80, suppress_health_check=[HealthCheck.too_slow])
+@given(run=runs())
+def test_suffix_decoding_equals_vanilla(run):
+    model = CopyLM(run["vocab"], seed=run["seed"])
+    config, generation = run["config"], run["generation"]
+    decoder = Decoder(model, SuffixDecodingDrafter(config))
+    for prompt, follow_up in run["requests"]:
+        decoder.reset()
+        result = decoder.generate(prompt, generation)
+        assert result.output_ids == reference_greedy(model, prompt, generation)
+        check_invariants(result, generation, config.draft_tree_capacity)
+        if follow_up is not None:
+            prompt = prompt + result.output_ids + follow_up
+            result = decoder.generate(prompt, generation)
+            assert result.output_ids == reference_greedy(model, prompt, generation)
+            check_invariants(result, generation, config.draft_tree_capacity)
+
+
+def test_drafts_are_accepted_with_the_copying_target():
+    """Not vacuous: CopyLM repeats its prompt's patterns, and the suffix trees predict them."""
+    model = CopyLM(20, seed=1)
+    prompt = [3, 4, 5, 6, 7, 8, 3, 4, 5, 6, 7, 8, 3, 4]
+    generation = GenerationConfig(max_new_tokens=30)
+    result = Decoder(model, SuffixDecodingDrafter()).generate(prompt, generation)
+    assert result.output_ids == reference_greedy(model, prompt, generation)
+    assert result.mean_accepted_tokens > 2

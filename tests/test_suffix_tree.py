@@ -127,7 +127,7 @@ def test_growing_cost_does_not_scan_the_sequence():
 sequences_strategy = st.lists(st.lists(st.integers(0, 2), max_size=14), min_size=1, max_size=3)
 
 
-@settings(deadline=None, max_examples=150)
+@settings(deadline=None, max_examples=100)
 @given(sequences=sequences_strategy, max_depth=st.integers(1, 5),
        removed=st.lists(st.booleans(), max_size=3))
 def test_counts_match_brute_force(sequences, max_depth, removed):
@@ -148,7 +148,7 @@ def test_counts_match_brute_force(sequences, max_depth, removed):
             assert tree.count(s) == expected, s
 
 
-@settings(deadline=None, max_examples=120)
+@settings(deadline=None, max_examples=80)
 @given(sequences=sequences_strategy, max_depth=st.integers(1, 5),
        min_prob=st.sampled_from([0.0, 0.1, 0.3, 0.6]), max_tokens=st.integers(0, 6),
        depth_limit=st.one_of(st.none(), st.integers(1, 4)))
@@ -191,7 +191,7 @@ def test_speculation_matches_brute_force(sequences, max_depth, min_prob, max_tok
                     assert best == 0 or best < min_prob * total
 
 
-@settings(deadline=None, max_examples=100)
+@settings(deadline=None, max_examples=60)
 @given(sequences=sequences_strategy, more=st.lists(st.integers(0, 2), max_size=10),
        max_depth=st.integers(1, 6))
 def test_positions_stay_valid_while_the_tree_grows(sequences, more, max_depth):
