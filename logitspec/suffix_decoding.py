@@ -28,23 +28,22 @@ Longer matches are tried first and a match whose budget cannot beat the best sco
 the search (scores never exceed the budget), which gives the same draft as trying every ``m``.
 
 Published defaults (the public implementation and its serving configuration): ``max_depth``
-64, alpha (``max_spec_factor``) 1.0, offset (``max_spec_offset``) 0, ``min_token_prob`` 0.1, 100000 cached outputs, and, in the
-paper's simulator, tree speculation of up to ``max_depth`` = 64 tokens (a 65-node tree with the
-root). Siblings of equal count are ordered by first occurrence (the public code orders some of
-them by most recent count change instead).
+64, alpha (``max_spec_factor``) 1.0, offset (``max_spec_offset``) 0, ``min_token_prob`` 0.1,
+100000 cached outputs, and, in the paper's simulator, tree speculation of up to ``max_depth`` =
+64 tokens (a 65-node tree with the root). Siblings of equal count are ordered by first
+occurrence (the public code orders some of them by most recent count change instead).
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass
 from itertools import chain
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 
-from .suffix_tree import Position, SuffixDraft, SuffixTree
+from .suffix_tree import ROOT, SuffixDraft, SuffixTree
 from .tree import DraftTree
 
 if TYPE_CHECKING:
@@ -70,7 +69,8 @@ class SuffixConfig:
 
     def __post_init__(self) -> None:
         if self.draft_tree_capacity < 1:
-            raise ValueError(f"draft_tree_capacity must be >= 1 (the root), got {self.draft_tree_capacity}")
+            raise ValueError(
+                f"draft_tree_capacity must be >= 1 (the root), got {self.draft_tree_capacity}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be 'tree' or 'chain', got {self.mode!r}")
         if self.max_depth < 1:
@@ -108,11 +108,10 @@ class SuffixCache:
         self.config = config
         self.local = SuffixTree(config.max_depth, config.min_token_prob)
         self.answers = SuffixTree(config.max_depth, config.min_token_prob)
-        self.cached: deque[list[int]] = deque()  # outputs in the global tree, oldest first
         self.context_length = 0
         # positions in the global tree of the context's suffixes longer than the output so
         # far (they reach into the prompt), shortest first
-        self._long: list[Position] = []
+        self._long: list[tuple[list[int], int, int]] = []
 
     def start_request(self, prompt: Sequence[int], reused: int = 0) -> None:
         """A request starts over ``prompt``, whose first ``reused`` tokens are unchanged since
@@ -128,9 +127,9 @@ class SuffixCache:
         self._long = []
         if not self.config.max_cached_answers:
             return
-        self.cached.append(self.answers.start_sequence())
-        while len(self.cached) > self.config.max_cached_answers:
-            self.answers.remove(self.cached.popleft())
+        self.answers.start_sequence()
+        while self.answers.num_sequences > self.config.max_cached_answers:
+            self.answers.remove_oldest()
         tail = prompt[max(0, len(prompt) - self.config.max_depth + 1):]
         for token in tail:
             self._long = self._advance(self._long, token, from_root=True)
@@ -143,13 +142,13 @@ class SuffixCache:
             self.answers.append(token)
             self._long = self._advance(self._long, token, from_root=False)
 
-    def _advance(self, positions: list[Position], token: int, from_root: bool) -> list[Position]:
+    def _advance(self, positions: list, token: int, from_root: bool) -> list:
         """The matched suffixes, shortest first, after ``token``: each one extended by it
         while the extension occurs and is shorter than ``max_depth`` (a suffix that fails
         makes every longer one fail)."""
         tree = self.answers
         moved = []
-        for position in chain([tree.root_position()], positions) if from_root else positions:
+        for position in chain([ROOT], positions) if from_root else positions:
             position = tree.advance(position, token)
             if position is None or tree.position_depth(position) >= self.config.max_depth:
                 break
@@ -158,18 +157,14 @@ class SuffixCache:
 
     def speculate(self, max_depth: int | None = None) -> SuffixDraft:
         """The best draft after the context (module docstring), no deeper than ``max_depth``."""
-        best = self._best(self.local, self._loci(self.local), SuffixDraft(), max_depth)
+        best = self._best(self.local, self.local.loci, SuffixDraft(), max_depth)
         if not self.config.max_cached_answers:
             return best
-        matches = chain(reversed(self._long), self._loci(self.answers))
+        matches = chain(reversed(self._long), self.answers.loci)
         return self._best(self.answers, matches, best, max_depth)
 
-    @staticmethod
-    def _loci(tree: SuffixTree) -> Iterable[Position]:
-        return (tree.locus_position(node) for node in tree.loci)
-
     def _best(
-        self, tree: SuffixTree, matches: Iterable[Position], best: SuffixDraft, max_depth: int | None
+        self, tree: SuffixTree, matches: Iterable, best: SuffixDraft, max_depth: int | None
     ) -> SuffixDraft:
         """``best`` or a draft from ``matches`` (longest first) that beats it strictly."""
         longest = min(self.config.max_depth, self.context_length) - 1
@@ -180,7 +175,8 @@ class SuffixCache:
             budget = self.config.budget(match_len)
             if budget * best.denominator <= sum(best.counts):
                 break  # shorter matches have no larger budget
-            draft = tree.speculate(position, budget, tree=self.config.mode == "tree", max_depth=max_depth)
+            draft = tree.speculate(position, budget, tree=self.config.mode == "tree",
+                                   max_depth=max_depth)
             if draft.beats(best):
                 best = draft
         return best
