@@ -10,6 +10,7 @@ Method specs (``name[:N][,flag=value...]``):
     pld:N            prompt lookup decoding, tree budget N (21: 20 retrieved tokens + root)
     recycling:N      Token Recycling, tree budget N (64)
     suffix:N         SuffixDecoding, tree budget N (65: the published 64 speculated tokens + root)
+    rest:N           REST, tree budget N (65: 64 draft tokens + root); needs ``datastore=FILE``
     logitspec:N      LogitSpec with the inference_logitspec defaults, budget N or ``auto``
                      (the default: sized by the measured verification cost)
 
@@ -67,7 +68,7 @@ from evaluation.prompts import resolve_template  # noqa: E402
 from evaluation.questions import Question, QuestionFileError, load_questions, select_questions  # noqa: E402
 from evaluation.speed import OVERALL_ROW, align, format_ids, ratio, row_name  # noqa: E402
 from evaluation import (  # noqa: E402
-    inference_logitspec, inference_pld, inference_recycling, inference_suffix,
+    inference_logitspec, inference_pld, inference_recycling, inference_rest, inference_suffix,
 )
 from logitspec.decoding import Decoder, GenerationConfig, GenerationResult  # noqa: E402
 from logitspec.loading import DTYPES, LoadedModel, ModelLoadError, load  # noqa: E402
@@ -79,9 +80,10 @@ BASELINE = "vanilla"
 DEFAULT_METHODS = ("vanilla", "hf", "hf-pld:10", "pld:21", "recycling:64",
                    "logitspec:64,tree_policy=reference", "logitspec")
 NO_ARGUMENT = ("vanilla", "hf")
-DEFAULT_ARGUMENT = {"hf-pld": 10, "pld": 21, "recycling": 64, "suffix": 65, "logitspec": "auto"}
+DEFAULT_ARGUMENT = {"hf-pld": 10, "pld": 21, "recycling": 64, "suffix": 65, "rest": 65,
+                    "logitspec": "auto"}
 COMMANDS = {"pld": inference_pld, "recycling": inference_recycling, "suffix": inference_suffix,
-            "logitspec": inference_logitspec}  # methods built by their inference_* command
+            "rest": inference_rest, "logitspec": inference_logitspec}  # built by their commands
 
 
 class CompareError(Exception):

@@ -18,7 +18,8 @@ from typing import Callable
 import pytest
 
 from cli_helpers import DEMO, run_cli, save_tiny_llama, write_questions
-from evaluation import inference_pld, inference_sps, inference_suffix
+from evaluation import inference_pld, inference_rest, inference_sps, inference_suffix
+from logitspec.rest import Datastore
 
 Argv = Callable[["Inputs"], list[str]]
 
@@ -39,6 +40,13 @@ class Inputs:
             path.write_bytes(raw)
         else:
             write_questions(path, lines or [])
+        return str(path)
+
+    def datastore(self) -> str:
+        """A REST datastore with a token id the tiny model does not have."""
+        path = self.folder / "big-ids.npz"
+        if not path.exists():
+            Datastore.from_entries([[1, 2, 40000]]).save(path)
         return str(path)
 
     def model(self, name: str, edit: Callable[[Path], None]) -> str:
@@ -197,6 +205,17 @@ CASES = [
          r"min_token_prob must be in \[0, 1\], got 1\.5", inference_suffix),
     Case("suffix cached answers negative", _tiny("--max-cached-answers", "-1"),
          r"max_cached_answers must be >= 0, got -1", inference_suffix),
+    # REST's datastores and flags
+    Case("rest without a datastore", _tiny(), r"--datastore is required", inference_rest),
+    Case("rest datastore missing", lambda i: _tiny("--datastore", str(i.folder / "none.npz"))(i),
+         r"no datastore file at .*none\.npz", inference_rest),
+    Case("rest datastore not a datastore", lambda i: _tiny("--datastore", str(DEMO))(i),
+         r"question\.jsonl is not a datastore", inference_rest),
+    Case("rest datastore of another vocabulary", lambda i: _tiny("--datastore", i.datastore())(i),
+         r"holds token id 40000, beyond the model's vocabulary of 259", inference_rest),
+    Case("rest spans reversed",
+         lambda i: _tiny("--datastore", i.datastore(), "--max-span", "2", "--min-span", "3")(i),
+         r"spans must satisfy 1 <= min_span <= max_span, got 3 and 2", inference_rest),
 ]
 
 

@@ -29,10 +29,14 @@ SPECS = [
     ("logitspec:8", "logitspec", 8, ()),
     ("logitspec:64,tree_policy=reference", "logitspec", 64, (("tree_policy", "reference"),)),
     ("logitspec:auto,recycle_chains=0", "logitspec", "auto", (("recycle_chains", "0"),)),
+    ("suffix", "suffix", 65, ()),
+    ("suffix:16,mode=chain", "suffix", 16, (("mode", "chain"),)),
 ]
 BAD_SPECS = ["eagle", "vanilla:3", "hf,value", "pld:0", "pld:x", "pld:8,value", "recycling:auto",
              "logitspec:8,fast=1", "logitspec:-1", "logitspec:auto,tree_policy=reference",
-             "logitspec:8,recycle_chains=x", "logitspec:8,tree_policy=", "pld:8,draft_tree_capacity=3"]
+             "logitspec:8,recycle_chains=x", "logitspec:8,tree_policy=", "pld:8,draft_tree_capacity=3",
+             "suffix:0", "suffix,mode=path", "suffix,min_token_prob=2", "rest",
+             "rest:65,datastore=/no/such/file.npz"]
 
 
 @pytest.mark.parametrize("text,name,number,flags", SPECS)

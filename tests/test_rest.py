@@ -7,10 +7,16 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+import torch
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from logitspec.rest import Datastore, DatastoreError, RestConfig, draft_trie, retrieve, suffix_array
+from logitspec.decoding import Decoder, GenerationConfig
+from logitspec.rest import (
+    Datastore, DatastoreError, RestConfig, RestDrafter, draft_trie, retrieve, suffix_array,
+)
+
+from test_decoding import CopyLM, check_invariants, reference_greedy
 
 
 def paths_of(tokens, parents) -> list[tuple[int, ...]]:
@@ -165,3 +171,40 @@ def test_brute_force_retrieval_and_trie_agree():
                 break
         expected = sorted(tuple(joined[i + span:i + span + 3] + [-1] * 3)[:3] for i in starts)
         assert sorted(map(tuple, found.tolist())) == expected
+
+
+# --------------------------------------------------------------------------- in the decoding loop
+
+@settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@given(vocab=st.integers(6, 20), seed=st.integers(0, 2**16),
+       corpus=st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=30), min_size=1, max_size=3),
+       prompt=st.lists(st.integers(0, 5), min_size=1, max_size=12),
+       capacity=st.integers(1, 30), max_span=st.integers(1, 6), length=st.integers(1, 6),
+       max_new=st.integers(1, 30))
+def test_rest_equals_vanilla(vocab, seed, corpus, prompt, capacity, max_span, length, max_new):
+    model = CopyLM(vocab, seed=seed)
+    config = RestConfig(draft_tree_capacity=capacity, max_span=max_span, min_span=1,
+                        continuation_length=length)
+    generation = GenerationConfig(max_new_tokens=max_new)
+    drafter = RestDrafter([Datastore.from_entries(corpus)], config)
+    result = Decoder(model, drafter).generate(prompt, generation)
+    assert result.output_ids == reference_greedy(model, prompt, generation)
+    check_invariants(result, generation, capacity)
+
+
+def test_rest_drafts_are_accepted_when_the_datastore_knows_the_text():
+    model = CopyLM(20, seed=1)
+    prompt = [3, 4, 5, 6, 7, 8, 3, 4]
+    generation = GenerationConfig(max_new_tokens=30)
+    expected = reference_greedy(model, prompt, generation)
+    store = Datastore.from_entries([prompt + expected])
+    result = Decoder(model, RestDrafter([store])).generate(prompt, generation)
+    assert result.output_ids == expected and result.mean_accepted_tokens > 3
+
+
+def test_the_step_depth_limit_cuts_the_trie():
+    store = Datastore.from_entries([[1, 2, 3, 4, 5, 6]])
+    drafter = RestDrafter([store], RestConfig(min_span=1))
+    drafter.begin([9, 1], 0)
+    assert drafter.draft(2, torch.zeros(10), 2).tokens == (2, 3, 4)
+    assert drafter.draft(2, torch.zeros(10), 0).tokens == (2,)

@@ -11,6 +11,7 @@ matching of drafts with a sampled bonus token) must fail the same test (negative
 from __future__ import annotations
 
 from collections import Counter
+from functools import cache
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from fakes import MarkovLM
 from logitspec.acceptance import greedy_accept
 from logitspec.decoding import Decoder, GenerationConfig
 from logitspec.drafters import LogitSpecConfig, LogitSpecDrafter, PoolConfig, PromptLookupDrafter
+from logitspec.rest import Datastore, RestConfig, RestDrafter
 from logitspec.sampling import SamplingVerifier, sampling_probs
 from logitspec.suffix_decoding import SuffixConfig, SuffixDecodingDrafter
 from logitspec.tree import build_tree
@@ -71,6 +73,22 @@ def exact_distribution(model: MarkovLM, settings: dict, prompt: list[int] = PROM
 
     walk(list(prompt), (), 1.0)
     return out
+
+
+@cache
+def sampled_datastore() -> Datastore:
+    """A REST datastore of 20 texts of 32 tokens sampled from the fake target (temperature 1):
+    its own patterns, so that retrieved drafts are often accepted."""
+    table = MarkovLM(VOCAB, seed=3, scale=1.5).table.numpy()
+    rng = np.random.default_rng(1)
+    texts = []
+    for _ in range(20):
+        text = [0, 1]
+        while len(text) < 32:
+            probs = reference_probs(table[(text[-2] + 1) * VOCAB + text[-1]], 1.0, 0, 1.0)
+            text.append(int(rng.choice(VOCAB, p=probs)))
+        texts.append(text)
+    return Datastore.from_entries(texts)
 
 
 class FullTreeDrafter:
@@ -157,6 +175,7 @@ DRAFTERS = {
     ),
     # one drafter for all samples: its global tree learns the earlier samples' outputs
     "suffix": lambda: SuffixDecodingDrafter(SuffixConfig(draft_tree_capacity=8)),
+    "rest": lambda: RestDrafter([sampled_datastore()], RestConfig(draft_tree_capacity=8, min_span=1)),
 }
 # SuffixDecoding drafts what the context repeats: its cases run after a prompt sampled from the
 # fake target itself (temperature 1), whose patterns the target follows
@@ -174,6 +193,8 @@ CASES = [
     ("pld", "t1.3-topp0.8"),
     ("suffix", "t1.0"),
     ("suffix", "t0.7-topk3"),
+    ("rest", "t1.0"),
+    ("rest", "t1.3-topp0.8"),
 ]
 
 
@@ -190,7 +211,7 @@ def test_speculative_sampling_matches_exact_distribution(model, drafter, setting
     assert pvalue > ALPHA, f"p = {pvalue:.2e}: output distribution differs from vanilla sampling"
 
 
-@pytest.mark.parametrize("drafter", ["full-tree", "logitspec", "suffix"])
+@pytest.mark.parametrize("drafter", ["full-tree", "logitspec", "suffix", "rest"])
 def test_negative_control_wrong_acceptance_rule_is_detected(model, drafter):
     settings, prompt = SETTINGS["t1.0"], PROMPTS.get(drafter, PROMPT)
     counts = sample_outputs(WrongDecoder(model, DRAFTERS[drafter]()), settings, prompt=prompt)
@@ -220,6 +241,18 @@ def test_suffix_drafts_are_accepted_while_sampling(model):
                                   seed=seed)
         lengths += decoder.generate(PROMPTS["suffix"], config).accept_lengths
     assert max(lengths) == MAX_NEW and sum(length > 1 for length in lengths) > len(lengths) / 8
+
+
+def test_rest_drafts_are_accepted_while_sampling(model):
+    """REST's cases are not vacuous (measured: half the steps accept a draft)."""
+    decoder = Decoder(model, DRAFTERS["rest"]())
+    lengths = []
+    for seed in range(200):
+        decoder.reset()
+        config = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=(EOS,), temperature=1.0,
+                                  seed=seed)
+        lengths += decoder.generate(PROMPT, config).accept_lengths
+    assert max(lengths) == MAX_NEW and sum(length > 1 for length in lengths) > len(lengths) / 3
 
 
 @pytest.mark.parametrize("drafter", ["vanilla", "logitspec"])
@@ -272,7 +305,7 @@ def test_sampling_rejects_zero_temperature():
         SamplingVerifier(0.0)
 
 
-@pytest.mark.parametrize("drafter", ["full-tree", "pld", "logitspec", "suffix"])
+@pytest.mark.parametrize("drafter", ["full-tree", "pld", "logitspec", "suffix", "rest"])
 def test_same_seed_reproduces_vanilla_sampling_token_for_token(model, drafter):
     """The walk draws once per emitted token, in order, from the same generator stream as
     vanilla sampling: with exact logits, the outputs are identical, not just equally
