@@ -12,9 +12,10 @@ second turn extends the first.
 Every demo question runs (``LOGITSPEC_LOSSLESS_QUICK=1``: a subset covering every category
 and every multi-turn question); ``LOGITSPEC_LOSSLESS_MAX_NEW`` sets the tokens per turn
 (default 32). The methods: PLD, LogitSpec's reference policy at budgets 64 and 8, the value
-tree with recycled chains at an automatic budget (the command-line default), and Token
-Recycling. The one-shot helpers (``generate_pld`` ...) are checked against vanilla on the fake
-and tiny models in test_decoding.py.
+tree with recycled chains at an automatic budget (the command-line default), Token Recycling,
+and SuffixDecoding at its published settings (its global tree learns across the questions).
+The one-shot helpers (``generate_pld`` ...) are checked against vanilla on the fake and tiny
+models in test_decoding.py.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from logitspec.drafters import (
     LogitSpecConfig, LogitSpecDrafter, PoolConfig, PromptLookupDrafter, ValueTreeDrafter,
 )
 from logitspec.recycling import RecyclingConfig, SuccessorTable, TokenRecyclingDrafter
+from logitspec.suffix_decoding import SuffixConfig, SuffixDecodingDrafter
 
 pytestmark = pytest.mark.slow
 
@@ -87,6 +89,7 @@ METHODS = {  # the reference is "vanilla"
     "logitspec-8": lambda: LogitSpecDrafter(SMALL),
     "logitspec-auto": lambda: ValueTreeDrafter(AUTO, CPU_LIKE, SuccessorTable(49152)),
     "recycling": lambda: TokenRecyclingDrafter(RecyclingConfig(64)),
+    "suffix": lambda: SuffixDecodingDrafter(SuffixConfig()),  # published settings
 }
 
 
@@ -117,8 +120,8 @@ def test_speculative_equals_vanilla_on_demo_question(smollm2_f32, shared_decoder
         answer = tokenizer.decode(expected.output_ids, skip_special_tokens=True)
         messages += [{"role": "assistant", "content": answer}]
     # not vacuous: drafts were accepted on every question (measured: LogitSpec 3 to 22 of
-    # 16-32 tokens, PLD 0 to 20)
-    assert drafts_accepted["logitspec"] > 0, drafts_accepted
+    # 16-32 tokens, PLD 0 to 20, SuffixDecoding 2 to 42)
+    assert drafts_accepted["logitspec"] > 0 and drafts_accepted["suffix"] > 0, drafts_accepted
 
 
 def check_same(expected, results: dict, config: GenerationConfig, turn: int = 0) -> None:
