@@ -413,7 +413,9 @@ class SuffixTree:
     def speculate(self, position, max_tokens: int, *, tree: bool = True,
                   max_depth: int | None = None) -> SuffixDraft:
         """Up to ``max_tokens`` continuations of the string at ``position``, no deeper than
-        ``max_depth`` tokens below it, each with probability ``>= min_token_prob``.
+        ``max_depth`` tokens below it, each with probability ``>= min_token_prob`` (compared
+        exactly, as counts; the public code multiplies float32 ratios, so there a probability of
+        exactly ``min_token_prob`` may fall on either side).
 
         Tree mode: best first by count (every candidate's probability has the same
         denominator); equal counts in the order the candidates were reached, which puts
