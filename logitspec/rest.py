@@ -7,7 +7,7 @@ entries are joined without a separator, so a continuation may run into the next 
 Per step (:func:`retrieve`, :func:`draft_trie`; ``context`` = the context with the step's root):
 
 1. for ``span`` = ``max_span`` .. ``min_span`` (16 .. 2): the suffix array lists the datastore
-   positions that start with ``context[-span:]``; the first span with any occurrence wins,
+   positions that start with ``context[-span:]``; the longest span with any occurrence wins,
    and its first ``max_matches`` (5000) occurrences per datastore, in suffix-array order,
    give their next ``continuation_length`` (10) tokens;
 2. every prefix of those continuations is a trie node counted by how many continuations
@@ -184,48 +184,70 @@ class RestConfig:
 def retrieve(datastores: Sequence[Datastore], context: Sequence[int], config: RestConfig) -> np.ndarray:
     """Continuations (m, continuation_length) of the longest span (``max_span`` down to
     ``min_span`` tokens) of ``context``'s end found in any datastore, the datastores' in
-    order; (0, continuation_length) when no span occurs."""
-    for span in range(min(config.max_span, len(context)), config.min_span - 1, -1):
+    order; (0, continuation_length) when no span occurs.
+
+    A span that occurs makes every shorter one occur, so a binary search over the spans finds
+    the same span as trying 16, 15, ... in turn, with about 4 lookups instead of 15.
+    """
+    def lookup(span: int) -> list[np.ndarray]:
         query = context[len(context) - span:]
         found = [d.continuations(query, config.max_matches, config.continuation_length)
                  for d in datastores]
-        found = [f for f in found if len(f)]
+        return [f for f in found if len(f)]
+
+    best: list[np.ndarray] = []
+    low, high = config.min_span, min(config.max_span, len(context))
+    while low <= high:
+        span = (low + high) // 2
+        found = lookup(span)
         if found:
-            return np.concatenate(found)
-    return np.zeros((0, config.continuation_length), dtype=np.int64)
+            best, low = found, span + 1
+        else:
+            high = span - 1
+    if not best:
+        return np.zeros((0, config.continuation_length), dtype=np.int64)
+    return np.concatenate(best)
 
 
 def draft_trie(continuations: np.ndarray, max_nodes: int) -> tuple[list[int], list[int]]:
     """``(tokens, parents)`` of the ``max_nodes`` most frequent prefixes of ``continuations``
     (rows, -1 = ended), parents first; parent -1 = under the root. Order: count descending,
-    then depth, then the row that reached the prefix first (module docstring's example)."""
+    then depth, then the row that reached the prefix first (module docstring's example).
+
+    Vectorized: once the rows are sorted, every prefix is a run of consecutive rows, which
+    starts where a row first differs from the one before at or above that depth.
+    """
     rows, width = continuations.shape
     if not rows or max_nodes <= 0:
         return [], []
-    radix = int(continuations.max()) + 2
-    node_of_row = np.full(rows, -1, dtype=np.int64)  # each row's node at the previous depth
-    alive = np.ones(rows, dtype=bool)
-    columns: dict[str, list[np.ndarray]] = {"count": [], "depth": [], "row": [], "parent": [], "token": []}
+    order = np.lexsort(continuations.T[::-1])  # rows sorted by their tokens, -1 first
+    ranked = continuations[order]
+    differs = ranked[1:] != ranked[:-1]
+    first_difference = np.where(differs.any(axis=1), differs.argmax(axis=1), width)
+    count, depth, first_row, parent, token = [], [], [], [], []
+    node_of_run = np.zeros(1, dtype=np.int64) - 1  # depth -1: the root
+    run_of_row = np.zeros(rows, dtype=np.int64)
     total = 0
-    for depth in range(width):
-        alive &= continuations[:, depth] >= 0
-        live = np.flatnonzero(alive)
-        if not live.size:
+    for level in range(width):
+        starts_here = np.concatenate(([True], first_difference <= level))
+        starts = np.flatnonzero(starts_here)
+        ends = np.append(starts[1:], rows)
+        alive = ranked[starts, level] >= 0
+        if not alive.any():
             break
-        key = (node_of_row[live] + 1) * radix + continuations[live, depth] + 1  # exact
-        _, first, inverse, counts = np.unique(key, return_index=True, return_inverse=True,
-                                              return_counts=True)
-        columns["count"].append(counts)
-        columns["depth"].append(np.full(len(counts), depth))
-        columns["row"].append(live[first])
-        columns["parent"].append(node_of_row[live[first]])
-        columns["token"].append(continuations[live[first], depth])
-        node_of_row[live] = total + inverse.reshape(-1)
-        total += len(counts)
+        ids = np.where(alive, total + np.cumsum(alive) - 1, -1)
+        parents = node_of_run[run_of_row[starts]]
+        count.append((ends - starts)[alive])
+        depth.append(np.full(int(alive.sum()), level))
+        first_row.append(np.minimum.reduceat(order, starts)[alive])
+        parent.append(parents[alive])
+        token.append(ranked[starts, level][alive])
+        total += int(alive.sum())
+        node_of_run, run_of_row = ids, np.cumsum(starts_here) - 1
     if not total:
         return [], []
-    count, depth, row, parent, token = (np.concatenate(columns[k]) for k in columns)
-    chosen = np.lexsort((row, depth, -count))[:max_nodes]
+    count, depth, first_row, parent, token = map(np.concatenate, (count, depth, first_row, parent, token))
+    chosen = np.lexsort((first_row, depth, -count))[:max_nodes]
     place = {int(node): i for i, node in enumerate(chosen)}
     parents = [place[int(p)] if p >= 0 else -1 for p in parent[chosen]]
     return token[chosen].tolist(), parents
