@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 import torch
 
+from .acceptance import TargetOutput
 from .tree import DraftTree
 
 if TYPE_CHECKING:
@@ -259,6 +260,8 @@ class RestDrafter:
     deeper than the step allows dropped. It keeps only the last ``max_span - 1`` tokens."""
 
     name = "rest"
+    top_k = 0
+    needs_hidden = False
 
     def __init__(self, datastores: Sequence[Datastore], config: RestConfig = RestConfig()) -> None:
         if not datastores:
@@ -271,17 +274,17 @@ class RestDrafter:
     def configure(self, config: GenerationConfig) -> None:
         pass
 
-    def begin(self, context: Sequence[int], reused: int) -> None:
+    def begin(self, context: Sequence[int], reused: int, hidden: torch.Tensor | None = None) -> None:
         keep = self.config.max_span - 1
         self._recent = [int(t) for t in context[max(0, len(context) - keep):]] if keep else []
 
-    def draft(self, root: int, last_logits: torch.Tensor, max_depth: int) -> DraftTree:
+    def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
         context = self._recent + [int(root)]
         found = retrieve(self.datastores, context, self.config)
         tokens, parents = draft_trie(found, self.tree_capacity - 1)
         return _tree_within(int(root), tokens, parents, max_depth)
 
-    def observe(self, tree: DraftTree, logits: torch.Tensor) -> None:
+    def observe(self, tree: DraftTree, out: TargetOutput) -> None:
         pass
 
     def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:

@@ -25,7 +25,9 @@ occurred once before, followed by ``3 4``, and ``2`` occurred twice more, each f
 budget 1, best ``7 (2/4)``, score 1/2 -> ``3 4`` is drafted.
 
 Longer matches are tried first and a match whose budget cannot beat the best score so far ends
-the search (scores never exceed the budget), which gives the same draft as trying every ``m``.
+the search (scores never exceed the budget); a match is skipped when its budget times its most
+frequent continuation's probability cannot beat it (no deeper token is likelier). Both give
+the same draft as trying every ``m``.
 
 Published defaults (the public implementation and its serving configuration): ``max_depth``
 64, alpha (``max_spec_factor``) 1.0, offset (``max_spec_offset``) 0, ``min_token_prob`` 0.1,
@@ -41,8 +43,10 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import TYPE_CHECKING, Iterable, Sequence
 
+import numpy as np
 import torch
 
+from .acceptance import TargetOutput
 from .suffix_tree import ROOT, SuffixDraft, SuffixTree
 from .tree import DraftTree
 
@@ -175,6 +179,9 @@ class SuffixCache:
             budget = self.config.budget(match_len)
             if budget * best.denominator <= sum(best.counts):
                 break  # shorter matches have no larger budget
+            top, total = tree.top_continuation(position)
+            if budget * top * best.denominator <= sum(best.counts) * total:
+                continue  # no token of this draft could be likelier than its first one
             draft = tree.speculate(position, budget, tree=self.config.mode == "tree",
                                    max_depth=max_depth)
             if draft.beats(best):
@@ -196,6 +203,8 @@ class SuffixDecodingDrafter:
     generation, never drafted from, is not indexed."""
 
     name = "suffix"
+    top_k = 0
+    needs_hidden = False
 
     def __init__(self, config: SuffixConfig = SuffixConfig()) -> None:
         self.config = config
@@ -206,16 +215,16 @@ class SuffixDecodingDrafter:
     def configure(self, config: GenerationConfig) -> None:
         pass
 
-    def begin(self, context: Sequence[int], reused: int) -> None:
+    def begin(self, context: Sequence[int], reused: int, hidden: torch.Tensor | None = None) -> None:
         self.cache.start_request([int(t) for t in context], reused)
         self._root_indexed = False
 
-    def draft(self, root: int, last_logits: torch.Tensor, max_depth: int) -> DraftTree:
+    def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
         self.cache.append(root)
         self._root_indexed = True
         return draft_tree(root, self.cache.speculate(max_depth))
 
-    def observe(self, tree: DraftTree, logits: torch.Tensor) -> None:
+    def observe(self, tree: DraftTree, out: TargetOutput) -> None:
         pass
 
     def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:

@@ -410,6 +410,16 @@ class SuffixTree:
             self._ranked[node], self._ranked_at[node] = ranked, count[node]
         return self._ranked[node]
 
+    def top_continuation(self, position) -> tuple[int, int]:
+        """``(count, denominator)``: occurrences of the matched string's most frequent
+        continuation (a next token) and of the string itself. Every token :meth:`speculate`
+        drafts has at most that count, so ``max_tokens * count / denominator`` bounds the score."""
+        cursor, denominator = self._locate(position)
+        if type(cursor) is not int:
+            return (denominator if len(cursor) == 2 or cursor[1] < cursor[2] else 0), denominator
+        ranked = self._ranked_children(cursor)
+        return (ranked[0][0] if ranked else 0), denominator
+
     def speculate(self, position, max_tokens: int, *, tree: bool = True,
                   max_depth: int | None = None) -> SuffixDraft:
         """Up to ``max_tokens`` continuations of the string at ``position``, no deeper than

@@ -7,7 +7,6 @@ import itertools
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -206,5 +205,5 @@ def test_the_step_depth_limit_cuts_the_trie():
     store = Datastore.from_entries([[1, 2, 3, 4, 5, 6]])
     drafter = RestDrafter([store], RestConfig(min_span=1))
     drafter.begin([9, 1], 0)
-    assert drafter.draft(2, torch.zeros(10), 2).tokens == (2, 3, 4)
-    assert drafter.draft(2, torch.zeros(10), 0).tokens == (2,)
+    assert drafter.draft(2, np.zeros(0, dtype=np.int64), 2).tokens == (2, 3, 4)
+    assert drafter.draft(2, np.zeros(0, dtype=np.int64), 0).tokens == (2,)
