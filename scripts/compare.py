@@ -12,6 +12,8 @@ Method specs (``name[:N][,flag=value...]``):
     pld:N            prompt lookup decoding, tree budget N (21: 20 retrieved tokens + root)
     recycling:N      Token Recycling, tree budget N (64)
     racer:N          RACER, tree budget N (64)
+    suffix:N         SuffixDecoding, tree budget N (65: the published 64 speculated tokens + root)
+    rest:N           REST, tree budget N (65: 64 draft tokens + root); needs ``datastore=FILE``
     logitspec:N      LogitSpec with the inference_logitspec defaults, budget N or ``auto``
                      (the default: sized by the measured verification cost)
     sam:N            SAM-Decoding with the Token Recycling fallback (SAMD[T]), tree budget N
@@ -20,7 +22,8 @@ Method specs (``name[:N][,flag=value...]``):
                      ``sam:40,fallback=none,match_scale=4,dynamic_position=earliest``
 
 ``flag=value`` sets any flag of the method's command (underscores), e.g. the public code's
-LogitSpec: ``logitspec:64,tree_policy=reference``; ablations: ``logitspec:64,recycle_chains=0``
+LogitSpec: ``logitspec:64,tree_policy=reference``; ablations: ``logitspec:64,recycle_chains=0``,
+``suffix:65,mode=chain``
 or ``pld:21,max_ngram_size=4``. A method is built exactly as its ``inference_*`` command builds
 it, from the same params dataclass.
 
@@ -95,7 +98,8 @@ from evaluation.speed import (  # noqa: E402
     OVERALL_ROW, align, format_ids, load_average_of, measurement, parse_record, ratio, row_name,
 )
 from evaluation import (  # noqa: E402
-    inference_logitspec, inference_pld, inference_racer, inference_recycling, inference_sam,
+    inference_logitspec, inference_pld, inference_racer, inference_recycling, inference_rest,
+    inference_sam, inference_suffix,
 )
 from logitspec.decoding import Decoder, GenerationConfig, GenerationResult  # noqa: E402
 from logitspec.loading import DTYPES, LoadedModel, ModelLoadError, load  # noqa: E402
@@ -109,13 +113,15 @@ DEFAULT_METHODS = ("vanilla", "hf", "hf-pld:10", "pld:21", "recycling:64",
                    "logitspec:64,tree_policy=reference", "logitspec")
 NO_ARGUMENT = ("vanilla", "hf")
 DEFAULT_ARGUMENT = {"hf-pld": 10, "pld": 21, "recycling": 64, "logitspec": "auto",
-                    "racer": 64, "sam": 64}
+                    "racer": 64, "sam": 64, "suffix": 65, "rest": 65}
 COMMANDS = {  # methods built by their inference_* command
     "pld": inference_pld,
     "recycling": inference_recycling,
     "logitspec": inference_logitspec,
     "racer": inference_racer,
     "sam": inference_sam,
+    "suffix": inference_suffix,
+    "rest": inference_rest,
 }
 
 

@@ -198,6 +198,10 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
     by the match), ``earliest`` (no walk to roomier suffixes).
 
     ``racer:<capacity>``: RACER, options ``ngram=10,nodes=10000,breadth=8``.
+    ``suffix:<capacity>`` (SuffixDecoding, published settings), options ``chain`` (chain mode),
+    ``depth=64``, ``factor=1.0``, ``offset=0``, ``prob=0.1``, ``cached=100000``.
+    ``rest:<capacity>,store=FILE`` (REST, published settings), options ``span=16``,
+    ``min=2``, ``matches=5000``, ``len=10``.
 
     Token Recycling, recycled chains and RACER learn successors from the trace, which knows the
     target's top-k on the recorded path only (the real run also learns from rejected nodes,
@@ -209,6 +213,10 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
     kind, _, rest = spec.partition(":")
     fields = rest.split(",") if rest else ["64"]
     capacity, options = fields[0], dict(f.partition("=")[::2] for f in fields[1:])
+    if kind == "suffix":
+        return _suffix_drafter(int(capacity), options)
+    if kind == "rest":
+        return _rest_drafter(int(capacity), options)
     pool = PoolConfig(int(options.get("ngram", 3)), int(options.get("pred", 20)),
                       int(options.get("conts", 1)))
     if kind == "pld":
@@ -252,6 +260,30 @@ def _make_sam_drafter(capacity: int, options: dict[str, str], vocab_size: int) -
         roomier_suffix="earliest" not in options,
     )
     return SamDrafter(config, None, SuccessorTable(vocab_size, config.recycling.k))
+
+
+def _suffix_drafter(capacity: int, options: dict[str, str]) -> Drafter:
+    from logitspec.suffix_decoding import SuffixConfig, SuffixDecodingDrafter
+
+    return SuffixDecodingDrafter(SuffixConfig(
+        draft_tree_capacity=capacity, mode="chain" if "chain" in options else "tree",
+        max_depth=int(options.get("depth", 64)), max_spec_factor=float(options.get("factor", 1.0)),
+        max_spec_offset=float(options.get("offset", 0.0)),
+        min_token_prob=float(options.get("prob", 0.1)),
+        max_cached_answers=int(options.get("cached", 100_000)),
+    ))
+
+
+def _rest_drafter(capacity: int, options: dict[str, str]) -> Drafter:
+    from logitspec.rest import Datastore, RestConfig, RestDrafter
+
+    if "store" not in options:
+        raise ValueError("a rest spec needs store=FILE (scripts/build_rest_datastore.py)")
+    return RestDrafter([Datastore.load(options["store"])], RestConfig(
+        draft_tree_capacity=capacity, max_span=int(options.get("span", 16)),
+        min_span=int(options.get("min", 2)), max_matches=int(options.get("matches", 5000)),
+        continuation_length=int(options.get("len", 10)),
+    ))
 
 
 def load_traces(path: str) -> tuple[dict, list[TurnTrace]]:

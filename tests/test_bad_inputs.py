@@ -18,7 +18,10 @@ from typing import Callable
 import pytest
 
 from cli_helpers import DEMO, run_cli, save_tiny_llama, write_questions
-from evaluation import inference_pld, inference_racer, inference_sam, inference_sps
+from evaluation import (
+    inference_pld, inference_racer, inference_rest, inference_sam, inference_sps, inference_suffix,
+)
+from logitspec.rest import Datastore
 
 Argv = Callable[["Inputs"], list[str]]
 
@@ -39,6 +42,13 @@ class Inputs:
             path.write_bytes(raw)
         else:
             write_questions(path, lines or [])
+        return str(path)
+
+    def datastore(self) -> str:
+        """A REST datastore with a token id the tiny model does not have."""
+        path = self.folder / "big-ids.npz"
+        if not path.exists():
+            Datastore.from_entries([[1, 2, 40000]]).save(path)
         return str(path)
 
     def model(self, name: str, edit: Callable[[Path], None]) -> str:
@@ -226,6 +236,32 @@ CASES = [
          inference_sam),
     Case("sam corpus not UTF-8", _corpus("latin.txt", b"caf\xe9"),
          r"corpus .*latin\.txt: not UTF-8 text \(byte 3\)", inference_sam),
+    # SuffixDecoding's flags
+    Case("suffix tree budget 0", _tiny("--draft-tree-capacity", "0"),
+         r"draft_tree_capacity must be >= 1 \(the root\), got 0", inference_suffix),
+    Case("suffix mode unknown", _tiny("--mode", "path"),
+         r"argument --mode: invalid choice: 'path'", inference_suffix),
+    Case("suffix tree depth 0", _tiny("--max-depth", "0"), r"max_depth must be >= 1, got 0",
+         inference_suffix),
+    Case("suffix spec factor negative", _tiny("--max-spec-factor", "-1"),
+         r"max_spec_factor must be >= 0, got -1\.0", inference_suffix),
+    Case("suffix spec offset not finite", _tiny("--max-spec-offset", "inf"),
+         r"max_spec_offset must be finite, got inf", inference_suffix),
+    Case("suffix min token prob above 1", _tiny("--min-token-prob", "1.5"),
+         r"min_token_prob must be in \[0, 1\], got 1\.5", inference_suffix),
+    Case("suffix cached answers negative", _tiny("--max-cached-answers", "-1"),
+         r"max_cached_answers must be >= 0, got -1", inference_suffix),
+    # REST's datastores and flags
+    Case("rest without a datastore", _tiny(), r"--datastore is required", inference_rest),
+    Case("rest datastore missing", lambda i: _tiny("--datastore", str(i.folder / "none.npz"))(i),
+         r"no datastore file at .*none\.npz", inference_rest),
+    Case("rest datastore not a datastore", lambda i: _tiny("--datastore", str(DEMO))(i),
+         r"question\.jsonl is not a datastore", inference_rest),
+    Case("rest datastore of another vocabulary", lambda i: _tiny("--datastore", i.datastore())(i),
+         r"holds token id 40000, beyond the model's vocabulary of 259", inference_rest),
+    Case("rest spans reversed",
+         lambda i: _tiny("--datastore", i.datastore(), "--max-span", "2", "--min-span", "3")(i),
+         r"spans must satisfy 1 <= min_span <= max_span, got 3 and 2", inference_rest),
 ]
 
 

@@ -22,14 +22,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from evaluation import (  # noqa: E402
-    inference_baseline, inference_logitspec, inference_pld, inference_racer, inference_sam, speed,
+    inference_baseline, inference_logitspec, inference_pld, inference_racer, inference_rest,
+    inference_sam, inference_suffix, speed,
 )
 from evaluation.args import EvalConfig, RunConfig, parse_args  # noqa: E402
 from evaluation import eval_loop  # noqa: E402
 from evaluation.eval_loop import TEST_EXIT_AFTER_ENV  # noqa: E402
 from evaluation.questions import Question, load_questions, select_questions  # noqa: E402
 # DEMO is imported from this module by other tests
-from cli_helpers import DEMO, read_lines, run_cli, save_tiny_llama, write_questions  # noqa: E402,F401
+from cli_helpers import (  # noqa: E402,F401
+    DEMO, load_script, read_lines, run_cli, save_tiny_llama, write_questions,
+)
 
 CHOICE_KEYS = {"index", "turns", "decoding_steps", "new_tokens", "prompt_tokens", "wall_time",
                "accept_lengths", "draft_lengths", "time_breakdown"}
@@ -138,6 +141,29 @@ def test_racer_on_two_demo_questions(tiny: Path, tmp_path: Path, capsys: Capsys)
         assert code == 0 and overall["exact_match"] == 1.0
 
 
+def test_suffix_decoding_on_two_demo_questions(tiny: Path, tmp_path: Path, capsys: Capsys) -> None:
+    """Tree and chain mode against vanilla (float32 greedy: the same tokens), with the
+    published settings recorded."""
+    common = ["--model-path", str(tiny), "--question-begin", "3", "--question-end", "5",
+              "--max-new-tokens", "24", "--device", "cpu"]
+    files = {}
+    for name, module, flags in (("vanilla", inference_baseline, []),
+                                ("tree", inference_suffix, []),
+                                ("chain", inference_suffix, ["--mode", "chain"])):
+        files[name] = tmp_path / f"{name}.jsonl"
+        assert run_cli(module, common + flags + ["--answer-file", str(files[name])]) == 0
+        capsys.readouterr()
+        check_answer_file(files[name], {"4": 2, "5": 1}, "vanilla" if name == "vanilla" else "suffix")
+    meta = read_lines(files["tree"])[0]["meta"]
+    assert meta["params"] == {"draft_tree_capacity": 65, "mode": "tree", "max_depth": 64,
+                              "max_spec_factor": 1.0, "max_spec_offset": 0.0,
+                              "min_token_prob": 0.1, "max_cached_answers": 100000}
+    for name in ("tree", "chain"):
+        code = speed.main(["--file-path", str(files[name]), "--base-path", str(files["vanilla"])])
+        overall = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][-1]
+        assert code == 0 and overall["exact_match"] == 1.0
+
+
 def test_sam_on_two_demo_questions_with_and_without_a_corpus(
     tiny: Path, tmp_path: Path, capsys: Capsys
 ) -> None:
@@ -167,6 +193,31 @@ def test_sam_on_two_demo_questions_with_and_without_a_corpus(
                       "static_bias": 0, "fallback": "recycling", "match_scale": None,
                       "dynamic_position": "roomier", "corpus": str(tmp_path / "corpus.ids"),
                       "recycling_k": 8}
+
+
+def test_rest_with_a_datastore_built_from_demo_questions(tiny: Path, tmp_path: Path,
+                                                         capsys: Capsys) -> None:
+    """The build script tokenizes the demo questions with the model's tokenizer; REST then
+    answers two of them, token for token as vanilla (float32 greedy)."""
+    store = tmp_path / "demo.npz"
+    build = load_script("build_rest_datastore")
+    assert build.main(["--model-path", str(tiny), "--out", str(store), str(DEMO)]) == 0
+    built = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert built["entries"] == sum(len(q["turns"]) for q in map(json.loads, DEMO.open()))
+    common = ["--model-path", str(tiny), "--question-begin", "3", "--question-end", "5",
+              "--max-new-tokens", "24", "--device", "cpu"]
+    files = {"vanilla": tmp_path / "vanilla.jsonl", "rest": tmp_path / "rest.jsonl"}
+    assert run_cli(inference_baseline, common + ["--answer-file", str(files["vanilla"])]) == 0
+    argv = common + ["--datastore", str(store), "--answer-file", str(files["rest"])]
+    assert run_cli(inference_rest, argv) == 0
+    capsys.readouterr()
+    check_answer_file(files["rest"], {"4": 2, "5": 1}, "rest")
+    params = read_lines(files["rest"])[0]["meta"]["params"]
+    assert params == {"datastore": [str(store)], "draft_tree_capacity": 65, "max_span": 16,
+                      "min_span": 2, "max_matches": 5000, "continuation_length": 10}
+    assert speed.main(["--file-path", str(files["rest"]), "--base-path", str(files["vanilla"])]) == 0
+    overall = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][-1]
+    assert overall["exact_match"] == 1.0
 
 
 def test_subprocess_run_and_default_answer_path(tiny: Path, tmp_path: Path) -> None:

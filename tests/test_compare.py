@@ -38,13 +38,17 @@ SPECS = [
     ("logitspec:auto,recycle_chains=0", "logitspec", "auto", (("recycle_chains", "0"),)),
     ("sam", "sam", 64, ()),
     ("sam:40,fallback=none,match_scale=4", "sam", 40, (("fallback", "none"), ("match_scale", "4"))),
+    ("suffix", "suffix", 65, ()),
+    ("suffix:16,mode=chain", "suffix", 16, (("mode", "chain"),)),
 ]
 BAD_SPECS = ["eagle", "vanilla:3", "hf,value", "pld:0", "pld:x", "pld:8,value", "recycling:auto",
              "logitspec:8,fast=1", "logitspec:-1", "logitspec:auto,tree_policy=reference",
              "logitspec:8,recycle_chains=x", "logitspec:8,tree_policy=", "pld:8,draft_tree_capacity=3",
              "racer:auto", "racer:8,max_nodes=10", "racer:8,ngram=1", "racer:8,max_breadth=0",
              "racer:8,prompt_logits=no",
-             "sam:auto", "sam:8,fallback=eagle", "sam:8,match_scale=0"]
+             "sam:auto", "sam:8,fallback=eagle", "sam:8,match_scale=0",
+             "suffix:0", "suffix,mode=path", "suffix,min_token_prob=2", "rest",
+             "rest:65,datastore=/no/such/file.npz"]
 
 
 @pytest.mark.parametrize("text,name,number,flags", SPECS)

@@ -12,11 +12,12 @@ second turn extends the first.
 Every demo question runs (``LOGITSPEC_LOSSLESS_QUICK=1``: a subset covering every category
 and every multi-turn question); ``LOGITSPEC_LOSSLESS_MAX_NEW`` sets the tokens per turn
 (default 32). The methods: PLD, LogitSpec's reference policy at budgets 64 and 8, the value
-tree with recycled chains at an automatic budget (the command-line default), Token
-Recycling, and the peers at their published settings: RACER (its copying of the prompt's
-logits, which changes only what is drafted, runs in the fake-model and command tests) and
-SAM-Decoding with its Token Recycling fallback. The one-shot helpers (``generate_pld`` ...) are
-checked against vanilla on the fake and tiny models in test_decoding.py.
+tree with recycled chains at an automatic budget (the command-line default), Token Recycling,
+and the peers at their published settings: RACER (its copying of the prompt's logits, which
+changes only what is drafted, runs in the fake-model and command tests), SAM-Decoding with its
+Token Recycling fallback, and SuffixDecoding (its global tree learns across the questions).
+The one-shot helpers (``generate_pld`` ...) are checked against vanilla on the fake and tiny
+models in test_decoding.py.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from logitspec.drafters import (
 from logitspec.racer import RacerConfig, RacerDrafter
 from logitspec.recycling import RecyclingConfig, SuccessorTable, TokenRecyclingDrafter
 from logitspec.sam import SamConfig, SamDrafter
+from logitspec.suffix_decoding import SuffixConfig, SuffixDecodingDrafter
 
 pytestmark = pytest.mark.slow
 
@@ -93,6 +95,7 @@ METHODS = {  # the reference is "vanilla"
     "recycling": lambda: TokenRecyclingDrafter(RecyclingConfig(64)),
     "racer": lambda: RacerDrafter(RacerConfig()),  # 64 nodes, 10-token windows, 10 000 nodes
     "sam": lambda: SamDrafter(SamConfig()),  # SAMD[T] at its published settings
+    "suffix": lambda: SuffixDecodingDrafter(SuffixConfig()),  # published settings
 }
 
 
@@ -123,8 +126,8 @@ def test_speculative_equals_vanilla_on_demo_question(smollm2_f32, shared_decoder
         answer = tokenizer.decode(expected.output_ids, skip_special_tokens=True)
         messages += [{"role": "assistant", "content": answer}]
     # not vacuous: drafts were accepted on every question (measured: LogitSpec 3 to 22 of
-    # 16-32 tokens, PLD 0 to 20)
-    assert all(drafts_accepted[name] > 0 for name in ("logitspec", "racer", "sam")), \
+    # 16-32 tokens, PLD 0 to 20, SuffixDecoding 2 to 42)
+    assert all(drafts_accepted[name] > 0 for name in ("logitspec", "racer", "sam", "suffix")), \
         drafts_accepted
 
 

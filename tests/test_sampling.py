@@ -11,6 +11,7 @@ matching of drafts with a sampled bonus token) must fail the same test (negative
 from __future__ import annotations
 
 from collections import Counter
+from functools import cache
 
 import numpy as np
 import pytest
@@ -24,7 +25,9 @@ from logitspec.racer import RacerConfig, RacerDrafter
 from logitspec.recycling import RecyclingConfig
 from logitspec.sam import SamConfig, SamDrafter
 from logitspec.suffix_automaton import CorpusAutomaton
+from logitspec.rest import Datastore, RestConfig, RestDrafter
 from logitspec.sampling import SamplingVerifier, sampling_probs
+from logitspec.suffix_decoding import SuffixConfig, SuffixDecodingDrafter
 from logitspec.tree import build_tree
 
 ALPHA = 1e-3
@@ -56,7 +59,8 @@ def reference_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: f
     return probs
 
 
-def exact_distribution(model: MarkovLM, settings: dict) -> dict[tuple[int, ...], float]:
+def exact_distribution(model: MarkovLM, settings: dict, prompt: list[int] = PROMPT
+                       ) -> dict[tuple[int, ...], float]:
     """P(output) under vanilla sampling, for every complete output (EOS or MAX_NEW long)."""
     table = model.table.numpy()
     out: dict[tuple[int, ...], float] = {}
@@ -71,8 +75,24 @@ def exact_distribution(model: MarkovLM, settings: dict) -> dict[tuple[int, ...],
             if probs[token] > 0:
                 walk(context + [token], output + (token,), prob * probs[token])
 
-    walk(list(PROMPT), (), 1.0)
+    walk(list(prompt), (), 1.0)
     return out
+
+
+@cache
+def sampled_datastore() -> Datastore:
+    """A REST datastore of 20 texts of 32 tokens sampled from the fake target (temperature 1):
+    its own patterns, so that retrieved drafts are often accepted."""
+    table = MarkovLM(VOCAB, seed=3, scale=1.5).table.numpy()
+    rng = np.random.default_rng(1)
+    texts = []
+    for _ in range(20):
+        text = [0, 1]
+        while len(text) < 32:
+            probs = reference_probs(table[(text[-2] + 1) * VOCAB + text[-1]], 1.0, 0, 1.0)
+            text.append(int(rng.choice(VOCAB, p=probs)))
+        texts.append(text)
+    return Datastore.from_entries(texts)
 
 
 class FullTreeDrafter:
@@ -134,12 +154,13 @@ def chi_square_pvalue(counts: Counter, expected: dict[tuple[int, ...], float], n
     return float(torch.special.gammaincc(torch.tensor(dof / 2.0), torch.tensor(stat / 2.0)))
 
 
-def sample_outputs(decoder: Decoder, settings: dict, n: int = NUM_SAMPLES) -> Counter:
+def sample_outputs(decoder: Decoder, settings: dict, n: int = NUM_SAMPLES,
+                   prompt: list[int] = PROMPT) -> Counter:
     counts: Counter = Counter()
     for seed in range(n):
         decoder.reset()
         config = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=(EOS,), seed=seed, **settings)
-        counts[tuple(decoder.generate(PROMPT, config).output_ids)] += 1
+        counts[tuple(decoder.generate(prompt, config).output_ids)] += 1
     return counts
 
 
@@ -164,6 +185,14 @@ DRAFTERS = {
     "sam": lambda: SamDrafter(SamConfig(draft_size=4, threshold=2, static_bias=1,
                                         recycling=RecyclingConfig(6)),
                               CorpusAutomaton([[2, 1, 0, 1, 0, 4], [2, 2, 1, 0]])),
+    # one drafter for all samples: its global tree learns the earlier samples' outputs
+    "suffix": lambda: SuffixDecodingDrafter(SuffixConfig(draft_tree_capacity=8)),
+    "rest": lambda: RestDrafter([sampled_datastore()], RestConfig(draft_tree_capacity=8, min_span=1)),
+}
+# SuffixDecoding drafts what the context repeats: its cases run after a prompt sampled from the
+# fake target itself (temperature 1), whose patterns the target follows
+PROMPTS = {
+    "suffix": [0, 1, 0, 2, 0, 0, 1, 0, 4, 4, 3, 3, 1, 0, 4, 1, 0, 2, 3, 2, 3, 2],
 }
 CASES = [
     ("vanilla", "t1.0"),
@@ -178,6 +207,10 @@ CASES = [
     ("racer", "t0.7-topk3"),
     ("sam", "t1.0"),
     ("sam", "t0.7-topk3"),
+    ("suffix", "t1.0"),
+    ("suffix", "t0.7-topk3"),
+    ("rest", "t1.0"),
+    ("rest", "t1.3-topp0.8"),
 ]
 
 
@@ -188,17 +221,17 @@ def model() -> MarkovLM:
 
 @pytest.mark.parametrize("drafter,setting", CASES, ids=[f"{d}-{s}" for d, s in CASES])
 def test_speculative_sampling_matches_exact_distribution(model, drafter, setting):
-    settings = SETTINGS[setting]
-    counts = sample_outputs(Decoder(model, DRAFTERS[drafter]()), settings)
-    pvalue = chi_square_pvalue(counts, exact_distribution(model, settings), NUM_SAMPLES)
+    settings, prompt = SETTINGS[setting], PROMPTS.get(drafter, PROMPT)
+    counts = sample_outputs(Decoder(model, DRAFTERS[drafter]()), settings, prompt=prompt)
+    pvalue = chi_square_pvalue(counts, exact_distribution(model, settings, prompt), NUM_SAMPLES)
     assert pvalue > ALPHA, f"p = {pvalue:.2e}: output distribution differs from vanilla sampling"
 
 
-@pytest.mark.parametrize("drafter", ["full-tree", "logitspec", "racer", "sam"])
+@pytest.mark.parametrize("drafter", ["full-tree", "logitspec", "racer", "sam", "suffix", "rest"])
 def test_negative_control_wrong_acceptance_rule_is_detected(model, drafter):
-    settings = SETTINGS["t1.0"]
-    counts = sample_outputs(WrongDecoder(model, DRAFTERS[drafter]()), settings)
-    pvalue = chi_square_pvalue(counts, exact_distribution(model, settings), NUM_SAMPLES)
+    settings, prompt = SETTINGS["t1.0"], PROMPTS.get(drafter, PROMPT)
+    counts = sample_outputs(WrongDecoder(model, DRAFTERS[drafter]()), settings, prompt=prompt)
+    pvalue = chi_square_pvalue(counts, exact_distribution(model, settings, prompt), NUM_SAMPLES)
     assert pvalue < ALPHA, f"p = {pvalue:.2e}: the test failed to detect a biased sampler"
 
 
@@ -226,6 +259,29 @@ def test_sam_drafts_from_every_source_while_sampling(model):
     accepted = {source: stats.tokens[source] - stats.steps[source] for source in stats.steps}
     assert set(accepted) == {"dynamic", "static", "recycling"}, accepted
     assert accepted["static"] > 20 and accepted["recycling"] > 5, accepted
+def test_suffix_drafts_are_accepted_while_sampling(model):
+    """SuffixDecoding's cases are not vacuous: its drafts (from the prompt and the earlier
+    samples) are accepted on a fair share of the steps (measured: 24%)."""
+    decoder = Decoder(model, DRAFTERS["suffix"]())
+    lengths = []
+    for seed in range(200):
+        decoder.reset()
+        config = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=(EOS,), temperature=1.0,
+                                  seed=seed)
+        lengths += decoder.generate(PROMPTS["suffix"], config).accept_lengths
+    assert max(lengths) == MAX_NEW and sum(length > 1 for length in lengths) > len(lengths) / 8
+
+
+def test_rest_drafts_are_accepted_while_sampling(model):
+    """REST's cases are not vacuous (measured: half the steps accept a draft)."""
+    decoder = Decoder(model, DRAFTERS["rest"]())
+    lengths = []
+    for seed in range(200):
+        decoder.reset()
+        config = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=(EOS,), temperature=1.0,
+                                  seed=seed)
+        lengths += decoder.generate(PROMPT, config).accept_lengths
+    assert max(lengths) == MAX_NEW and sum(length > 1 for length in lengths) > len(lengths) / 3
 
 
 @pytest.mark.parametrize("drafter", ["vanilla", "logitspec"])
@@ -278,15 +334,17 @@ def test_sampling_rejects_zero_temperature():
         SamplingVerifier(0.0)
 
 
-@pytest.mark.parametrize("drafter", ["full-tree", "pld", "logitspec", "racer", "sam"])
+@pytest.mark.parametrize("drafter",
+                         ["full-tree", "pld", "logitspec", "racer", "sam", "suffix", "rest"])
 def test_same_seed_reproduces_vanilla_sampling_token_for_token(model, drafter):
     """The walk draws once per emitted token, in order, from the same generator stream as
     vanilla sampling: with exact logits, the outputs are identical, not just equally
     distributed."""
+    prompt = PROMPTS.get(drafter, PROMPT)
     for seed in range(100):
         config = GenerationConfig(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=seed)
-        vanilla = Decoder(model, None).generate(PROMPT, config).output_ids
-        assert Decoder(model, DRAFTERS[drafter]()).generate(PROMPT, config).output_ids == vanilla
+        vanilla = Decoder(model, None).generate(prompt, config).output_ids
+        assert Decoder(model, DRAFTERS[drafter]()).generate(prompt, config).output_ids == vanilla
 
 
 class EagerDecoder(Decoder):
