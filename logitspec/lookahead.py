@@ -25,7 +25,10 @@ implementation:
 - **Fill**: the first ``N - 2`` steps have fewer rows (1, 2, ... ``N - 2``) and wider ones
   (``W + N - 2``, ``W + N - 3``, ... ``W + 1``); after each, every row drops its column 0 (the
   tokens keep their positions: the root moved one ahead) and the last row's outputs, without
-  column 0's, become a new row. No n-gram is harvested and nothing is verified while filling.
+  column 0's, become a new row. No n-gram is harvested while filling, so (the pool being
+  empty) nothing is verified either.
+  (The public code runs row 0 inside the prompt's own forward pass, so its fill ends one step
+  earlier; here the prefill holds the prompt alone and the first lookahead step follows it.)
 - **Steady state** (``N - 1`` rows of ``W``): after each step column ``i`` gives the n-gram
   ``(row 0 .. row N-2 at column i, the target's token after row N-2's cell)``, keyed by its row-0
   token; the rows move up one (row 0 is dropped, its column 0 becomes the next root) and the last
@@ -50,9 +53,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+from .tree import DraftTree, build_tree
+
+if TYPE_CHECKING:
+    import torch
+
+    from .acceptance import TargetOutput
+    from .decoding import GenerationConfig
 
 NGram = tuple[int, tuple[int, ...]]  # (key: the first token, the N - 1 tokens that follow it)
 
@@ -244,3 +255,55 @@ class LookaheadPool:
         """``(continuation, times produced)`` pairs, oldest first: the scored candidate source."""
         grams = self._grams.get(key)
         return list(grams.items()) if grams else []
+
+
+class LookaheadDrafter:
+    """Lookahead decoding behind the :class:`~logitspec.drafters.Drafter` protocol: the
+    verification branch is the draft tree, the lookahead branch its aux inputs.
+
+    Per generation (:meth:`begin`) the pool is emptied and the window starts over from
+    ``W + N - 3`` context tokens drawn with a generator seeded by the generation's seed (so a
+    run is reproducible). Per step: :meth:`draft` hangs the pool's n-grams of the root under it
+    (oldest first, merged, cut to ``max_depth``) and adds the window's cells as aux inputs;
+    :meth:`observe` reads the target's greedy token after every aux input
+    (``TargetOutput.topk[:, 0]``), moves the window and puts the harvested n-grams in the pool.
+    """
+
+    name = "lookahead"
+    top_k = 1
+    needs_hidden = False
+
+    def __init__(self, config: LookaheadConfig = LookaheadConfig()) -> None:
+        self.config = config
+        self.tree_capacity = config.tree_capacity
+        self.window = LookaheadWindow(config.level, config.window)
+        self.pool = LookaheadPool(config.guess)
+        self.seed = 0
+
+    def configure(self, config: GenerationConfig) -> None:
+        self.seed = config.seed
+
+    def begin(self, context: Sequence[int], reused: int, hidden: torch.Tensor | None = None) -> None:
+        """Starts the window and the pool over (the public code's per-generation state)."""
+        rng = np.random.default_rng(self.seed)
+        picks = rng.integers(0, len(context), size=self.window.num_guesses)
+        self.window.reset([int(context[i]) for i in picks])
+        self.pool.clear()
+
+    def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
+        chains = self.pool.continuations(int(root))
+        tree = build_tree(root, chains, self.config.verify_capacity, max_depth=max_depth)
+        tokens, depths, mask = self.window.inputs(int(root))
+        size, num_aux = len(tree), len(tokens)
+        aux_mask = np.zeros((num_aux, size + num_aux), dtype=bool)
+        aux_mask[:, 0] = mask[:, 0]
+        aux_mask[:, size:] = mask[:, 1:]
+        return DraftTree(tree.tokens, tree.parents, tree.depths,
+                         aux_tokens=tuple(tokens.tolist()), aux_depths=tuple(depths.tolist()),
+                         aux_mask=aux_mask)
+
+    def observe(self, tree: DraftTree, out: TargetOutput) -> None:
+        self.pool.add_all(self.window.advance(out.topk[len(tree):, 0]))
+
+    def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
+        """Nothing: the window moves one step whatever was accepted (module docstring)."""

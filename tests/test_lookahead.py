@@ -13,9 +13,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cli_helpers import load_script
 from fakes import MarkovLM
+from logitspec.acceptance import TargetOutput
+from logitspec.decoding import GenerationConfig
 from logitspec.lookahead import (
     LookaheadConfig,
+    LookaheadDrafter,
     LookaheadPool,
     LookaheadWindow,
     lookahead_depths,
@@ -212,6 +216,61 @@ def test_pool_clear_and_len():
 
 
 # ---------------------------------------------------------------------------------------------
+# The drafter: the tree, its aux inputs and what observe reads
+
+def started_drafter(level: int, window: int, guess: int, seed: int = 0) -> LookaheadDrafter:
+    drafter = LookaheadDrafter(LookaheadConfig(level, window, guess))
+    drafter.configure(GenerationConfig(seed=seed))
+    drafter.begin(list(range(100, 140)), 0)
+    return drafter
+
+
+def test_drafter_window_starts_from_context_tokens_drawn_by_the_seed():
+    guesses = {seed: started_drafter(5, 7, 7, seed).window.inputs(0)[0].tolist()
+               for seed in (0, 0, 1)}
+    assert len(guesses[0]) == 9 and all(100 <= t < 140 for t in guesses[0])
+    assert started_drafter(5, 7, 7, 0).window.inputs(0)[0].tolist() == guesses[0]
+    assert guesses[1] != guesses[0]
+
+
+# (root, pool entries, max_depth, expected tree tokens, expected parents)
+DRAFT_CASES = {
+    "empty-pool-root-only": (7, [], 10, [7], [-1]),
+    "root-ngrams-merged-oldest-first": (7, [(7, (1, 2)), (8, (4, 5)), (7, (1, 3)), (7, (6, 2))],
+                                        10, [7, 1, 2, 3, 6, 2], [-1, 0, 1, 1, 0, 4]),
+    "cut-to-max-depth": (7, [(7, (1, 2)), (7, (6, 2))], 1, [7, 1, 6], [-1, 0, 0]),
+    "other-keys-ignored": (9, [(7, (1, 2))], 10, [9], [-1]),
+}
+
+
+@pytest.mark.parametrize("root, entries, max_depth, tokens, parents", DRAFT_CASES.values(),
+                         ids=list(DRAFT_CASES))
+def test_drafter_tree_and_aux_inputs(root, entries, max_depth, tokens, parents):
+    drafter = started_drafter(3, 2, 3)
+    drafter.pool.add_all(entries)
+    tree = drafter.draft(root, np.array([0]), max_depth)
+    assert (list(tree.tokens), list(tree.parents)) == (tokens, parents)
+    window_tokens, depths, mask = drafter.window.inputs(root)
+    assert tree.aux_tokens == tuple(window_tokens) and tree.aux_depths == tuple(depths)
+    size = len(tokens)
+    assert tree.aux_mask.shape == (len(window_tokens), size + len(window_tokens))
+    assert tree.aux_mask[:, 0].all() and not tree.aux_mask[:, 1:size].any()  # the root only
+    assert np.array_equal(tree.aux_mask[:, size:], mask[:, 1:])
+
+
+def test_drafter_observe_reads_the_aux_rows():
+    """observe moves the window with the aux rows' greedy tokens; tree rows are ignored."""
+    drafter = started_drafter(3, 2, 2)
+    drafter.pool.add(7, (1, 2))
+    tree = drafter.draft(7, np.array([0]), 10)  # fill step: rows 1, width 3, 2 aux inputs
+    topk = np.array([[50, 51], [52, 53], [54, 55], [60, 61], [62, 63]])
+    drafter.observe(tree, TargetOutput(None, topk))
+    assert (drafter.window.rows, drafter.window.width) == (2, 2)
+    assert drafter.window.inputs(8)[0].tolist()[1:] == [60, 62]
+    assert drafter.pool.candidates(7) == [((1, 2), 1)]  # filling: nothing harvested
+
+
+# ---------------------------------------------------------------------------------------------
 # Through real attention: the mask gives each lookahead input the context the window means
 
 def one_pass_mask(rows: int, width: int, chain: int) -> torch.Tensor:
@@ -287,3 +346,9 @@ def test_tiny_llama_reads_each_inputs_whole_context(tiny_model, level, width, ch
             cache = tiny_model.new_cache(len(sequence))
             plain = tiny_model(torch.tensor(sequence), torch.arange(len(sequence)), cache)[-1]
             torch.testing.assert_close(logits[index], plain, rtol=1e-4, atol=1e-4)
+
+
+def test_lookahead_is_not_replayed_from_traces():
+    simulate = load_script("simulate_drafters")
+    with pytest.raises(ValueError, match="cannot be replayed from a greedy trace"):
+        simulate.make_drafter("lookahead", None)

@@ -20,6 +20,7 @@ from fakes import MarkovLM
 from logitspec.acceptance import greedy_accept
 from logitspec.decoding import Decoder, GenerationConfig
 from logitspec.drafters import LogitSpecConfig, LogitSpecDrafter, PoolConfig, PromptLookupDrafter
+from logitspec.lookahead import LookaheadConfig, LookaheadDrafter
 from logitspec.sampling import SamplingVerifier, sampling_probs
 from logitspec.tree import build_tree
 
@@ -52,13 +53,14 @@ def reference_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: f
     return probs
 
 
-def exact_distribution(model: MarkovLM, settings: dict) -> dict[tuple[int, ...], float]:
-    """P(output) under vanilla sampling, for every complete output (EOS or MAX_NEW long)."""
+def exact_distribution(model: MarkovLM, settings: dict,
+                       max_new: int = MAX_NEW) -> dict[tuple[int, ...], float]:
+    """P(output) under vanilla sampling, for every complete output (EOS or max_new long)."""
     table = model.table.numpy()
     out: dict[tuple[int, ...], float] = {}
 
     def walk(context: list[int], output: tuple[int, ...], prob: float) -> None:
-        if output and (output[-1] == EOS or len(output) == MAX_NEW):
+        if output and (output[-1] == EOS or len(output) == max_new):
             out[output] = out.get(output, 0.0) + prob
             return
         row = table[(context[-2] + 1) * VOCAB + context[-1]]
@@ -130,11 +132,12 @@ def chi_square_pvalue(counts: Counter, expected: dict[tuple[int, ...], float], n
     return float(torch.special.gammaincc(torch.tensor(dof / 2.0), torch.tensor(stat / 2.0)))
 
 
-def sample_outputs(decoder: Decoder, settings: dict, n: int = NUM_SAMPLES) -> Counter:
+def sample_outputs(decoder: Decoder, settings: dict, n: int = NUM_SAMPLES,
+                   max_new: int = MAX_NEW) -> Counter:
     counts: Counter = Counter()
     for seed in range(n):
         decoder.reset()
-        config = GenerationConfig(max_new_tokens=MAX_NEW, eos_token_ids=(EOS,), seed=seed, **settings)
+        config = GenerationConfig(max_new_tokens=max_new, eos_token_ids=(EOS,), seed=seed, **settings)
         counts[tuple(decoder.generate(PROMPT, config).output_ids)] += 1
     return counts
 
@@ -152,7 +155,11 @@ DRAFTERS = {
     "logitspec": lambda: LogitSpecDrafter(
         LogitSpecConfig(pool=PoolConfig(2, 3), draft_tree_capacity=8, rank_lengths=((2, 3),))
     ),
+    "lookahead": lambda: LookaheadDrafter(LookaheadConfig(level=3, window=3, guess=3)),
 }
+# Lookahead's window fills in its first step and its pool in its second: its drafts are verified
+# from the third token on, so its outputs are longer.
+MAX_NEW_OF = {"lookahead": 5}
 CASES = [
     ("vanilla", "t1.0"),
     ("full-tree", "t1.0"),
@@ -162,6 +169,8 @@ CASES = [
     ("logitspec", "t0.7-topk3"),
     ("logitspec", "t1.0"),
     ("pld", "t1.3-topp0.8"),
+    ("lookahead", "t1.0"),
+    ("lookahead", "t0.7-topk3"),
 ]
 
 
@@ -172,17 +181,17 @@ def model() -> MarkovLM:
 
 @pytest.mark.parametrize("drafter,setting", CASES, ids=[f"{d}-{s}" for d, s in CASES])
 def test_speculative_sampling_matches_exact_distribution(model, drafter, setting):
-    settings = SETTINGS[setting]
-    counts = sample_outputs(Decoder(model, DRAFTERS[drafter]()), settings)
-    pvalue = chi_square_pvalue(counts, exact_distribution(model, settings), NUM_SAMPLES)
+    settings, max_new = SETTINGS[setting], MAX_NEW_OF.get(drafter, MAX_NEW)
+    counts = sample_outputs(Decoder(model, DRAFTERS[drafter]()), settings, max_new=max_new)
+    pvalue = chi_square_pvalue(counts, exact_distribution(model, settings, max_new), NUM_SAMPLES)
     assert pvalue > ALPHA, f"p = {pvalue:.2e}: output distribution differs from vanilla sampling"
 
 
-@pytest.mark.parametrize("drafter", ["full-tree", "logitspec"])
+@pytest.mark.parametrize("drafter", ["full-tree", "logitspec", "lookahead"])
 def test_negative_control_wrong_acceptance_rule_is_detected(model, drafter):
-    settings = SETTINGS["t1.0"]
-    counts = sample_outputs(WrongDecoder(model, DRAFTERS[drafter]()), settings)
-    pvalue = chi_square_pvalue(counts, exact_distribution(model, settings), NUM_SAMPLES)
+    settings, max_new = SETTINGS["t1.0"], MAX_NEW_OF.get(drafter, MAX_NEW)
+    counts = sample_outputs(WrongDecoder(model, DRAFTERS[drafter]()), settings, max_new=max_new)
+    pvalue = chi_square_pvalue(counts, exact_distribution(model, settings, max_new), NUM_SAMPLES)
     assert pvalue < ALPHA, f"p = {pvalue:.2e}: the test failed to detect a biased sampler"
 
 
@@ -195,6 +204,19 @@ def test_drafts_are_accepted_while_sampling(model):
         decoder.reset()
         lengths += decoder.generate(PROMPT, GenerationConfig(**{**config.__dict__, "seed": seed})).accept_lengths
     assert max(lengths) == MAX_NEW and sum(lengths) / len(lengths) > 1.5
+
+
+def test_lookahead_drafts_are_accepted_while_sampling(model):
+    """Lookahead's exact test is meaningful only if its n-grams get accepted (measured: 270
+    drafts over the 2000 seeds of the exact test at temperature 1)."""
+    decoder, accepted = Decoder(model, DRAFTERS["lookahead"]()), 0
+    for seed in range(200):
+        decoder.reset()
+        config = GenerationConfig(max_new_tokens=MAX_NEW_OF["lookahead"], eos_token_ids=(EOS,),
+                                  temperature=1.0, seed=seed)
+        result = decoder.generate(PROMPT, config)
+        accepted += result.new_tokens - result.decoding_steps
+    assert accepted >= 10
 
 
 @pytest.mark.parametrize("drafter", ["vanilla", "logitspec"])
@@ -247,7 +269,7 @@ def test_sampling_rejects_zero_temperature():
         SamplingVerifier(0.0)
 
 
-@pytest.mark.parametrize("drafter", ["full-tree", "pld", "logitspec"])
+@pytest.mark.parametrize("drafter", ["full-tree", "pld", "logitspec", "lookahead"])
 def test_same_seed_reproduces_vanilla_sampling_token_for_token(model, drafter):
     """The walk draws once per emitted token, in order, from the same generator stream as
     vanilla sampling: with exact logits, the outputs are identical, not just equally
