@@ -13,6 +13,8 @@ Method specs (``name[:N][,flag=value...]``):
     recycling:N      Token Recycling, tree budget N (64)
     logitspec:N      LogitSpec with the inference_logitspec defaults, budget N or ``auto``
                      (the default: sized by the measured verification cost)
+    lookahead        Lookahead decoding, Spec-Bench's N=5, W=7, G=7 (56 inputs per pass); no
+                     ``:N``: its flags size it, e.g. ``lookahead,level=4,window=5,guess=5``
 
 ``flag=value`` sets any flag of the method's command (underscores), e.g. the public code's
 LogitSpec: ``logitspec:64,tree_policy=reference``; ablations: ``logitspec:64,recycle_chains=0``
@@ -89,7 +91,9 @@ from evaluation.questions import Question, QuestionFileError, load_questions, se
 from evaluation.speed import (  # noqa: E402
     OVERALL_ROW, align, format_ids, load_average_of, measurement, parse_record, ratio, row_name,
 )
-from evaluation import inference_logitspec, inference_pld, inference_recycling  # noqa: E402
+from evaluation import (  # noqa: E402
+    inference_logitspec, inference_lookahead, inference_pld, inference_recycling,
+)
 from logitspec.decoding import Decoder, GenerationConfig, GenerationResult  # noqa: E402
 from logitspec.loading import DTYPES, LoadedModel, ModelLoadError, load  # noqa: E402
 
@@ -100,9 +104,11 @@ BASELINE = "vanilla"
 DEFAULT_METHODS = ("vanilla", "hf", "hf-pld:10", "pld:21", "recycling:64",
                    "logitspec:64,tree_policy=reference", "logitspec")
 NO_ARGUMENT = ("vanilla", "hf")
+FLAGS_ONLY = ("lookahead",)  # no tree budget: the command's flags size the pass
 DEFAULT_ARGUMENT = {"hf-pld": 10, "pld": 21, "recycling": 64, "logitspec": "auto"}
 COMMANDS = {"pld": inference_pld, "recycling": inference_recycling,
-            "logitspec": inference_logitspec}  # methods built by their inference_* command
+            "logitspec": inference_logitspec,
+            "lookahead": inference_lookahead}  # methods built by their inference_* command
 
 
 class CompareError(Exception):
@@ -133,15 +139,17 @@ def parse_spec(text: str) -> MethodSpec:
     ``logitspec`` -> budget auto; ``logitspec:64,tree_policy=reference`` -> the public code's."""
     head, *options = text.split(",")
     name, colon, argument = head.partition(":")
-    if name not in NO_ARGUMENT and name not in DEFAULT_ARGUMENT:
-        known = ", ".join([*NO_ARGUMENT, *DEFAULT_ARGUMENT])
+    if name not in NO_ARGUMENT and name not in FLAGS_ONLY and name not in DEFAULT_ARGUMENT:
+        known = ", ".join([*NO_ARGUMENT, *FLAGS_ONLY, *DEFAULT_ARGUMENT])
         raise CompareError(f"unknown method {name!r} in {text!r} (known: {known})")
     if name in NO_ARGUMENT and (colon or options):
         raise CompareError(f"{name} takes no argument, got {text!r}")
+    if name in FLAGS_ONLY and colon:
+        raise CompareError(f"{name} takes no ':N' (its flags size it), got {text!r}")
     flags = tuple(option.partition("=")[::2] for option in options)
     if flags and name not in COMMANDS or any(not k or not v for k, v in flags):
-        raise CompareError(f"bad option in {text!r}: expected flag=value for pld, recycling "
-                           "or logitspec")
+        raise CompareError(f"bad option in {text!r}: expected flag=value for "
+                           f"{', '.join(COMMANDS)}")
     if not colon:
         number = DEFAULT_ARGUMENT.get(name)
     elif argument == "auto" and name == "logitspec":
@@ -160,7 +168,7 @@ def method_params(spec: MethodSpec) -> Any:
     """The params of ``spec``'s inference command, as that command would parse them."""
     params_type = COMMANDS[spec.name].METHOD.params_type
     types = {f.name: f.metadata.get("type", str) for f in fields(params_type)}
-    values: dict[str, Any] = {"draft_tree_capacity": spec.number}
+    values: dict[str, Any] = {} if spec.name in FLAGS_ONLY else {"draft_tree_capacity": spec.number}
     try:
         for key, raw in spec.flags:
             if key not in types or key == "draft_tree_capacity":

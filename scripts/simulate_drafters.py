@@ -13,6 +13,9 @@ chose it is enough to replay any retrieval drafter exactly, without the model:
 Replay reports MAT per category (exact for the recorded outputs) and a speedup estimated from
 the measured cost curve (verify forward of N tokens) plus the drafter's own measured host
 time. The last stdout line is one JSON object.
+
+Lookahead decoding cannot be replayed: its n-grams are the target's outputs at the Jacobi
+window's guesses, inputs that a greedy trace never saw; measure it with the model.
 """
 
 from __future__ import annotations
@@ -209,6 +212,9 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
         )
         successors = SuccessorTable(vocab_size) if config.recycle_chains else None
         return make_logitspec_drafter(config, curve, successors)
+    if kind == "lookahead":
+        raise ValueError("lookahead cannot be replayed from a greedy trace: its n-grams are the "
+                         "target's outputs at the window's guesses (run inference_lookahead)")
     raise ValueError(f"unknown drafter spec {spec!r}")
 
 

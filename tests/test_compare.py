@@ -33,10 +33,13 @@ SPECS = [
     ("logitspec:8", "logitspec", 8, ()),
     ("logitspec:64,tree_policy=reference", "logitspec", 64, (("tree_policy", "reference"),)),
     ("logitspec:auto,recycle_chains=0", "logitspec", "auto", (("recycle_chains", "0"),)),
+    ("lookahead", "lookahead", None, ()),
+    ("lookahead,level=4,guess=5", "lookahead", None, (("level", "4"), ("guess", "5"))),
 ]
 BAD_SPECS = ["eagle", "vanilla:3", "hf,value", "pld:0", "pld:x", "pld:8,value", "recycling:auto",
              "logitspec:8,fast=1", "logitspec:-1", "logitspec:auto,tree_policy=reference",
-             "logitspec:8,recycle_chains=x", "logitspec:8,tree_policy=", "pld:8,draft_tree_capacity=3"]
+             "logitspec:8,recycle_chains=x", "logitspec:8,tree_policy=", "pld:8,draft_tree_capacity=3",
+             "lookahead:56", "lookahead,level=2", "lookahead,draft_tree_capacity=8"]
 
 
 @pytest.mark.parametrize("text,name,number,flags", SPECS)
@@ -50,6 +53,8 @@ def test_specs_build_the_commands_params():
     assert params.logitspec_config().tree_policy == "reference"
     assert params.logitspec_config().draft_tree_capacity == 64
     assert compare.method_params(compare.parse_spec("logitspec")).logitspec_config().draft_tree_capacity is None
+    published = compare.method_params(compare.parse_spec("lookahead")).lookahead_config()
+    assert (published.level, published.window, published.guess) == (5, 7, 7)
 
 
 @pytest.mark.parametrize("text", BAD_SPECS)
@@ -175,7 +180,7 @@ def test_the_report_lists_the_disturbed_and_the_figures_without_them():
 
 # --------------------------------------------------------------------------- a real run
 
-METHODS = ["vanilla", "hf-pld:4", "recycling:16", "logitspec:auto"]
+METHODS = ["vanilla", "hf-pld:4", "recycling:16", "logitspec:auto", "lookahead,level=3,guess=2"]
 
 
 @pytest.fixture(scope="module")
