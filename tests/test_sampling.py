@@ -207,8 +207,8 @@ def test_drafts_are_accepted_while_sampling(model):
 
 
 def test_lookahead_drafts_are_accepted_while_sampling(model):
-    """Lookahead's exact test is meaningful only if its n-grams get accepted (measured: 270
-    drafts over the 2000 seeds of the exact test at temperature 1)."""
+    """Lookahead's exact test is meaningful only if its n-grams get accepted (measured: 276
+    drafts over the 2000 seeds of the exact test at temperature 1, 27 over these 200)."""
     decoder, accepted = Decoder(model, DRAFTERS["lookahead"]()), 0
     for seed in range(200):
         decoder.reset()
