@@ -44,6 +44,10 @@ implementation:
   token after the deepest accepted draft is carried as the next root as for every other tree, so
   a full match gives ``N`` tokens per pass.
 
+Window cells sit up to ``W + N - 3`` positions after the root, so at the end of a generation
+some lie past ``max_new_tokens`` (even past the model's context): they are guesses, never
+accepted, at positions the rotary tables compute on the fly.
+
 The window's outputs are the target's greedy tokens (``argmax``) also when sampling, as in the
 public code; sampled tokens are accepted by the engine's draw-and-match walk
 (:mod:`logitspec.sampling`), lossless for any deterministic proposal.
