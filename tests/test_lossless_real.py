@@ -12,9 +12,10 @@ second turn extends the first.
 Every demo question runs (``LOGITSPEC_LOSSLESS_QUICK=1``: a subset covering every category
 and every multi-turn question); ``LOGITSPEC_LOSSLESS_MAX_NEW`` sets the tokens per turn
 (default 32). The methods: PLD, LogitSpec's reference policy at budgets 64 and 8, the value
-tree with recycled chains at an automatic budget (the command-line default), and Token
-Recycling. The one-shot helpers (``generate_pld`` ...) are checked against vanilla on the fake
-and tiny models in test_decoding.py.
+tree with recycled chains at an automatic budget (the command-line default), Token
+Recycling, and Lookahead decoding at Spec-Bench's N=5, W=7, G=7. The one-shot helpers
+(``generate_pld`` ...) are checked against vanilla on the fake and tiny models in
+test_decoding.py.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from logitspec.decoding import Decoder, GenerationConfig
 from logitspec.drafters import (
     LogitSpecConfig, LogitSpecDrafter, PoolConfig, PromptLookupDrafter, ValueTreeDrafter,
 )
+from logitspec.lookahead import LookaheadConfig, LookaheadDrafter
 from logitspec.recycling import RecyclingConfig, SuccessorTable, TokenRecyclingDrafter
 
 pytestmark = pytest.mark.slow
@@ -87,7 +89,9 @@ METHODS = {  # the reference is "vanilla"
     "logitspec-8": lambda: LogitSpecDrafter(SMALL),
     "logitspec-auto": lambda: ValueTreeDrafter(AUTO, CPU_LIKE, SuccessorTable(49152)),
     "recycling": lambda: TokenRecyclingDrafter(RecyclingConfig(64)),
+    "lookahead": lambda: LookaheadDrafter(LookaheadConfig()),  # Spec-Bench's N=5, W=7, G=7
 }
+LOOKAHEAD_ACCEPTED: dict[int, int] = {}  # question id -> drafts Lookahead accepted on it
 
 
 def decoder(model, method: str) -> Decoder:
@@ -119,6 +123,17 @@ def test_speculative_equals_vanilla_on_demo_question(smollm2_f32, shared_decoder
     # not vacuous: drafts were accepted on every question (measured: LogitSpec 3 to 22 of
     # 16-32 tokens, PLD 0 to 20)
     assert drafts_accepted["logitspec"] > 0, drafts_accepted
+    LOOKAHEAD_ACCEPTED[question["question_id"]] = drafts_accepted["lookahead"]
+
+
+def test_lookahead_accepts_drafts_across_the_bench():
+    """Lookahead spends N - 1 = 4 steps per turn filling its window and its pool, then verifies
+    only the n-grams its window produced: on one question it may accept nothing (measured at 32
+    tokens: none on questions 13 and 15, 1 to 20 on the others, 163 in all), so its
+    non-vacuity is checked over the questions run before this test (file order)."""
+    if not LOOKAHEAD_ACCEPTED:
+        pytest.skip("no demo question ran")
+    assert sum(n > 0 for n in LOOKAHEAD_ACCEPTED.values()) * 4 >= len(LOOKAHEAD_ACCEPTED) * 3
 
 
 def check_same(expected, results: dict, config: GenerationConfig, turn: int = 0) -> None:
