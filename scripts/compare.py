@@ -14,12 +14,14 @@ Method specs (``name[:N][,flag=value...]``):
     racer:N          RACER, tree budget N (64)
     suffix:N         SuffixDecoding, tree budget N (65: the published 64 speculated tokens + root)
     rest:N           REST, tree budget N (65: 64 draft tokens + root); needs ``datastore=FILE``
-    logitspec:N      LogitSpec with the inference_logitspec defaults, budget N or ``auto``
-                     (the default: sized by the measured verification cost)
     sam:N            SAM-Decoding with the Token Recycling fallback (SAMD[T]), tree budget N
                      (64: Token Recycling's tree; automaton drafts of min(40, N) tokens);
                      SAM-Decoding alone as its public code runs it:
                      ``sam:40,fallback=none,match_scale=4,dynamic_position=earliest``
+    lookahead        Lookahead decoding, Spec-Bench's N=5, W=7, G=7 (56 inputs per pass); no
+                     ``:N``: its flags size it, e.g. ``lookahead,level=4,window=5,guess=5``
+    logitspec:N      LogitSpec with the inference_logitspec defaults, budget N or ``auto``
+                     (the default: sized by the measured verification cost)
 
 ``flag=value`` sets any flag of the method's command (underscores), e.g. the public code's
 LogitSpec: ``logitspec:64,tree_policy=reference``; ablations: ``logitspec:64,recycle_chains=0``,
@@ -98,8 +100,8 @@ from evaluation.speed import (  # noqa: E402
     OVERALL_ROW, align, format_ids, load_average_of, measurement, parse_record, ratio, row_name,
 )
 from evaluation import (  # noqa: E402
-    inference_logitspec, inference_pld, inference_racer, inference_recycling, inference_rest,
-    inference_sam, inference_suffix,
+    inference_logitspec, inference_lookahead, inference_pld, inference_racer, inference_recycling,
+    inference_rest, inference_sam, inference_suffix,
 )
 from logitspec.decoding import Decoder, GenerationConfig, GenerationResult  # noqa: E402
 from logitspec.loading import DTYPES, LoadedModel, ModelLoadError, load  # noqa: E402
@@ -122,7 +124,9 @@ COMMANDS = {  # methods built by their inference_* command
     "sam": inference_sam,
     "suffix": inference_suffix,
     "rest": inference_rest,
+    "lookahead": inference_lookahead,
 }
+FLAGS_ONLY = ("lookahead",)  # no tree budget: the command's flags size the pass
 
 
 class CompareError(Exception):
@@ -153,11 +157,13 @@ def parse_spec(text: str) -> MethodSpec:
     ``logitspec`` -> budget auto; ``logitspec:64,tree_policy=reference`` -> the public code's."""
     head, *options = text.split(",")
     name, colon, argument = head.partition(":")
-    if name not in NO_ARGUMENT and name not in DEFAULT_ARGUMENT:
-        known = ", ".join([*NO_ARGUMENT, *DEFAULT_ARGUMENT])
+    if name not in NO_ARGUMENT and name not in FLAGS_ONLY and name not in DEFAULT_ARGUMENT:
+        known = ", ".join([*NO_ARGUMENT, *FLAGS_ONLY, *DEFAULT_ARGUMENT])
         raise CompareError(f"unknown method {name!r} in {text!r} (known: {known})")
     if name in NO_ARGUMENT and (colon or options):
         raise CompareError(f"{name} takes no argument, got {text!r}")
+    if name in FLAGS_ONLY and colon:
+        raise CompareError(f"{name} takes no ':N' (its flags size it), got {text!r}")
     flags = tuple(option.partition("=")[::2] for option in options)
     if flags and name not in COMMANDS or any(not k or not v for k, v in flags):
         raise CompareError(f"bad option in {text!r}: expected flag=value for "
@@ -180,7 +186,7 @@ def method_params(spec: MethodSpec) -> Any:
     """The params of ``spec``'s inference command, as that command would parse them."""
     params_type = COMMANDS[spec.name].METHOD.params_type
     types = {f.name: f.metadata.get("type", str) for f in fields(params_type)}
-    values: dict[str, Any] = {"draft_tree_capacity": spec.number}
+    values: dict[str, Any] = {} if spec.name in FLAGS_ONLY else {"draft_tree_capacity": spec.number}
     try:
         for key, raw in spec.flags:
             if key not in types or key == "draft_tree_capacity":

@@ -13,6 +13,9 @@ chose it is enough to replay any retrieval drafter exactly, without the model:
 Replay reports MAT per category (exact for the recorded outputs) and a speedup estimated from
 the measured cost surface (a verify forward of N tokens at the step's context length) plus the
 drafter's own measured host time. The last stdout line is one JSON object.
+
+Lookahead decoding cannot be replayed: its n-grams are the target's outputs at the Jacobi
+window's guesses, inputs that a greedy trace never saw; measure it with the model.
 """
 
 from __future__ import annotations
@@ -243,6 +246,9 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
         return make_logitspec_drafter(config, curve, successors)
     if kind == "sam":
         return _make_sam_drafter(int(capacity), options, vocab_size)
+    if kind == "lookahead":
+        raise ValueError("lookahead cannot be replayed from a greedy trace: its n-grams are the "
+                         "target's outputs at the window's guesses (run inference_lookahead)")
     raise ValueError(f"unknown drafter spec {spec!r}")
 
 

@@ -19,7 +19,8 @@ import pytest
 
 from cli_helpers import DEMO, run_cli, save_tiny_llama, write_questions
 from evaluation import (
-    inference_pld, inference_racer, inference_rest, inference_sam, inference_sps, inference_suffix,
+    inference_lookahead, inference_pld, inference_racer, inference_rest, inference_sam,
+    inference_sps, inference_suffix,
 )
 from logitspec.rest import Datastore
 
@@ -181,6 +182,12 @@ CASES = [
     Case("n-gram size 0", _tiny("--max-ngram-size", "0"), r"max_ngram_size must be >= 1, got 0"),
     Case("num_pred_tokens 0", _tiny("--num-pred-tokens", "0"),
          r"num_pred_tokens must be >= 1, got 0"),
+    Case("lookahead level 2", _tiny("--level", "2"),
+         r"level \(n-gram size N\) must be >= 3, got 2", inference_lookahead),
+    Case("lookahead window 0", _tiny("--window", "0"), r"window \(W\) must be >= 1, got 0",
+         inference_lookahead),
+    Case("lookahead guess negative", _tiny("--guess", "-1"),
+         r"guess \(G, n-grams verified per step\) must be >= 1, got -1", inference_lookahead),
     Case("num workers 0", _tiny("--num-workers", "0"), r"num_workers must be >= 1, got 0"),
     Case("GPUs per model above the total", _tiny("--num-gpus-per-model", "2"),
          r"num_gpus_per_model \(2\) must be <= num_gpus_total \(1\)"),

@@ -22,8 +22,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from evaluation import (  # noqa: E402
-    inference_baseline, inference_logitspec, inference_pld, inference_racer, inference_rest,
-    inference_sam, inference_suffix, speed,
+    inference_baseline, inference_logitspec, inference_lookahead, inference_pld, inference_racer,
+    inference_rest, inference_sam, inference_suffix, speed,
 )
 from evaluation.args import EvalConfig, RunConfig, parse_args  # noqa: E402
 from evaluation import eval_loop  # noqa: E402
@@ -218,6 +218,23 @@ def test_rest_with_a_datastore_built_from_demo_questions(tiny: Path, tmp_path: P
     assert speed.main(["--file-path", str(files["rest"]), "--base-path", str(files["vanilla"])]) == 0
     overall = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][-1]
     assert overall["exact_match"] == 1.0
+
+
+def test_lookahead_command(tiny: Path, tmp_path: Path, capsys: Capsys) -> None:
+    """Questions 4 and 5 with Spec-Bench's flag names at a small setting: the answers equal
+    vanilla's (float32 greedy), the params are recorded, the trees stay within G x (N - 1)."""
+    common = ["--model-path", str(tiny), "--question-begin", "3", "--question-end", "5",
+              "--max-new-tokens", "12", "--device", "cpu"]
+    files = {name: tmp_path / f"{name}.jsonl" for name in ("vanilla", "lookahead")}
+    assert run_cli(inference_baseline, common + ["--answer-file", str(files["vanilla"])]) == 0
+    assert run_cli(inference_lookahead, common + ["--level", "3", "--window", "4", "--guess", "2",
+                                                  "--answer-file", str(files["lookahead"])]) == 0
+    capsys.readouterr()
+    lines = check_answer_file(files["lookahead"], {"4": 2, "5": 1}, "lookahead")
+    assert lines[0]["meta"]["params"] == {"level": 3, "window": 4, "guess": 2}
+    assert max(d for line in lines for d in line["choices"][0]["draft_lengths"]) <= 4
+    turns = [line["choices"][0]["turns"] for line in read_lines(files["vanilla"])]
+    assert turns == [line["choices"][0]["turns"] for line in lines]
 
 
 def test_subprocess_run_and_default_answer_path(tiny: Path, tmp_path: Path) -> None:

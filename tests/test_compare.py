@@ -40,6 +40,8 @@ SPECS = [
     ("sam:40,fallback=none,match_scale=4", "sam", 40, (("fallback", "none"), ("match_scale", "4"))),
     ("suffix", "suffix", 65, ()),
     ("suffix:16,mode=chain", "suffix", 16, (("mode", "chain"),)),
+    ("lookahead", "lookahead", None, ()),
+    ("lookahead,level=4,guess=5", "lookahead", None, (("level", "4"), ("guess", "5"))),
 ]
 BAD_SPECS = ["eagle", "vanilla:3", "hf,value", "pld:0", "pld:x", "pld:8,value", "recycling:auto",
              "logitspec:8,fast=1", "logitspec:-1", "logitspec:auto,tree_policy=reference",
@@ -48,7 +50,8 @@ BAD_SPECS = ["eagle", "vanilla:3", "hf,value", "pld:0", "pld:x", "pld:8,value", 
              "racer:8,prompt_logits=no",
              "sam:auto", "sam:8,fallback=eagle", "sam:8,match_scale=0",
              "suffix:0", "suffix,mode=path", "suffix,min_token_prob=2", "rest",
-             "rest:65,datastore=/no/such/file.npz"]
+             "rest:65,datastore=/no/such/file.npz",
+             "lookahead:56", "lookahead,level=2", "lookahead,draft_tree_capacity=8"]
 
 
 @pytest.mark.parametrize("text,name,number,flags", SPECS)
@@ -68,6 +71,8 @@ def test_specs_build_the_commands_params():
     assert (small.draft_size, small.tree_capacity) == (16, 16)
     alone = compare.method_params(compare.parse_spec("sam:40,fallback=none,match_scale=4")).sam_config()
     assert (alone.fallback, alone.match_scale, alone.tree_capacity) == (False, 4.0, 40)
+    published = compare.method_params(compare.parse_spec("lookahead")).lookahead_config()
+    assert (published.level, published.window, published.guess) == (5, 7, 7)
 
 
 @pytest.mark.parametrize("text", BAD_SPECS)
@@ -193,7 +198,7 @@ def test_the_report_lists_the_disturbed_and_the_figures_without_them():
 
 # --------------------------------------------------------------------------- a real run
 
-METHODS = ["vanilla", "hf-pld:4", "recycling:16", "logitspec:auto"]
+METHODS = ["vanilla", "hf-pld:4", "recycling:16", "logitspec:auto", "lookahead,level=3,guess=2"]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ retrieval drafters' guesses are often right and long accepted paths are frequent
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -37,6 +38,7 @@ from logitspec.drafters import (
 )
 from logitspec.kv_cache import KVCache
 from logitspec.racer import RacerConfig, RacerDrafter
+from logitspec.lookahead import LookaheadConfig, LookaheadDrafter
 from logitspec.tree import DraftTree
 
 COPY_BONUS = 8.0
@@ -276,6 +278,39 @@ def test_aux_inputs_see_their_masked_context_and_change_nothing(s):
     assert result.decoding_steps - 1 <= probe.checked <= result.decoding_steps
     assert probe.checked >= 1 or result.new_tokens == 1
     check_invariants(result, config, s["capacity"])
+
+
+@settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@given(s=scenarios(), level=st.integers(3, 6), window=st.integers(1, 8), guess=st.integers(1, 8),
+       seed=st.integers(0, 3))
+def test_lookahead_equals_vanilla(s, level, window, guess, seed):
+    """Lookahead's window inputs ride in every pass (CopyLM checks each input's positions and
+    that it sees itself last); the output is vanilla's, on a first and on a follow-up turn."""
+    model = CopyLM(s["vocab"], seed=s["seed"])
+    lookahead = LookaheadConfig(level, window, guess)
+    config, prompt = replace(s["config"], seed=seed), s["prompt"]  # the seed draws the window
+    decoder = Decoder(model, LookaheadDrafter(lookahead))
+    first = decoder.generate(prompt, config)
+    assert first.output_ids == reference_greedy(model, prompt, config)
+    check_invariants(first, config, lookahead.verify_capacity)
+    second_prompt = prompt + first.output_ids + [1]
+    second = decoder.generate(second_prompt, config)
+    assert second.output_ids == reference_greedy(model, second_prompt, config)
+    assert max(model.forward_sizes[1:], default=1) <= lookahead.tree_capacity
+
+
+def test_lookahead_fills_its_window_then_verifies_whole_ngrams():
+    """5/7/7 on a text that repeats: the window fills in 3 steps (10, 18, 24 inputs), the
+    first steady step (28 inputs) has an empty pool, and later steps accept whole n-grams: the
+    root and N - 1 = 4 drafts."""
+    model = CopyLM(12, seed=1)
+    prompt = REPEATED[:20] + REPEATED[:20] + REPEATED[:3]
+    config = GenerationConfig(max_new_tokens=60)
+    result = Decoder(model, LookaheadDrafter(LookaheadConfig())).generate(prompt, config)
+    assert result.output_ids == reference_greedy(model, prompt, config)
+    assert model.forward_sizes[1:5] == [10, 18, 24, 28]
+    assert result.draft_lengths[:4] == [0, 0, 0, 0]
+    assert max(result.accept_lengths) == 5 and result.mean_accepted_tokens > 1.5
 
 
 def test_copy_model_makes_long_accepted_paths():
