@@ -16,10 +16,10 @@ at an automatic budget) and the training-free peers at their published settings:
 copying of the prompt's logits, which changes only what is drafted, runs in the fake-model and
 command tests), SAM-Decoding with its Token Recycling fallback, SuffixDecoding (its global tree
 learns across the questions) and Lookahead decoding at Spec-Bench's N=5, W=7, G=7. Four other
-methods take turns, one question in four each, so that each still meets every category (``LOGITSPEC_LOSSLESS_ALL=1`` runs them on every question): PLD, LogitSpec's
-reference policy at budgets 64 and 8, and Token Recycling. The one-shot helpers
-(``generate_pld`` ...) are checked against vanilla on the fake and tiny models in
-test_decoding.py.
+methods take turns, one question in four each, so that each still meets every category
+(``LOGITSPEC_LOSSLESS_ALL=1`` runs them on every question): PLD, LogitSpec's reference policy
+at budgets 64 and 8, and Token Recycling. The one-shot helpers (``generate_pld`` ...) are
+checked against vanilla on the fake and tiny models in test_decoding.py.
 """
 
 from __future__ import annotations
