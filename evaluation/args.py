@@ -11,7 +11,9 @@ Any error, argparse's own or a validation error, is one line on stderr
 Settings left unset resolve against the machine and the other flags:
 
 - device: ``cuda`` when available, else ``cpu``;
-- dtype: ``bfloat16`` on cuda, ``float32`` on cpu;
+- dtype: the checkpoint's own (``torch_dtype`` in its ``config.json``); for the embedded
+  default model, GGUF files and configs that name none, ``bfloat16`` on cuda and ``float32``
+  on cpu;
 - model id: ``<model-name>-<method>-<dtype>-temp-<temperature>``;
 - question file: ``data/<bench>/question.jsonl`` of this repository;
 - answer file: ``model_answer/<model-id>.jsonl`` beside the question file;
@@ -33,7 +35,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 import torch
 
 from logitspec.decoding import GenerationConfig
-from logitspec.loading import DEFAULT_MODEL, DEFAULT_MODEL_NAMES, DTYPES
+from logitspec.loading import DEFAULT_MODEL, DEFAULT_MODEL_NAMES, DTYPES, checkpoint_dtype
 
 if TYPE_CHECKING:
     from .methods import Method
@@ -86,7 +88,8 @@ class EvalConfig:
     seed: int = option(0, "sampling seed; choice i uses seed + i", type=int)
     num_choices: int = option(1, "answers generated per question", type=int)
     dtype: str | None = option(
-        None, "weights and activations (default: bfloat16 on cuda, float32 on cpu)",
+        None, "weights and activations (default: the checkpoint's torch_dtype; for the "
+        "embedded model, GGUF files and configs without one: bfloat16 on cuda, float32 on cpu)",
         choices=tuple(DTYPES))
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)")
     template: str | None = option(
@@ -208,6 +211,9 @@ class EvalConfig:
     def resolved_dtype(self) -> str:
         if self.dtype is not None:
             return self.dtype
+        own = checkpoint_dtype(self.model_path)
+        if own is not None:
+            return own
         return "bfloat16" if self.resolved_device.startswith("cuda") else "float32"
 
     @property

@@ -2,8 +2,9 @@
 
 For each selected question not yet answered in the answer file, for each choice: reset the
 method's generator, then answer the turns in order, the conversation growing as in FastChat.
-Each question becomes one answer line (Spec-Bench/FastChat schema plus ``draft_lengths``,
-``time_breakdown`` and ``meta``; see data/README.md), appended as soon as it is done.
+Each question becomes one answer line (Spec-Bench/FastChat schema plus ``prompt_tokens``,
+``draft_lengths``, ``time_breakdown`` and ``meta``; see data/README.md), appended as soon as it
+is done.
 
 Policies:
 
@@ -15,13 +16,22 @@ Policies:
 - Tokens: ``new_tokens`` counts the tokens the decoder emitted (up to and including an EOS),
   the same way for every method; the stored text is decoded without special tokens, stripped
   and, for FastChat templates, cut at the template's stop string.
-- Failures: a question whose prompt does not fit the model's context, or whose Ray worker
-  died on every try, becomes an error entry (one line on stderr) and the run goes on; the
-  run then ends with exit code 3 and a summary line. Everything else that stops a run (bad
-  flags, question file, model, answer file) is one line on stderr and exit code 2, with
-  nothing already written lost.
+- Failures: a question whose prompt does not fit the model's context or holds token ids
+  outside its vocabulary, that ran out of device memory (the allocator's cache is emptied
+  and the next question starts afresh), or whose Ray worker died on every try, becomes an
+  error entry (one line on stderr) and the run goes on; the run then ends with exit code 3
+  and a summary line. A device-side CUDA error (an assert, an illegal address) leaves the
+  process's CUDA context unusable: the question gets its error entry, then a single-process
+  run stops (exit code 2; running the same command again resumes in a fresh process), while
+  a Ray worker is replaced by a fresh one and the run goes on. Everything else that stops a
+  run (bad flags, question file, model, answer file) is one line on stderr and exit code 2,
+  with nothing already written lost.
+- Load: each line's ``meta`` also holds ``load_average``, the machine's 1-minute load average
+  when the question started (``os.getloadavg``; null where the OS has none). It describes the
+  moment, not the run: resume ignores it, as it ignores the hardware and library versions.
 - Resume: see :mod:`evaluation.answer_file`. A file written with other settings (method,
-  params, model, dtype, device, template, generation settings) is refused rather than mixed.
+  params, model, dtype, device, template, generation settings: :data:`RESUME_KEYS`) is refused
+  rather than mixed.
   A run holds the answer file's lock throughout: a second run on the same file exits 2.
 - Workers: by default this process answers the questions, in question order
   (:class:`LocalAnswerer`). With ``--num-workers`` or several GPUs, Ray workers do
@@ -49,8 +59,11 @@ import shortuuid
 import torch
 from tqdm import tqdm
 
-from logitspec.decoding import GenerationConfig, GenerationResult, PromptTooLongError
+from logitspec.decoding import GenerationConfig, GenerationResult, PromptError
 from logitspec.loading import LoadedModel, ModelLoadError, load
+from logitspec.runtime import (
+    is_device_error, peak_memory, release_memory, reset_peak_memory, runtime_meta,
+)
 
 from .answer_file import (
     AnswerFileError, AnswerFileLock, AnswerWriter, ExistingAnswers, drop_entries, read_answers,
@@ -75,6 +88,15 @@ RESUME_KEYS = (
 
 class RunError(Exception):
     """Stops the run: one line on stderr, exit code 2."""
+
+
+class DeviceContextLost(Exception):
+    """A device-side error while answering a question: ``entry`` is its error entry; the
+    process's CUDA context is unusable from now on (:mod:`logitspec.runtime`)."""
+
+    def __init__(self, entry: dict[str, Any]) -> None:
+        super().__init__(entry["error"])
+        self.entry = entry
 
 
 @dataclass
@@ -113,12 +135,13 @@ def build_context(run: RunConfig) -> EvalContext:
         template=template,
         generation=settings.generation_config(eos),
         num_choices=settings.num_choices,
-        meta=run_meta(run, template.name),
+        meta=run_meta(run, template.name, loaded),
     )
 
 
-def run_meta(run: RunConfig, template_name: str) -> dict[str, Any]:
-    """The ``meta`` object of every answer line of this run."""
+def run_meta(run: RunConfig, template_name: str, loaded: LoadedModel) -> dict[str, Any]:
+    """The ``meta`` object of every answer line of this run (each line adds its own
+    ``peak_memory_bytes``)."""
     import transformers
 
     e = run.settings
@@ -130,6 +153,7 @@ def run_meta(run: RunConfig, template_name: str) -> dict[str, Any]:
         "temperature": e.temperature, "top_p": e.top_p, "top_k": e.top_k, "seed": e.seed,
         "num_choices": e.num_choices, "torch": torch.__version__,
         "transformers": transformers.__version__, "hardware": hardware_description(device),
+        "threads": torch.get_num_threads(), **runtime_meta(loaded.model),
     }
 
 
@@ -156,15 +180,17 @@ class ChoiceRecord:
     turns: list[str] = field(default_factory=list)
     decoding_steps: list[int] = field(default_factory=list)
     new_tokens: list[int] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
     wall_time: list[float] = field(default_factory=list)
     accept_lengths: list[int] = field(default_factory=list)
     draft_lengths: list[int] = field(default_factory=list)
     time_breakdown: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
-    def add(self, text: str, result: GenerationResult) -> None:
+    def add(self, text: str, prompt_tokens: int, result: GenerationResult) -> None:
         self.turns.append(text)
         self.decoding_steps.append(result.decoding_steps)
         self.new_tokens.append(result.new_tokens)
+        self.prompt_tokens.append(prompt_tokens)
         self.wall_time.append(result.wall_time)
         self.accept_lengths.extend(result.accept_lengths)
         self.draft_lengths.extend(result.draft_lengths)
@@ -180,34 +206,66 @@ def answer_choice(ctx: EvalContext, question: Question, index: int) -> dict[str,
     record = ChoiceRecord(index)
     for user_turn in question.turns:
         conversation.add_user(user_turn)
-        result = ctx.generator.generate(conversation.prompt_ids(), config)
+        prompt_ids = conversation.prompt_ids()
+        result = ctx.generator.generate(prompt_ids, config)
         text = conversation.answer_text(result.output_ids)
         conversation.add_answer(text)
-        record.add(text, result)
+        record.add(text, len(prompt_ids), result)
     return asdict(record)
 
 
 def answer_question(ctx: EvalContext, question: Question) -> dict[str, Any]:
-    """The answer line of ``question``: its choices, or an error entry when it cannot be
-    answered (a prompt longer than the model's context)."""
+    """The answer line of ``question``: its choices and the span's peak memory in ``meta``,
+    or an error entry when it cannot be answered (a prompt the model cannot take, device
+    memory exhausted). Raises :class:`DeviceContextLost` after a device-side error."""
+    meta = {**ctx.meta, "load_average": load_average()}  # before the question's work
+    device = ctx.loaded.model.device
+    reset_peak_memory(device)
     try:
         choices = [answer_choice(ctx, question, i) for i in range(ctx.num_choices)]
-    except PromptTooLongError as exc:
+    except PromptError as exc:
         return error_entry(question, ctx.model_id, ctx.meta, f"{type(exc).__name__}: {exc}")
-    return {
-        "question_id": question.question_id, "category": question.category,
-        "answer_id": shortuuid.uuid(), "model_id": ctx.model_id, "tstamp": time.time(),
-        "choices": choices, "meta": ctx.meta,
-    }
+    except torch.OutOfMemoryError as exc:
+        error = f"OutOfMemoryError: {first_line(exc)}"
+    except RuntimeError as exc:
+        if not is_device_error(exc):
+            raise
+        entry = error_entry(question, ctx.model_id, ctx.meta, f"DeviceError: {first_line(exc)}")
+        raise DeviceContextLost(entry) from None
+    else:
+        return {
+            "question_id": question.question_id, "category": question.category,
+            "answer_id": shortuuid.uuid(), "model_id": ctx.model_id, "tstamp": time.time(),
+            "choices": choices, "meta": {**meta, "peak_memory_bytes": peak_memory(device)},
+        }
+    release_memory(device)  # here, once the exception and its frames are gone
+    return error_entry(question, ctx.model_id, ctx.meta, error)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type's name if none)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average now (runnable and waiting tasks), or None where
+    the operating system has none."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def error_entry(question: Question, model_id: str, meta: dict[str, Any],
                 error: str) -> dict[str, Any]:
-    """The answer line of a question that could not be answered (``error``: one line)."""
+    """The answer line of a question that could not be answered (``error``: one line); its
+    ``meta`` gets the load average of now."""
     return {
         "question_id": question.question_id, "category": question.category,
         "answer_id": shortuuid.uuid(), "model_id": model_id, "tstamp": time.time(),
-        "choices": [], "error": " ".join(error.split()), "meta": meta,
+        "choices": [], "error": " ".join(error.split()),
+        "meta": {**meta, "load_average": load_average()},
     }
 
 
@@ -227,7 +285,7 @@ def warm_up(ctx: EvalContext, questions: Sequence[Question], count: int) -> None
                 ctx.generator.reset()
                 ctx.generator.generate(prompt, config)
             return
-        except PromptTooLongError:
+        except PromptError:
             continue
         finally:
             ctx.generator.reset()
@@ -287,7 +345,14 @@ class LocalAnswerer:
 
     def answers(self) -> Iterator[dict[str, Any]]:
         for question in self.questions:
-            yield answer_question(self.ctx, question)
+            try:
+                yield answer_question(self.ctx, question)
+            except DeviceContextLost as lost:
+                yield lost.entry
+                raise RunError(
+                    f"question {question.question_id}: {lost.entry['error']}; the CUDA context "
+                    "of this process is unusable: run the same command again to resume"
+                ) from None
 
     def close(self) -> None:
         self.ctx = None
@@ -304,16 +369,19 @@ def answer_all(lines: Iterator[dict[str, Any]], total: int, writer: AnswerWriter
     totals = Totals()
     exit_after = _exit_after()
     bar = tqdm(total=total, desc=model_id, unit="q", file=sys.stderr, dynamic_ncols=True)
-    for line in lines:
-        writer.write(line)
-        if writer.written == exit_after:
-            os._exit(9)
-        totals.add(line)
-        if "error" in line:
-            tqdm.write(f"{prog}: question {line['question_id']}: {line['error']}", file=sys.stderr)
-        bar.update()
-        bar.set_postfix_str(_postfix(totals), refresh=False)
-    bar.close()
+    try:
+        for line in lines:
+            writer.write(line)
+            if writer.written == exit_after:
+                os._exit(9)
+            totals.add(line)
+            if "error" in line:
+                tqdm.write(f"{prog}: question {line['question_id']}: {line['error']}",
+                           file=sys.stderr)
+            bar.update()
+            bar.set_postfix_str(_postfix(totals), refresh=False)
+    finally:
+        bar.close()  # before any error that stops the run is printed
     return totals
 
 
@@ -398,6 +466,9 @@ def run(config: RunConfig) -> int:
             print(f"{prog}: all {len(questions)} selected questions are already answered in "
                   f"{path}", file=sys.stderr)
             totals = Totals()
+        # Workers finish in any order; the summary lists failures in question order.
+        failed_now = set(totals.failed)
+        totals.failed = [q.key for q in todo if q.key in failed_now]
         if config.settings.sharding_flag is not None:
             reorder_answers(path, order)
     print(json.dumps({

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from logitspec.cost import cost_curve_for
+from logitspec.cost import cost_surface_for
 from logitspec.decoding import Decoder
 from logitspec.draft_head import DraftHead, DraftHeadError, default_head_path, load_draft_head
 from logitspec.eagle import EagleConfig, EagleDrafter
@@ -82,7 +82,7 @@ def make_decoder(loaded: LoadedModel, params: EagleParams) -> Decoder:
     config = params.eagle_config()
     curve = None
     if config.logitspec.draft_tree_capacity is None:
-        curve = cost_curve_for(loaded.model, str(loaded.path))
+        curve = cost_surface_for(loaded.model, str(loaded.path))
     recycled = config.retrieval and config.logitspec.recycle_chains
     successors = SuccessorTable(loaded.model.config.vocab_size) if recycled else None
     return Decoder(loaded.model, EagleDrafter(head, config, curve, successors))

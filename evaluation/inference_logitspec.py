@@ -5,8 +5,9 @@ Defaults: the value-ranked tree sized by the measured verification cost (``auto`
 stored continuations per n-gram and chains through the target's remembered successors. The
 public code's behaviour is ``--tree-policy reference --draft_tree_capacity 64``.
 
-The cost curve is measured on first use and cached per model, dtype, device, torch version
-and thread count; ``python scripts/bench_step_cost.py --store`` measures it again.
+The cost curves (over tree size, at a few context lengths) are measured on first use and
+cached per model, dtype, device and torch version (and thread count on the CPU);
+``python scripts/bench_step_cost.py --store`` measures them again.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
-from logitspec.cost import cost_curve_for
+from logitspec.cost import cost_surface_for
 from logitspec.decoding import Decoder
 from logitspec.drafters import LogitSpecConfig, PoolConfig, make_logitspec_drafter
 from logitspec.loading import LoadedModel
@@ -83,7 +84,7 @@ def make_decoder(loaded: LoadedModel, params: LogitSpecParams) -> Decoder:
     config = params.logitspec_config()
     curve = None
     if config.draft_tree_capacity is None:
-        curve = cost_curve_for(loaded.model, str(loaded.path))
+        curve = cost_surface_for(loaded.model, str(loaded.path))
     successors = SuccessorTable(loaded.model.config.vocab_size) if config.recycle_chains else None
     return Decoder(loaded.model, make_logitspec_drafter(config, curve, successors))
 

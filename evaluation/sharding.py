@@ -17,12 +17,16 @@ Policies:
 - Faults: a worker that dies (its process killed, out of memory) loses only the question it
   was answering. That question goes back to the head of the queue, at most ``--max-retries``
   times, then becomes an error entry; the dead worker is replaced by a new one, which loads
-  the model and warms up. A worker that dies or fails while loading the model stops the run
+  the model and warms up. A question that exhausts the device's memory is an error entry
+  and its worker goes on (as in one process); a device-side CUDA error makes the question's
+  error entry and the worker is replaced (its CUDA context is unusable). A worker that dies or fails while loading the model stops the run
   (the others would fail the same way); so does an exception raised by the answering code,
   as it would in one process.
-- Test hook: ``LOGITSPEC_TEST_KILL_ON_QUESTION=<id>`` makes the worker handed that question
+- Test hooks: ``LOGITSPEC_TEST_KILL_ON_QUESTION=<id>`` makes the worker handed that question
   exit at once (``os._exit``); with ``LOGITSPEC_TEST_KILL_MARKER=<file>`` only while that file
-  does not exist (the dying worker creates it), so once.
+  does not exist (the dying worker creates it), so once. ``LOGITSPEC_TEST_FAULT_ON_QUESTION=
+  <id>:oom,<id>:device`` makes answering those questions raise a CUDA out-of-memory error or
+  a device-side error, in whichever worker gets them.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import logging
 import os
 import sys
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -39,12 +43,14 @@ from tqdm import tqdm
 
 from .args import EvalConfig, RunConfig
 from .eval_loop import (
-    EvalContext, RunError, answer_question, build_context, error_entry, warm_up,
+    DeviceContextLost, EvalContext, RunError, answer_question, build_context, error_entry,
+    first_line, warm_up,
 )
 from .questions import Question
 
 KILL_ON_ENV = "LOGITSPEC_TEST_KILL_ON_QUESTION"
 KILL_MARKER_ENV = "LOGITSPEC_TEST_KILL_MARKER"
+FAULT_ON_ENV = "LOGITSPEC_TEST_FAULT_ON_QUESTION"
 FORWARDED_ENV_PREFIX = "LOGITSPEC_"
 KILL_EXIT_CODE = 9
 
@@ -116,11 +122,35 @@ class AnswerWorker:
         warm_up(self.ctx, questions, self.config.settings.warmup)
         return {"meta": self.ctx.meta}
 
-    def answer(self, question: Question) -> dict[str, Any]:
+    def answer(self, question: Question) -> tuple[dict[str, Any], bool]:
+        """The answer line, and whether this worker can go on (False after a device-side
+        error: the driver replaces it)."""
         if self.ctx is None:
             raise RuntimeError("answer() before start()")
         _kill_hook(question)
-        return answer_question(self.ctx, question)
+        ctx = self.ctx
+        faults = dict(item.partition(":")[::2] for item in os.environ.get(FAULT_ON_ENV, "").split(","))
+        if question.key in faults:
+            ctx = replace(ctx, generator=_FaultyGenerator(faults[question.key]))
+        try:
+            return answer_question(ctx, question), True
+        except DeviceContextLost as lost:
+            return lost.entry, False
+
+
+class _FaultyGenerator:
+    """The fault test hook of the module docstring: generating raises a CUDA error."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def reset(self) -> None:
+        pass
+
+    def generate(self, prompt_ids: Sequence[int], config: Any) -> Any:
+        if self.kind == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by a test hook)")
+        raise torch.AcceleratorError("CUDA error: device-side assert triggered (test hook)")
 
 
 @dataclass(frozen=True)
@@ -140,11 +170,6 @@ def _import_ray() -> Any:
     return ray
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
 def connect(ray: Any, address: str | None) -> bool:
     """Connects to Ray (module docstring); returns whether this call did, so must shut down."""
     if ray.is_initialized():
@@ -155,7 +180,7 @@ def connect(ray: Any, address: str | None) -> bool:
     try:
         ray.init(address=address or "local", **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise RunError(f"cannot connect to Ray at {address!r}: {_first_line(exc)}") from None
+        raise RunError(f"cannot connect to Ray at {address!r}: {first_line(exc)}") from None
     return True
 
 
@@ -236,7 +261,7 @@ class ShardedAnswerer:
             result = self.ray.get(ref)
         except self._died as exc:
             raise RunError(
-                f"worker {job.slot} died while loading the model: {_first_line(exc)}") from None
+                f"worker {job.slot} died while loading the model: {first_line(exc)}") from None
         if "error" in result:
             raise RunError(result["error"])
         self.meta = self.meta or result["meta"]
@@ -245,11 +270,17 @@ class ShardedAnswerer:
     def _answered(self, job: _Job, ref: Any) -> dict[str, Any] | None:
         """The answer line, or None when the question went back to the queue."""
         try:
-            line = self.ray.get(ref)
+            line, usable = self.ray.get(ref)
         except self._died as exc:
             self._spawn(job.slot)
-            return self._retry_or_fail(job, _first_line(exc))
-        self.idle.append(job.slot)
+            return self._retry_or_fail(job, first_line(exc))
+        if usable:
+            self.idle.append(job.slot)
+        else:
+            tqdm.write(f"{self.prog}: question {job.question.question_id}: {line['error']}; "
+                       f"replacing worker {job.slot}", file=sys.stderr)
+            self.ray.kill(self.workers[job.slot])
+            self._spawn(job.slot)
         return line
 
     def _retry_or_fail(self, job: _Job, reason: str) -> dict[str, Any] | None:

@@ -3,14 +3,16 @@
 Usage::
 
     python evaluation/speed.py --file-path A.jsonl --base-path B.jsonl \
-        [--tokenizer-path T] [--json] [--plot out.png]
+        [--tokenizer-path T] [--json] [--plot out.png] [--disturbance-threshold 1.3]
     python evaluation/speed.py --mean-report --file-path A1 A2 --base-path B1 B2 [--json]
 
 Reports, per category and overall: tokens/s of both sides (from totals and as
-the mean of per-question rates), speedup, mean accepted tokens (MAT), the
-method's accepted-length histogram, the draft acceptance rate when the method
-recorded ``draft_lengths``, the exact-match rate of the generated text, the
-sampling settings of both runs, and the error entries of each file.
+the mean of per-question rates), speedup, the median of per-question speedups,
+mean accepted tokens (MAT), the method's accepted-length histogram, the draft
+acceptance rate when the method recorded ``draft_lengths``, the exact-match
+rate of the generated text, the sampling settings of both runs, and the error
+entries of each file; then the disturbed questions of each file and the overall
+figures without them.
 
 Policies:
 
@@ -27,6 +29,16 @@ Policies:
 - A ratio with a zero denominator is null (JSON) or "-" (table), never NaN.
 - Several choices per question: figures sum over all choices; exact match
   compares choice 0.
+- Disturbed questions (:mod:`evaluation.disturbance`): each file gets its own
+  model of a question's expected time from its own clean questions; a question
+  that took more than ``--disturbance-threshold`` times its expected time is
+  listed (with the load average at its start, when recorded). The rows keep
+  every question; ``clean_rows`` (the "without disturbed" line) leave out the
+  questions disturbed in either file, on both sides.
+- Environment: a warning names the hardware, torch version and thread count
+  when the two files' ``meta`` record different ones (a speedup across
+  machines measures the machines too); generation settings that differ get
+  their own warning.
 - ``--mean-report`` pairs run i of ``--file-path`` with run i of
   ``--base-path`` and reports mean and sample standard deviation (n - 1;
   null with fewer than two runs).
@@ -50,6 +62,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make the package importable
     sys.path.insert(0, str(ROOT))
 
+from evaluation.disturbance import (  # noqa: E402
+    DEFAULT_THRESHOLD, Measurement, TurnWork, detect,
+)
 from evaluation.jsonl import parse_keyed_lines  # noqa: E402
 
 PROG = "speed.py"
@@ -60,11 +75,12 @@ MULTI_TURN_ROW = "multi-turn conversation"
 OVERALL_ROW = "overall"
 SETTING_KEYS = (
     "method", "temperature", "top_p", "top_k", "seed", "dtype", "device",
-    "max_new_tokens", "model_path", "hardware", "params",
+    "max_new_tokens", "model_path", "hardware", "torch", "threads", "params",
 )
 COMPARED_SETTINGS = (
-    "temperature", "top_p", "top_k", "seed", "dtype", "device", "max_new_tokens", "hardware",
+    "temperature", "top_p", "top_k", "seed", "dtype", "device", "max_new_tokens",
 )
+ENVIRONMENT_KEYS = ("hardware", "torch", "threads")
 MAX_LISTED_IDS = 10
 
 
@@ -85,6 +101,7 @@ class Choice:
     wall_time: tuple[float, ...]
     accept_lengths: tuple[int, ...]
     draft_lengths: tuple[int, ...] | None
+    prompt_tokens: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -151,7 +168,8 @@ def _text_list(obj: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
 def parse_choice(obj: Any, where: str) -> Choice:
     """Validate one choice. ``accept_lengths`` may be absent (files of plain
     generators); ``draft_lengths`` is optional and, when present, has one entry
-    per entry of ``accept_lengths``."""
+    per entry of ``accept_lengths``; ``prompt_tokens`` is optional and, when
+    present, has one entry per turn."""
     if not isinstance(obj, dict):
         raise InputError(f"{where}: a choice must be a JSON object")
     turns = _text_list(obj, "turns", where)
@@ -166,7 +184,10 @@ def parse_choice(obj: Any, where: str) -> Choice:
     drafts = _int_list(obj, "draft_lengths", where, 0) if "draft_lengths" in obj else None
     if drafts is not None and len(drafts) != len(accept):
         raise InputError(f"{where}: 'draft_lengths' and 'accept_lengths' differ in length")
-    return Choice(turns, steps, new_tokens, wall_time, accept, drafts)
+    prompts = _int_list(obj, "prompt_tokens", where, 0) if "prompt_tokens" in obj else None
+    if prompts is not None and len(prompts) != len(turns):
+        raise InputError(f"{where}: 'prompt_tokens' and 'turns' differ in length")
+    return Choice(turns, steps, new_tokens, wall_time, accept, drafts, prompts)
 
 
 def parse_record(obj: Any, where: str) -> AnswerRecord:
@@ -305,6 +326,23 @@ def question_stats(record: AnswerRecord, count: TokenCounter) -> QuestionStats:
     )
 
 
+def measurement(record: AnswerRecord) -> Measurement:
+    """What the disturbance model reads of an answer (all turns of all choices): its time,
+    each turn's steps, tokens and prompt, and the drafted tokens (None unless every choice
+    recorded ``draft_lengths``). Tokens are the recorded ``new_tokens``: the generator's work."""
+    turns = tuple(
+        TurnWork(steps, tokens, None if c.prompt_tokens is None else c.prompt_tokens[i])
+        for c in record.choices
+        for i, (steps, tokens) in enumerate(zip(c.decoding_steps, c.new_tokens))
+    )
+    drafts = [c.draft_lengths for c in record.choices]
+    return Measurement(
+        wall_time=sum(sum(c.wall_time) for c in record.choices),
+        turns=turns,
+        tree_tokens=None if any(d is None for d in drafts) else sum(sum(d or ()) for d in drafts),
+    )
+
+
 @dataclass(frozen=True)
 class SideStats:
     """One side of a row.
@@ -375,8 +413,10 @@ class RowReport:
     """Figures of one category row (or the overall row).
 
     ``speedup`` is the ratio of total-based tokens/s; ``mean_rate_speedup``
-    the ratio of the mean per-question rates; ``tokens_per_target_call`` is
-    the method's MAT (one target forward per decoding step).
+    the ratio of the mean per-question rates; ``median_speedup`` the median
+    over questions of each question's own speedup (a few slow questions on
+    one side barely move it); ``tokens_per_target_call`` is the method's MAT
+    (one target forward per decoding step).
     """
 
     category: str
@@ -385,6 +425,7 @@ class RowReport:
     baseline: SideStats
     speedup: float | None
     mean_rate_speedup: float | None
+    median_speedup: float | None
     acceptance_rate: float | None
     tokens_per_target_call: float | None
     exact_match: float | None
@@ -393,6 +434,15 @@ class RowReport:
 
 def _optional_ratio(numerator: float | None, denominator: float | None) -> float | None:
     return None if numerator is None or denominator is None else ratio(numerator, denominator)
+
+
+def median_speedup(pairs: Sequence[Pair]) -> float | None:
+    """Median of per-question speedups (questions with both rates). Example: per-question
+    speedups 2.0, 2.2 and 0.5 (a baseline question run while the machine was quiet and the
+    method's while it was busy) give 2.0, where the total-based speedup may move a lot."""
+    speedups = [_optional_ratio(p.method_stats.rate, p.base_stats.rate) for p in pairs]
+    present = [x for x in speedups if x is not None]
+    return statistics.median(present) if present else None
 
 
 def build_row(category: str, pairs: Sequence[Pair]) -> RowReport:
@@ -406,6 +456,7 @@ def build_row(category: str, pairs: Sequence[Pair]) -> RowReport:
         baseline=baseline,
         speedup=_optional_ratio(method.tokens_per_s, baseline.tokens_per_s),
         mean_rate_speedup=_optional_ratio(method.mean_rate, baseline.mean_rate),
+        median_speedup=median_speedup(pairs),
         acceptance_rate=acceptance_rate([p.method_stats for p in pairs]),
         tokens_per_target_call=method.mat,
         exact_match=ratio(sum(same == total for same, total in matches), len(matches)),
@@ -435,15 +486,54 @@ def settings_of(answers: AnswerFile) -> dict[str, Any] | None:
 
 
 def differing_settings(
-    method: Mapping[str, Any] | None, base: Mapping[str, Any] | None
+    method: Mapping[str, Any] | None, base: Mapping[str, Any] | None,
+    keys: Sequence[str] = COMPARED_SETTINGS,
 ) -> tuple[str, ...]:
-    """Settings that both runs recorded with different values."""
+    """Those of ``keys`` that both runs recorded with different values."""
     if method is None or base is None:
         return ()
     return tuple(
-        key for key in COMPARED_SETTINGS
+        key for key in keys
         if method.get(key) is not None and base.get(key) is not None and method[key] != base[key]
     )
+
+
+@dataclass(frozen=True)
+class DisturbedQuestion:
+    """A question that took ``ratio`` times its expected time; ``load_average``: the
+    machine's 1-minute load average at its start, when the line records it."""
+
+    question_id: int | str
+    category: str
+    wall_time: float
+    expected: float
+    ratio: float
+    load_average: float | None
+
+
+@dataclass(frozen=True)
+class SideDisturbance:
+    """One file's model (seconds per unit of each work term) and its disturbed questions."""
+
+    coefficients: Mapping[str, float]
+    disturbed: tuple[DisturbedQuestion, ...]
+
+
+def load_average_of(record: AnswerRecord) -> float | None:
+    value = (record.meta or {}).get("load_average")
+    return float(value) if _is_number(value) else None
+
+
+def side_disturbance(records: Sequence[AnswerRecord], threshold: float) -> SideDisturbance:
+    """The disturbed questions among ``records`` (one file's answers), in their order."""
+    measurements = [measurement(r) for r in records]
+    found = detect(measurements, threshold)
+    disturbed = tuple(
+        DisturbedQuestion(r.question_id, r.category, m.wall_time, v.expected or 0.0,
+                          v.ratio or 0.0, load_average_of(r))
+        for r, m, v in zip(records, measurements, found.verdicts) if v.disturbed
+    )
+    return SideDisturbance(found.coefficients, disturbed)
 
 
 def error_summary(answers: AnswerFile) -> dict[str, Any]:
@@ -453,7 +543,8 @@ def error_summary(answers: AnswerFile) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Report:
-    """Everything one method/baseline comparison reports; ``rows`` ends with
+    """Everything one method/baseline comparison reports; ``rows`` and
+    ``clean_rows`` (without the questions disturbed in either file) end with
     the overall row. ``counting`` is "new_tokens" or "tokenizer"."""
 
     method_file: str
@@ -464,13 +555,31 @@ class Report:
     errors: Mapping[str, Mapping[str, Any]]
     settings: Mapping[str, Mapping[str, Any] | None]
     settings_differ: tuple[str, ...]
+    environment_differs: tuple[str, ...]
+    disturbance_threshold: float
+    disturbance: Mapping[str, SideDisturbance]
+    clean_rows: tuple[RowReport, ...]
 
     @property
     def overall(self) -> RowReport:
         return self.rows[-1]
 
+    @property
+    def disturbed_ids(self) -> set[str]:
+        """Question ids (as strings) disturbed in either file."""
+        return {str(q.question_id) for side in self.disturbance.values() for q in side.disturbed}
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def build_rows(names: Sequence[str], pairs: Sequence[Pair]) -> tuple[RowReport, ...]:
+    """One row per name (a pair goes to its category's row), then the overall row."""
+    groups: dict[str, list[Pair]] = {name: [] for name in names}
+    for pair in pairs:
+        groups[row_name(pair.method.category)].append(pair)
+    return (*(build_row(name, group) for name, group in groups.items()),
+            build_row(OVERALL_ROW, list(pairs)))
 
 
 def aggregate(
@@ -478,34 +587,42 @@ def aggregate(
     base: AnswerFile,
     count: TokenCounter = count_new_tokens,
     tokenizer_path: str | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> Report:
     """Compare two answer files question by question (see the module policies).
 
     ``count`` must be the same counter for both sides; pass the
     ``tokenizer_path`` it was built from so the report names the counting.
+    ``threshold``: the disturbance threshold (:mod:`evaluation.disturbance`).
     """
     check_same_questions(method, base)
     base_by_key = base.by_key()
     failed = {r.key for r in method.records + base.records if r.error is not None}
-    groups: dict[str, list[Pair]] = {name: [] for name in category_rows(method.records)}
-    for record in method.records:
-        if record.key in failed:
-            continue
-        other = base_by_key[record.key]
-        pair = Pair(record, other, question_stats(record, count), question_stats(other, count))
-        groups[row_name(record.category)].append(pair)
-    rows = [build_row(name, pairs) for name, pairs in groups.items()]
-    rows.append(build_row(OVERALL_ROW, [p for pairs in groups.values() for p in pairs]))
+    pairs = [
+        Pair(r, base_by_key[r.key], question_stats(r, count), question_stats(base_by_key[r.key], count))
+        for r in method.records if r.key not in failed
+    ]
+    disturbance = {
+        "method": side_disturbance([p.method for p in pairs], threshold),
+        "baseline": side_disturbance([p.base for p in pairs], threshold),
+    }
+    disturbed = {str(q.question_id) for side in disturbance.values() for q in side.disturbed}
+    names = category_rows(method.records)
     settings = {"method": settings_of(method), "baseline": settings_of(base)}
     return Report(
         method_file=method.path,
         baseline_file=base.path,
         counting="tokenizer" if tokenizer_path else "new_tokens",
         tokenizer_path=tokenizer_path,
-        rows=tuple(rows),
+        rows=build_rows(names, pairs),
         errors={"method": error_summary(method), "baseline": error_summary(base)},
         settings=settings,
         settings_differ=differing_settings(settings["method"], settings["baseline"]),
+        environment_differs=differing_settings(
+            settings["method"], settings["baseline"], ENVIRONMENT_KEYS),
+        disturbance_threshold=threshold,
+        disturbance=disturbance,
+        clean_rows=build_rows(names, [p for p in pairs if p.method.key not in disturbed]),
     )
 
 
@@ -533,6 +650,7 @@ def spread(values: Iterable[float | None]) -> Spread:
 MEAN_FIELDS: Mapping[str, Callable[[RowReport], float | None]] = {
     "speedup": lambda row: row.speedup,
     "mean_rate_speedup": lambda row: row.mean_rate_speedup,
+    "median_speedup": lambda row: row.median_speedup,
     "mat": lambda row: row.method.mat,
     "baseline_mat": lambda row: row.baseline.mat,
     "tokens_per_s": lambda row: row.method.tokens_per_s,
@@ -612,17 +730,43 @@ def _counting_text(report: Report) -> str:
     return "new_tokens recorded in both files"
 
 
+CLEAN_ROW = "overall w/o disturbed"
+
+
+def _row_cells(r: RowReport, name: str) -> list[str]:
+    return [name, str(r.questions), _fmt(r.method.tokens_per_s), _fmt(r.baseline.tokens_per_s),
+            _fmt(r.speedup, ".2f", "x"), _fmt(r.mean_rate_speedup, ".2f", "x"),
+            _fmt(r.median_speedup, ".2f", "x"), _fmt(r.method.mat), _fmt(r.baseline.mat),
+            _percent(r.acceptance_rate), _percent(r.exact_match), _percent(r.turn_exact_match)]
+
+
+def disturbance_lines(report: Report) -> list[str]:
+    """One line per file: its disturbed questions, or "none"."""
+    lines = [f"disturbed questions (time over {report.disturbance_threshold:g}x what the "
+             "file's own clean questions predict):"]
+    for side, found in report.disturbance.items():
+        listed = "; ".join(
+            f"id {q.question_id} ({q.category}) {q.wall_time:.2f} s, expected {q.expected:.2f} s,"
+            f" {q.ratio:.2f}x, load {_fmt(q.load_average)}"
+            for q in found.disturbed
+        )
+        lines.append(f"  {side}: {listed or 'none'}")
+    return lines
+
+
+def _environment_text(report: Report) -> str:
+    method, base = report.settings["method"] or {}, report.settings["baseline"] or {}
+    return "; ".join(f"{key} {method[key]!r} vs {base[key]!r}"
+                     for key in report.environment_differs)
+
+
 def format_table(report: Report) -> str:
     """The human-readable report printed before the JSON line."""
     header = ["category", "n", "tok/s", "base tok/s", "speedup", "q-mean speedup",
-              "MAT", "base MAT", "acc.rate", "exact", "turn exact"]
-    body = [
-        [r.category, str(r.questions), _fmt(r.method.tokens_per_s), _fmt(r.baseline.tokens_per_s),
-         _fmt(r.speedup, ".2f", "x"), _fmt(r.mean_rate_speedup, ".2f", "x"), _fmt(r.method.mat),
-         _fmt(r.baseline.mat), _percent(r.acceptance_rate), _percent(r.exact_match),
-         _percent(r.turn_exact_match)]
-        for r in report.rows
-    ]
+              "q-median speedup", "MAT", "base MAT", "acc.rate", "exact", "turn exact"]
+    body = [_row_cells(r, r.category) for r in report.rows]
+    if report.disturbed_ids:
+        body.append(_row_cells(report.clean_rows[-1], CLEAN_ROW))
     histogram = " ".join(f"{k}:{v}" for k, v in report.overall.method.accept_histogram.items())
     lines = [
         f"method:   {report.method_file}  {_settings_text(report.settings['method'])}",
@@ -632,6 +776,7 @@ def format_table(report: Report) -> str:
         *align([header, *body]),
         "",
         f"accepted-length histogram (method, overall): {histogram or '-'}",
+        *disturbance_lines(report),
     ]
     for side, summary in report.errors.items():
         if summary["count"]:
@@ -642,6 +787,9 @@ def format_table(report: Report) -> str:
     if report.settings_differ:
         differ = ", ".join(report.settings_differ)
         lines.append(f"warning: settings differ between the runs: {differ}")
+    if report.environment_differs:
+        lines.append("warning: the runs were measured in different environments, so the "
+                     f"speedup compares them too: {_environment_text(report)}")
     return "\n".join(lines)
 
 
@@ -649,9 +797,10 @@ def format_mean_table(report: MeanReport) -> str:
     def cell(s: Spread, suffix: str = "") -> str:
         return "-" if s.mean is None else f"{s.mean:.2f}{suffix} ± {_fmt(s.std)}"
 
-    header = ["category", "runs", "speedup", "MAT", "tok/s", "base tok/s"]
+    header = ["category", "runs", "speedup", "q-median speedup", "MAT", "tok/s", "base tok/s"]
     body = [
-        [r.category, str(r.runs), cell(r.figures["speedup"], "x"), cell(r.figures["mat"]),
+        [r.category, str(r.runs), cell(r.figures["speedup"], "x"),
+         cell(r.figures["median_speedup"], "x"), cell(r.figures["mat"]),
          cell(r.figures["tokens_per_s"]), cell(r.figures["baseline_tokens_per_s"])]
         for r in report.rows
     ]
@@ -712,6 +861,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--plot", help="write a PNG with speedup bars and the accepted-length histogram"
     )
+    parser.add_argument(
+        "--disturbance-threshold", type=float, default=DEFAULT_THRESHOLD,
+        help="a question taking more than this many times its expected time is disturbed "
+             "(default: %(default)s)",
+    )
     return parser
 
 
@@ -724,13 +878,16 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise InputError("pass one --file-path and one --base-path, or add --mean-report")
     if args.mean_report and args.plot:
         raise InputError("--plot needs a single comparison, not --mean-report")
+    if not args.disturbance_threshold > 1.0:
+        raise InputError(f"--disturbance-threshold must be above 1, got {args.disturbance_threshold}")
 
 
 def run(args: argparse.Namespace) -> int:
     _check_arguments(args)
     count = tokenizer_counter(args.tokenizer_path) if args.tokenizer_path else count_new_tokens
     reports = [
-        aggregate(load_answers(m), load_answers(b), count, args.tokenizer_path)
+        aggregate(load_answers(m), load_answers(b), count, args.tokenizer_path,
+                  args.disturbance_threshold)
         for m, b in zip(args.file_path, args.base_path)
     ]
     if args.mean_report:

@@ -69,12 +69,12 @@ class Verifier(Protocol):
     The decoding loop times them as the verify and accept phases.
     """
 
-    def read(self, logits: torch.Tensor, top_k: int) -> tuple[Any, np.ndarray]:
-        """What :meth:`accept` needs from the logits (N, V), and their top-``top_k`` ids
-        (N, top_k) int64 on the host."""
+    def read(self, logits: torch.Tensor, top_k: int, positions: np.ndarray) -> tuple[Any, np.ndarray]:
+        """What :meth:`accept` needs from the logits (N, V) of inputs at ``positions`` (N,),
+        and their top-``top_k`` ids (N, top_k) int64 on the host."""
 
     def first_token(self, predicted: Any) -> int:
-        """The token after the prompt, from :meth:`read` of the last prompt logit (1, V)."""
+        """The token after the prompt, from :meth:`read` of the last prompt input's logit."""
 
     def accept(self, tree: DraftTree, predicted: Any) -> tuple[list[int], int]:
         """The accepted path (node indices, root first) and the token to carry next."""
@@ -86,31 +86,43 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return logits.max(dim=-1).indices
 
 
-def read_back(logits: torch.Tensor, top_k: int, *, with_greedy: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """The greedy token (N,) and the top-``top_k`` ids (N, top_k) of logits (N, V), int64 on
-    the host, computed on the logits' device and copied back in one transfer.
+def read_back(logits: torch.Tensor, top_k: int, *, tokens: torch.Tensor | None = None,
+              greedy: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """One token per input (N,) and the top-``top_k`` ids (N, top_k) of logits (N, V), int64
+    on the host, computed on the logits' device and copied back in one transfer.
 
-    The greedy token keeps :func:`greedy_tokens`' rule (the first index among tied maxima),
-    derived from the top-k when there is one, so a single pass over the logits serves both:
-    the smallest id among the top-k entries equal to the maximum. A row whose k entries all
-    tie (more tied maxima than k) falls back to :func:`greedy_tokens`. Example, k = 3, a row
-    with values 2 at ids 9 and 4 and 1 elsewhere: topk may list (9, 4, x) or (4, 9, x); the
-    greedy token is 4 either way. ``with_greedy=False`` skips the greedy column (sampling).
+    The token column is ``tokens`` (a device tensor, e.g. sampled tokens) when given, else the
+    greedy token (``greedy``; with ``greedy=False`` the column is empty). The greedy token
+    keeps :func:`greedy_tokens`' rule (the first index among tied maxima), derived from the
+    top-k when there is one, so a single pass over the logits serves both: the smallest id
+    among the top-k entries equal to the maximum. A row whose k entries all tie (more tied
+    maxima than k) falls back to :func:`greedy_tokens`. Example, k = 3, a row with values 2 at
+    ids 9 and 4 and 1 elsewhere: topk may list (9, 4, x) or (4, 9, x); the greedy token is 4
+    either way.
     """
-    k = min(top_k, logits.shape[-1])
-    if k == 0:
-        greedy = greedy_tokens(logits) if with_greedy else logits.new_zeros(logits.shape[0], dtype=torch.long)
-        return _to_host(greedy[:, None])[:, 0], np.zeros((logits.shape[0], 0), dtype=np.int64)
-    values, ids = logits.topk(k, dim=-1)  # (N, k), sorted
-    if not with_greedy:
-        return np.zeros(logits.shape[0], dtype=np.int64), _to_host(ids)
+    rows, k = logits.shape[0], min(top_k, logits.shape[-1])
+    values, ids = logits.topk(k, dim=-1) if k else (None, None)  # (N, k), best first
+    if tokens is None and greedy:
+        tokens = _greedy(logits, values, ids)
+    columns = [c for c in ((None if tokens is None else tokens[:, None]), ids) if c is not None]
+    if not columns:
+        return np.zeros(0, dtype=np.int64), np.zeros((rows, 0), dtype=np.int64)
+    packed = _to_host(torch.cat(columns, dim=1) if len(columns) > 1 else columns[0])
+    if tokens is None:
+        return np.zeros(0, dtype=np.int64), packed
+    return packed[:, 0], packed[:, 1:]
+
+
+def _greedy(logits: torch.Tensor, values: torch.Tensor | None, ids: torch.Tensor | None) -> torch.Tensor:
+    """The greedy tokens (N,), from the sorted top-k ``values``/``ids`` when k >= 2."""
+    if values is None or values.shape[-1] < 2:
+        return greedy_tokens(logits)
     tied = values == values[:, :1]
     greedy = torch.where(tied, ids, logits.shape[-1]).min(dim=-1).values
     overflow = tied[:, -1]
     if logits.device.type != "cpu" or bool(overflow.any()):
         greedy = torch.where(overflow, greedy_tokens(logits), greedy)
-    packed = _to_host(torch.cat((greedy[:, None], ids), dim=1))
-    return packed[:, 0], packed[:, 1:]
+    return greedy
 
 
 def _to_host(tensor: torch.Tensor) -> np.ndarray:
@@ -127,12 +139,12 @@ def _to_host(tensor: torch.Tensor) -> np.ndarray:
 class GreedyVerifier:
     """Greedy decoding: argmax everywhere, :func:`greedy_accept` for the path."""
 
-    def read(self, logits: torch.Tensor, top_k: int) -> tuple[list[int], np.ndarray]:
+    def read(self, logits: torch.Tensor, top_k: int, positions: np.ndarray) -> tuple[list[int], np.ndarray]:
         greedy, topk = read_back(logits, top_k)
         return greedy.tolist(), topk
 
     def first_token(self, predicted: list[int]) -> int:
-        return predicted[0]
+        return predicted[-1]
 
     def accept(self, tree: DraftTree, predicted: list[int]) -> tuple[list[int], int]:
         path = greedy_accept(tree.tokens, tree.parents, predicted)

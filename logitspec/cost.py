@@ -1,12 +1,19 @@
-"""The cost of verification: how long a forward pass of N tree tokens takes, measured.
+"""The cost of verification: how long a forward pass of N tree tokens takes, measured, and
+how that grows with the context.
 
-A tree of N tokens costs ``cost(N)``; on a GPU ``cost(64)`` is close to ``cost(1)``, on a CPU it
-is several times more. Drafters that size their trees by this curve stay profitable on both.
+A tree of N tokens over C cached tokens costs ``cost(N)`` of the curve at C; on a GPU
+``cost(64)`` is close to ``cost(1)``, on a CPU it is several times more, and on both the
+attention over the cache makes every step dearer as C grows. Drafters that size their trees by
+this surface stay profitable on both.
 
-:func:`measure_cost_curve` times forward passes of N tokens (with a tree mask) over a cache of
-``context`` tokens; :func:`cost_curve_for` caches the result per model, dtype, device, torch
-version and thread count as JSON in the cache directory, and measures it on first use (or when
-``refresh`` is set).
+:func:`measure_cost_surface` times forward passes of N tokens (with a tree mask) over caches
+of a few context lengths (:data:`DEFAULT_CONTEXTS`, those the model's context allows; on the
+CPU only the first two, as filling an 8,192-token cache there takes minutes, and the curve is
+extrapolated along them);
+:class:`CostSurface` interpolates between them. :func:`cost_surface_for` caches the result
+per model, dtype, device and torch version (plus the thread count on the CPU; threads do not
+change a CUDA measurement) as JSON in the cache directory, and measures it on first use (or
+when ``refresh`` is set).
 """
 
 from __future__ import annotations
@@ -16,16 +23,21 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from .kv_cache import KVCache
 from .model import Transformer
 from .timing import synchronize
 
 DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+DEFAULT_CONTEXTS = (512, 2048, 8192)
+CPU_CONTEXTS = DEFAULT_CONTEXTS[:2]
+CONTEXT_BUCKET = 256
+FORMAT = "surface-1"  # part of the cache key: files of another format are not read
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,10 @@ class CostCurve:
         """The relative cost at each of ``sizes``."""
         return [self.relative(n) for n in sizes]
 
+    def at(self, context: int) -> "CostCurve":
+        """This curve: one measured context stands for all (as :meth:`CostSurface.at`)."""
+        return self
+
 
 @torch.inference_mode()
 def measure_cost_curve(
@@ -70,18 +86,19 @@ def measure_cost_curve(
     context: int = 512,
     repeats: int = 7,
     warmup: int = 2,
+    cache: KVCache | None = None,
 ) -> CostCurve:
     """Times one forward pass of N random tokens (a causal tree mask) over ``context`` cached
     tokens, for each N in ``sizes``: the fastest of ``repeats`` runs (interference only ever
-    adds time), then made non-decreasing in N (a larger tree never costs less)."""
+    adds time), then made non-decreasing in N (a larger tree never costs less). ``cache``: one
+    to reuse (its committed tokens are kept and topped up to ``context`` with random ones)."""
     sizes = sorted(set(int(n) for n in sizes) | {1})
     device = model.device
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(context)
     vocab = model.config.vocab_size
-    cache = model.new_cache(context + max(sizes), mask_rows=max(sizes))
-    prefix = torch.randint(vocab, (context,), generator=gen).to(device)
-    model.hidden(prefix, torch.arange(context, device=device), cache)
-    cache.commit(context)
+    if cache is None:
+        cache = model.new_cache(context + max(sizes), mask_rows=max(sizes))
+    fill_cache(model, cache, context, gen)
     seconds = []
     for n in sizes:
         tokens = torch.randint(vocab, (n,), generator=gen).to(device)
@@ -99,39 +116,178 @@ def measure_cost_curve(
     return CostCurve(tuple(sizes), tuple(seconds), context, str(device))
 
 
-def cost_curve_for(
+@torch.inference_mode()
+def fill_cache(
+    model: Transformer, cache: KVCache, context: int, gen: torch.Generator | None = None
+) -> None:
+    """Commits random tokens to ``cache`` until it holds ``context`` (cutting it when it holds
+    more), a prefill chunk at a time."""
+    from .decoding import PREFILL_CHUNK
+
+    cache.truncate(min(cache.length, context))
+    while cache.length < context:
+        start, end = cache.length, min(cache.length + PREFILL_CHUNK, context)
+        tokens = torch.randint(model.config.vocab_size, (end - start,), generator=gen)
+        model.hidden(tokens.to(model.device), torch.arange(start, end, device=model.device), cache)
+        cache.commit(end - start)
+
+
+@dataclass(frozen=True)
+class CostSurface:
+    """Verify cost over tree size and context length: one :class:`CostCurve` per measured
+    context (increasing contexts, the same sizes).
+
+    :meth:`at` gives the curve at any context length: linear in the context between the two
+    nearest measured curves, extrapolated along the last two past the longest (attention over
+    the cache grows linearly with it), the first curve below the shortest. It is evaluated at
+    the end of the context's bucket of ``bucket`` tokens and kept per bucket, so a drafter can
+    ask at every step for the same curve object until the context crosses a bucket boundary::
+
+        curve = surface.at(len(context))  # one dict lookup while in the same bucket
+        cost = curve.cost(n)
+
+    Example: curves at 512 (``cost(1) = 10 ms``) and 2048 (``14 ms``): ``at(1000).cost(1)`` is
+    the value at 1024, ``10 + 4 * (1024 - 512) / 1536 = 11.33 ms``.
+
+    ``cost(n)``, ``relative(n)`` and ``table(sizes)`` are those of the shortest context's
+    curve: what a caller that does not follow the context gets.
+    """
+
+    curves: tuple[CostCurve, ...]
+    bucket: int = CONTEXT_BUCKET
+    _memo: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if not self.curves:
+            raise ValueError("a cost surface needs at least one curve")
+        contexts = [c.context for c in self.curves]
+        if any(b <= a for a, b in zip(contexts, contexts[1:])):
+            raise ValueError("cost surface contexts must increase")
+        if any(c.sizes != self.curves[0].sizes for c in self.curves):
+            raise ValueError("every curve of a cost surface needs the same sizes")
+        if self.bucket < 1:
+            raise ValueError(f"bucket must be >= 1, got {self.bucket}")
+
+    @property
+    def contexts(self) -> tuple[int, ...]:
+        return tuple(c.context for c in self.curves)
+
+    def at(self, context: int) -> CostCurve:
+        """The curve at ``context`` cached tokens (class docstring)."""
+        key = max(context, 0) // self.bucket
+        curve = self._memo.get(key)
+        if curve is None:
+            curve = self._memo[key] = self._interpolated((key + 1) * self.bucket)
+        return curve
+
+    def _interpolated(self, context: int) -> CostCurve:
+        curves = self.curves
+        if len(curves) == 1 or context <= curves[0].context:
+            return curves[0]
+        hi = min(bisect.bisect_left(self.contexts, context), len(curves) - 1)
+        lo, up = curves[hi - 1], curves[hi]
+        if context == up.context:
+            return up
+        weight = (context - lo.context) / (up.context - lo.context)
+        seconds, floor = [], 0.0
+        for a, b in zip(lo.seconds, up.seconds):
+            value = a + weight * (b - a)
+            floor = max(value, b, floor) if weight > 1 else max(value, floor)
+            seconds.append(floor)  # a larger tree never costs less
+        return CostCurve(up.sizes, tuple(seconds), context, up.device)
+
+    def cost(self, n: int) -> float:
+        return self.curves[0].cost(n)
+
+    def relative(self, n: int) -> float:
+        return self.curves[0].relative(n)
+
+    def table(self, sizes: Sequence[int]) -> list[float]:
+        return self.curves[0].table(sizes)
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "bucket": self.bucket, "curves": [asdict(c) for c in self.curves]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CostSurface":
+        curves = tuple(
+            CostCurve(tuple(c["sizes"]), tuple(c["seconds"]), c["context"], c["device"])
+            for c in data["curves"]
+        )
+        return cls(curves, data["bucket"])
+
+
+def usable_contexts(model: Transformer, contexts: Sequence[int], largest_size: int) -> list[int]:
+    """``contexts`` that leave room for ``largest_size`` new tokens in the model's context,
+    plus that room's limit when some did not fit (so long contexts are still covered; at
+    least 1). Example: contexts 512, 2048, 8192 and 128 new tokens on a 4,096-token model ->
+    512, 2048, 3968."""
+    limit = max(model.config.max_position_embeddings - largest_size, 1)
+    kept = sorted({c for c in contexts if 1 <= c <= limit})
+    if len(kept) < len(set(contexts)) and (not kept or kept[-1] < limit):
+        kept.append(limit)
+    return kept
+
+
+@torch.inference_mode()
+def measure_cost_surface(
+    model: Transformer,
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    contexts: Sequence[int] | None = None,
+    *,
+    repeats: int = 7,
+    warmup: int = 2,
+) -> CostSurface:
+    """:func:`measure_cost_curve` at each of :func:`usable_contexts` (default:
+    :data:`DEFAULT_CONTEXTS`, :data:`CPU_CONTEXTS` on the CPU), over one cache filled once in
+    prefill-sized chunks up to each context in turn."""
+    if contexts is None:
+        contexts = CPU_CONTEXTS if model.device.type == "cpu" else DEFAULT_CONTEXTS
+    sizes = sorted(set(int(n) for n in sizes) | {1})
+    contexts = usable_contexts(model, contexts, sizes[-1])
+    cache = model.new_cache(contexts[-1] + sizes[-1], mask_rows=sizes[-1])
+    curves = [
+        measure_cost_curve(model, sizes, context=c, repeats=repeats, warmup=warmup, cache=cache)
+        for c in contexts
+    ]
+    return CostSurface(tuple(curves))
+
+
+def cost_surface_for(
     model: Transformer, model_key: str, *, refresh: bool = False, cache_root: Path | None = None
-) -> CostCurve:
-    """The cached curve for this model/dtype/device (measured and stored when missing)."""
-    path = _curve_path(model, model_key, cache_root)
+) -> CostSurface:
+    """The cached surface for this model/dtype/device (measured and stored when missing)."""
+    path = _surface_path(model, model_key, cache_root)
     if path.is_file() and not refresh:
-        data = json.loads(path.read_text())
-        return CostCurve(tuple(data["sizes"]), tuple(data["seconds"]), data["context"], data["device"])
-    curve = measure_cost_curve(model)
-    store_cost_curve(model, model_key, curve, cache_root=cache_root)
-    return curve
+        return CostSurface.from_json(json.loads(path.read_text()))
+    surface = measure_cost_surface(model)
+    store_cost_surface(model, model_key, surface, cache_root=cache_root)
+    return surface
 
 
-def store_cost_curve(
-    model: Transformer, model_key: str, curve: CostCurve, *, cache_root: Path | None = None
+def store_cost_surface(
+    model: Transformer, model_key: str, surface: CostSurface, *, cache_root: Path | None = None
 ) -> Path:
-    """Makes ``curve`` the cached one for this model/dtype/device; returns the file."""
-    path = _curve_path(model, model_key, cache_root)
+    """Makes ``surface`` the cached one for this model/dtype/device; returns the file."""
+    path = _surface_path(model, model_key, cache_root)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(asdict(curve)))
+    tmp.write_text(json.dumps(surface.to_json()))
     tmp.replace(path)
     return path
 
 
-def _curve_path(model: Transformer, model_key: str, cache_root: Path | None) -> Path:
+def _surface_path(model: Transformer, model_key: str, cache_root: Path | None) -> Path:
     from .loading import cache_dir
 
-    return (cache_root or cache_dir()) / "costs" / f"{_curve_key(model, model_key)}.json"
+    return (cache_root or cache_dir()) / "costs" / f"{_surface_key(model, model_key)}.json"
 
 
-def _curve_key(model: Transformer, model_key: str) -> str:
+def _surface_key(model: Transformer, model_key: str) -> str:
     device = model.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    parts = [model_key, str(model.dtype), name, torch.__version__, str(torch.get_num_threads())]
+    parts = [FORMAT, model_key, str(model.dtype), torch.__version__]
+    if device.type == "cuda":
+        parts.append(torch.cuda.get_device_name(device))
+    else:
+        parts += ["cpu", str(torch.get_num_threads())]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]

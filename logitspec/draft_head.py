@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .acceptance import TargetOutput
+from .attention import AttentionPlan, Choice, plan
 from .config import ModelConfig, RopeConfig
 from .draft_model import DraftSource
 from .kv_cache import KVCache
@@ -154,10 +155,13 @@ class DraftHead(nn.Module):
         n = tokens.shape[0]
         x = self.fc(torch.cat((F.embedding(tokens, self.embed_weight), features), dim=-1))
         cache.begin(n)
+        layer = self.config.layer
         if mask is None:
-            mask = cache.attention_mask(None, n)
+            attention = plan(cache, None, n, layer.num_heads, layer.head_dim)
+        else:  # an explicit boolean mask, broadcast over the heads (SDPA's own GQA)
+            attention = AttentionPlan(Choice("tree", False, "bias", None), mask)
         cos, sin = rope_tables(self.inv_freq.to(positions.device), positions, x.dtype)
-        return self.layer(x, cos, sin, cache, 0, mask)
+        return self.layer(x, cos, sin, cache, 0, attention)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Logits (N, V') over the draft vocabulary at predicted ``features`` (N, H)."""

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from .acceptance import TargetOutput
-from .cost import CostCurve
+from .cost import CostCurve, CostSurface
 from .pool import NGramPool
 from .tree import DraftTree, build_tree
 from .value_tree import DEPTH_BUCKETS, RANK_BUCKETS, AcceptanceStats, BestFirstTree, Chain, bucket
@@ -256,7 +257,8 @@ class ValueTreeDrafter(_PoolDrafter):
     """LogitSpec's candidates (next-token chains, next-next chains from the top-k of the last
     logit), ranked by estimated acceptance probability learned online, the tree sized by the
     budget or, with a cost curve and ``draft_tree_capacity=None``, by expected tokens per
-    second (:mod:`logitspec.value_tree`).
+    second (:mod:`logitspec.value_tree`). A :class:`~logitspec.cost.CostSurface` is read at the
+    current context length (attention over a long context makes large trees dearer).
 
     Features: ``("next", n, depth)`` for the next-token chain retrieved by an n-gram of order
     ``n``, ``("alt", n, depth)`` for older stored continuations (``max_continuations > 1``),
@@ -267,7 +269,8 @@ class ValueTreeDrafter(_PoolDrafter):
     name = "logitspec-value"
 
     def __init__(
-        self, config: LogitSpecConfig, cost_curve: CostCurve | None = None, successors=None
+        self, config: LogitSpecConfig, cost_curve: CostCurve | CostSurface | None = None,
+        successors=None,
     ) -> None:
         if config.tree_policy != "value":
             raise ValueError("ValueTreeDrafter needs tree_policy='value'")
@@ -275,7 +278,7 @@ class ValueTreeDrafter(_PoolDrafter):
             raise ValueError("an automatic draft_tree_capacity needs a cost curve")
         super().__init__(config.pool, config.capacity)
         self.config = config
-        self.cost = cost_curve.cost if config.draft_tree_capacity is None else None
+        self.costs = cost_curve if config.draft_tree_capacity is None else None
         self.stats = AcceptanceStats(value_prior)
         self.overhead = 0.0
         self.successors = successors
@@ -283,13 +286,16 @@ class ValueTreeDrafter(_PoolDrafter):
         self.top_k = max(config.candidates + 1, recycled)
         self._features: list = []
         self._feature_cache: dict = {}
+        self._rank_features = [None] + [("first", bucket(rank, RANK_BUCKETS))
+                                        for rank in range(1, self.config.candidates + 1)]
 
     def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
         start = time.perf_counter()
         tree = BestFirstTree(root, self.stats.rate, max_depth)
         if self.tree_capacity > 1 and max_depth > 0:
             self._offer_candidates(tree, root, root_topk, max_depth)
-        draft, self._features = tree.grow(self.tree_capacity, self.cost, self.overhead)
+        cost = self.costs.at(len(self.pool)).cost if self.costs is not None else None
+        draft, self._features = tree.grow(self.tree_capacity, cost, self.overhead)
         self.overhead = 0.9 * self.overhead + 0.1 * (time.perf_counter() - start)
         return draft
 
@@ -320,16 +326,17 @@ class ValueTreeDrafter(_PoolDrafter):
     def _offer_next_next_chains(self, tree: BestFirstTree, root: int, top: list[int]) -> None:
         keep = self.pool.max_ngram_size - 1  # the tokens a query keeps before the candidate
         prefix = (self.pool.tokens[-keep:] + [root])[-keep:] if keep else []
-        for rank, token in next_next_candidates(root, top, self.config.candidates):
-            tree.offer(self._next_next_chain(prefix, rank, token))
+        first = self._rank_features
+        tree.offer_heads(
+            (token, first[rank], partial(self._next_next_tail, prefix, token))
+            for rank, token in next_next_candidates(root, top, self.config.candidates)
+        )
 
-    def _next_next_chain(self, prefix: list[int], rank: int, token: int) -> Chain:
-        """``token`` at ``rank``, then (only if asked: its first node made the cut) the pool's
+    def _next_next_tail(self, prefix: list[int], token: int) -> Chain:
+        """The rest of a next-next chain, made only once ``token`` made the cut: the pool's
         continuation of ``context + [root, token]``."""
-        yield token, ("first", bucket(rank, RANK_BUCKETS))
         n, conts = self.pool.match(prefix + [token], self.config.value_chain_length - 1)
-        if conts:
-            yield from zip(conts[0], self._depth_features("cont", n, 2))
+        return zip(conts[0], self._depth_features("cont", n, 2)) if conts else iter(())
 
     def _offer_recycled_chains(self, tree: BestFirstTree, root: int) -> None:
         """Chains through the target's remembered successors: the ``j``-th successor of the

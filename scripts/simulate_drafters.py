@@ -11,8 +11,11 @@ chose it is enough to replay any retrieval drafter exactly, without the model:
         --drafter pld:8 --drafter logitspec:64 --drafter logitspec:auto
 
 Replay reports MAT per category (exact for the recorded outputs) and a speedup estimated from
-the measured cost curve (verify forward of N tokens) plus the drafter's own measured host
-time. The last stdout line is one JSON object.
+the measured cost surface (a verify forward of N tokens at the step's context length) plus the
+drafter's own measured host time. The last stdout line is one JSON object.
+
+Lookahead decoding cannot be replayed: its n-grams are the target's outputs at the Jacobi
+window's guesses, inputs that a greedy trace never saw; measure it with the model.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 
 from logitspec.acceptance import TargetOutput, greedy_accept
-from logitspec.cost import CostCurve, cost_curve_for
+from logitspec.cost import CostCurve, cost_surface_for
 from logitspec.decoding import Decoder, GenerationConfig
 from logitspec.drafters import Drafter
 from logitspec.loading import load
@@ -133,17 +136,29 @@ def record(args: argparse.Namespace) -> int:
     return 0
 
 
-def replay_turn(drafter: Drafter, trace: TurnTrace) -> tuple[list[int], list[int], float]:
-    """Accept lengths and tree sizes of ``drafter`` on one recorded turn, and its host time."""
+@dataclass
+class ReplayedTurn:
+    """A drafter on one recorded turn: per step its accept length, its verified inputs and the
+    context length before the step; its host time in all."""
+
+    accept_lengths: list[int]
+    tree_sizes: list[int]
+    contexts: list[int]
+    host: float
+
+
+def replay_turn(drafter: Drafter, trace: TurnTrace) -> ReplayedTurn:
+    """``drafter`` on one recorded turn, step by step, as the decoding loop would run it."""
     out, n = trace.output, len(trace.output)
     topk = trace.topk.numpy().astype(np.int64)
     drafter.begin(trace.prompt, 0)
-    accept_lengths, tree_sizes, host = [], [], 0.0
+    turn = ReplayedTurn([], [], [], 0.0)
     i = 0
     while i < n:
+        turn.contexts.append(len(trace.prompt) + i)
         if i == n - 1:
-            accept_lengths.append(1)
-            tree_sizes.append(0)
+            turn.accept_lengths.append(1)
+            turn.tree_sizes.append(0)
             break
         start = time.perf_counter()
         tree = drafter.draft(out[i], topk[i], trace.max_new_tokens - i - 1)
@@ -151,11 +166,11 @@ def replay_turn(drafter: Drafter, trace: TurnTrace) -> tuple[list[int], list[int
         path = greedy_accept(tree.tokens, tree.parents, pred)
         drafter.observe(tree, TargetOutput(None, rows))
         drafter.extend(out[i:i + len(path)], tree, path)
-        host += time.perf_counter() - start
-        accept_lengths.append(len(path))
-        tree_sizes.append(tree.num_inputs)
+        turn.host += time.perf_counter() - start
+        turn.accept_lengths.append(len(path))
+        turn.tree_sizes.append(tree.num_inputs)
         i += len(path)
-    return accept_lengths, tree_sizes, host
+    return turn
 
 
 def trace_outputs(tree: DraftTree, out: Sequence[int], start: int,
@@ -180,21 +195,41 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
     ``logitspec:auto``, options after commas: ``ngram=3,pred=20,conts=1`` (pool), ``nomerge``,
     ``value`` (value-ranked tree), ``k=32`` (next-next candidates), ``max=64`` (auto's largest
     tree), ``len=8`` (value chain length), ``rec=8,recd=6`` (recycled chains and their depth).
+    ``sam:<capacity>``: SAMD[T] as ``inference_sam`` builds it (automaton drafts of
+    ``min(40, capacity)`` tokens, Token Recycling on ``capacity`` nodes), options ``size=40``
+    (automaton draft), ``thr=5``, ``bias=5``, ``alone`` (no fallback), ``scale=4`` (drafts sized
+    by the match), ``earliest`` (no walk to roomier suffixes).
 
-    Token Recycling and recycled chains learn successors from the trace, which knows the
-    target's top-k on the recorded path only (the real run also learns from rejected nodes)."""
+    ``racer:<capacity>``: RACER, options ``ngram=10,nodes=10000,breadth=8``.
+    ``suffix:<capacity>`` (SuffixDecoding, published settings), options ``chain`` (chain mode),
+    ``depth=64``, ``factor=1.0``, ``offset=0``, ``prob=0.1``, ``cached=100000``.
+    ``rest:<capacity>,store=FILE`` (REST, published settings), options ``span=16``,
+    ``min=2``, ``matches=5000``, ``len=10``.
+
+    Token Recycling, recycled chains and RACER learn successors from the trace, which knows the
+    target's top-k on the recorded path only (the real run also learns from rejected nodes,
+    and RACER from every prompt position)."""
     from logitspec.drafters import LogitSpecConfig, PoolConfig, PromptLookupDrafter, make_logitspec_drafter
+    from logitspec.racer import RacerConfig, RacerDrafter
     from logitspec.recycling import RecyclingConfig, TokenRecyclingDrafter
 
     kind, _, rest = spec.partition(":")
     fields = rest.split(",") if rest else ["64"]
     capacity, options = fields[0], dict(f.partition("=")[::2] for f in fields[1:])
+    if kind == "suffix":
+        return _suffix_drafter(int(capacity), options)
+    if kind == "rest":
+        return _rest_drafter(int(capacity), options)
     pool = PoolConfig(int(options.get("ngram", 3)), int(options.get("pred", 20)),
                       int(options.get("conts", 1)))
     if kind == "pld":
         return PromptLookupDrafter(pool, int(capacity))
     if kind == "recycling":
         return TokenRecyclingDrafter(RecyclingConfig(int(capacity)), SuccessorTable(vocab_size))
+    if kind == "racer":
+        racer = RacerConfig(int(capacity), int(options.get("ngram", 10)),
+                            int(options.get("nodes", 10_000)), int(options.get("breadth", 8)))
+        return RacerDrafter(racer, SuccessorTable(vocab_size, racer.max_breadth))
     if kind == "logitspec":
         auto = capacity == "auto"
         config = LogitSpecConfig(
@@ -209,7 +244,52 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
         )
         successors = SuccessorTable(vocab_size) if config.recycle_chains else None
         return make_logitspec_drafter(config, curve, successors)
+    if kind == "sam":
+        return _make_sam_drafter(int(capacity), options, vocab_size)
+    if kind == "lookahead":
+        raise ValueError("lookahead cannot be replayed from a greedy trace: its n-grams are the "
+                         "target's outputs at the window's guesses (run inference_lookahead)")
     raise ValueError(f"unknown drafter spec {spec!r}")
+
+
+def _make_sam_drafter(capacity: int, options: dict[str, str], vocab_size: int) -> Drafter:
+    from logitspec.recycling import RecyclingConfig
+    from logitspec.sam import SamConfig, SamDrafter
+
+    config = SamConfig(
+        draft_size=min(int(options.get("size", 40)), capacity),
+        threshold=int(options.get("thr", 5)),
+        static_bias=int(options.get("bias", 5)),
+        fallback="alone" not in options,
+        recycling=RecyclingConfig(capacity),
+        match_scale=float(options["scale"]) if "scale" in options else None,
+        roomier_suffix="earliest" not in options,
+    )
+    return SamDrafter(config, None, SuccessorTable(vocab_size, config.recycling.k))
+
+
+def _suffix_drafter(capacity: int, options: dict[str, str]) -> Drafter:
+    from logitspec.suffix_decoding import SuffixConfig, SuffixDecodingDrafter
+
+    return SuffixDecodingDrafter(SuffixConfig(
+        draft_tree_capacity=capacity, mode="chain" if "chain" in options else "tree",
+        max_depth=int(options.get("depth", 64)), max_spec_factor=float(options.get("factor", 1.0)),
+        max_spec_offset=float(options.get("offset", 0.0)),
+        min_token_prob=float(options.get("prob", 0.1)),
+        max_cached_answers=int(options.get("cached", 100_000)),
+    ))
+
+
+def _rest_drafter(capacity: int, options: dict[str, str]) -> Drafter:
+    from logitspec.rest import Datastore, RestConfig, RestDrafter
+
+    if "store" not in options:
+        raise ValueError("a rest spec needs store=FILE (scripts/build_rest_datastore.py)")
+    return RestDrafter([Datastore.load(options["store"])], RestConfig(
+        draft_tree_capacity=capacity, max_span=int(options.get("span", 16)),
+        min_span=int(options.get("min", 2)), max_matches=int(options.get("matches", 5000)),
+        continuation_length=int(options.get("len", 10)),
+    ))
 
 
 def load_traces(path: str) -> tuple[dict, list[TurnTrace]]:
@@ -221,21 +301,23 @@ def load_traces(path: str) -> tuple[dict, list[TurnTrace]]:
 def replay(args: argparse.Namespace) -> int:
     data, traces = load_traces(args.trace)
     lm = load(data["model_path"], dtype=data["dtype"], device=args.device)
-    curve = cost_curve_for(lm.model, str(lm.path))
+    curve = cost_surface_for(lm.model, str(lm.path))
     vocab = lm.model.config.vocab_size
     report = {}
     for spec in args.drafter:
         rows = defaultdict(lambda: {"tokens": 0, "steps": 0, "time": 0.0, "vanilla": 0.0, "host": 0.0})
         drafter = make_drafter(spec, curve, vocab)  # one per run, as in the harness: statistics persist
         for trace in traces:
-            lengths, sizes, host = replay_turn(drafter, trace)
+            turn = replay_turn(drafter, trace)
+            verify = sum(curve.at(c).cost(s) for s, c in zip(turn.tree_sizes, turn.contexts) if s)
+            vanilla = sum(curve.at(len(trace.prompt) + j).cost(1) for j in range(len(trace.output) - 1))
             for key in (group_of(trace.category), "overall"):
                 row = rows[key]
-                row["tokens"] += sum(lengths)
-                row["steps"] += len(lengths)
-                row["time"] += sum(curve.cost(s) for s in sizes if s) + host
-                row["host"] += host
-                row["vanilla"] += (sum(lengths) - 1) * curve.cost(1)
+                row["tokens"] += sum(turn.accept_lengths)
+                row["steps"] += len(turn.accept_lengths)
+                row["time"] += verify + turn.host
+                row["host"] += turn.host
+                row["vanilla"] += vanilla
         report[spec] = {k: {"mat": r["tokens"] / r["steps"], "speedup": r["vanilla"] / r["time"],
                             "host_share": r["host"] / r["time"]} for k, r in rows.items()}
     _print_report(report)

@@ -53,9 +53,10 @@ class MarkovLM(nn.Module):
         ids = tokens.float().view(1, num_new, 1)
         keys, _ = cache.write(0, ids, ids)
         seq = keys[0, :, 0].long()  # (S,)
-        own = torch.arange(num_new) + cache.length
-        mask[torch.arange(num_new), own] = False
-        slots = torch.arange(seq.shape[0]).expand(num_new, -1)
+        device = seq.device
+        own = torch.arange(num_new, device=device) + cache.length
+        mask[torch.arange(num_new, device=device), own] = False
+        slots = torch.arange(seq.shape[0], device=device).expand(num_new, -1)
         prev_slot = torch.where(mask, slots, -1).max(dim=1).values
         prev = torch.where(prev_slot >= 0, seq[prev_slot.clamp(min=0)], -1)
         return self.table[(prev + 1) * self.vocab_size + tokens]

@@ -48,7 +48,7 @@ def test_greedy_verifier_table(tokens, parents, pred, expected):
     logits = torch.full((len(tokens), 100), -1.0)
     logits[torch.arange(len(tokens)), torch.tensor(pred)] = 5.0
     verifier = GreedyVerifier()
-    predicted, topk = verifier.read(logits, 3)
+    predicted, topk = verifier.read(logits, 3, np.arange(len(tokens)))
     assert predicted == pred and topk[:, 0].tolist() == pred
     path, bonus = verifier.accept(tree, predicted)
     assert path == expected
@@ -58,7 +58,7 @@ def test_greedy_verifier_table(tokens, parents, pred, expected):
 def test_first_token_is_argmax():
     logits = torch.tensor([[0.5, -1.0, 3.0, 2.9]])
     verifier = GreedyVerifier()
-    assert verifier.first_token(verifier.read(logits, 0)[0]) == 2
+    assert verifier.first_token(verifier.read(logits, 0, np.array([6]))[0]) == 2
 
 
 def reference_accept(tokens, parents, pred) -> list[int]:

@@ -18,7 +18,11 @@ from typing import Callable
 import pytest
 
 from cli_helpers import DEMO, run_cli, save_tiny_llama, write_questions
-from evaluation import inference_pld, inference_sps
+from evaluation import (
+    inference_lookahead, inference_pld, inference_racer, inference_rest, inference_sam,
+    inference_sps, inference_suffix,
+)
+from logitspec.rest import Datastore
 
 Argv = Callable[["Inputs"], list[str]]
 
@@ -39,6 +43,13 @@ class Inputs:
             path.write_bytes(raw)
         else:
             write_questions(path, lines or [])
+        return str(path)
+
+    def datastore(self) -> str:
+        """A REST datastore with a token id the tiny model does not have."""
+        path = self.folder / "big-ids.npz"
+        if not path.exists():
+            Datastore.from_entries([[1, 2, 40000]]).save(path)
         return str(path)
 
     def model(self, name: str, edit: Callable[[Path], None]) -> str:
@@ -90,6 +101,16 @@ def _model(name: str, edit: Callable[[Path], None], *flags: str) -> Argv:
 
 def _draft_mismatch(inputs: Inputs) -> list[str]:
     return _tiny("--draft-model-path", str(inputs.reversed_bytes))(inputs)
+
+
+def _corpus(name: str, content: bytes) -> Argv:
+    """The tiny model with ``--corpus`` pointing at a file holding ``content``."""
+    def argv(inputs: Inputs) -> list[str]:
+        path = inputs.folder / "corpora" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        return _tiny("--corpus", str(path))(inputs)
+    return argv
 
 
 @dataclass(frozen=True)
@@ -161,6 +182,12 @@ CASES = [
     Case("n-gram size 0", _tiny("--max-ngram-size", "0"), r"max_ngram_size must be >= 1, got 0"),
     Case("num_pred_tokens 0", _tiny("--num-pred-tokens", "0"),
          r"num_pred_tokens must be >= 1, got 0"),
+    Case("lookahead level 2", _tiny("--level", "2"),
+         r"level \(n-gram size N\) must be >= 3, got 2", inference_lookahead),
+    Case("lookahead window 0", _tiny("--window", "0"), r"window \(W\) must be >= 1, got 0",
+         inference_lookahead),
+    Case("lookahead guess negative", _tiny("--guess", "-1"),
+         r"guess \(G, n-grams verified per step\) must be >= 1, got -1", inference_lookahead),
     Case("num workers 0", _tiny("--num-workers", "0"), r"num_workers must be >= 1, got 0"),
     Case("GPUs per model above the total", _tiny("--num-gpus-per-model", "2"),
          r"num_gpus_per_model \(2\) must be <= num_gpus_total \(1\)"),
@@ -182,6 +209,66 @@ CASES = [
          r"argument --max-new-tokens: invalid int value: 'many'"),
     Case("empty slice", _tiny("--question-begin", "100", "--question-end", "200"),
          r"no questions selected from .*demo/question\.jsonl"),
+    Case("racer tree budget 0", _tiny("--draft-tree-capacity", "0"),
+         r"draft_tree_capacity must be >= 1 \(the root\), got 0", inference_racer),
+    Case("racer n-gram window 1", _tiny("--ngram", "1"), r"ngram must be >= 2, got 1",
+         inference_racer),
+    Case("racer automaton too small", _tiny("--max-nodes", "10"),
+         r"max_nodes must be > ngram=10, got 10", inference_racer),
+    Case("racer breadth 0", _tiny("--max-breadth", "0"), r"max_breadth must be >= 1, got 0",
+         inference_racer),
+    Case("racer prompt logits neither on nor off", _tiny("--prompt-logits", "maybe"),
+         r"argument --prompt-logits: invalid choice: 'maybe'", inference_racer),
+    # SAM-Decoding
+    Case("sam draft size 0", _tiny("--draft-size", "0"),
+         r"draft_size must be >= 1 \(the root\), got 0", inference_sam),
+    Case("sam tree budget 0", _tiny("--draft-tree-capacity", "0"),
+         r"draft_tree_capacity must be >= 1 \(the root\), got 0", inference_sam),
+    Case("sam threshold negative", _tiny("--match-threshold", "-1"),
+         r"threshold and static_bias must be >= 0, got -1 and 5", inference_sam),
+    Case("sam bias negative", _tiny("--static-bias", "-2"),
+         r"threshold and static_bias must be >= 0, got 5 and -2", inference_sam),
+    Case("sam match scale 0", _tiny("--match-scale", "0"), r"match_scale must be > 0, got 0\.0",
+         inference_sam),
+    Case("sam unknown fallback", _tiny("--fallback", "eagle"),
+         r"argument --fallback: invalid choice: 'eagle'", inference_sam),
+    Case("sam corpus missing", lambda i: _tiny("--corpus", str(i.folder / "none.ids"))(i),
+         r"corpus .*none\.ids: no such file", inference_sam),
+    Case("sam corpus id not a number", _corpus("words.ids", b"5 6\n7 x\n"),
+         r"corpus .*words\.ids, line 2: 'x' is not a token id", inference_sam),
+    Case("sam corpus id outside the vocabulary", _corpus("big.ids", b"5 6 400\n"),
+         r"corpus .*big\.ids, line 1: token id 400 is outside the vocabulary of 259",
+         inference_sam),
+    Case("sam corpus empty", _corpus("empty.txt", b" \n\n"), r"corpus .*empty\.txt: no tokens",
+         inference_sam),
+    Case("sam corpus not UTF-8", _corpus("latin.txt", b"caf\xe9"),
+         r"corpus .*latin\.txt: not UTF-8 text \(byte 3\)", inference_sam),
+    # SuffixDecoding's flags
+    Case("suffix tree budget 0", _tiny("--draft-tree-capacity", "0"),
+         r"draft_tree_capacity must be >= 1 \(the root\), got 0", inference_suffix),
+    Case("suffix mode unknown", _tiny("--mode", "path"),
+         r"argument --mode: invalid choice: 'path'", inference_suffix),
+    Case("suffix tree depth 0", _tiny("--max-depth", "0"), r"max_depth must be >= 1, got 0",
+         inference_suffix),
+    Case("suffix spec factor negative", _tiny("--max-spec-factor", "-1"),
+         r"max_spec_factor must be >= 0, got -1\.0", inference_suffix),
+    Case("suffix spec offset not finite", _tiny("--max-spec-offset", "inf"),
+         r"max_spec_offset must be finite, got inf", inference_suffix),
+    Case("suffix min token prob above 1", _tiny("--min-token-prob", "1.5"),
+         r"min_token_prob must be in \[0, 1\], got 1\.5", inference_suffix),
+    Case("suffix cached answers negative", _tiny("--max-cached-answers", "-1"),
+         r"max_cached_answers must be >= 0, got -1", inference_suffix),
+    # REST's datastores and flags
+    Case("rest without a datastore", _tiny(), r"--datastore is required", inference_rest),
+    Case("rest datastore missing", lambda i: _tiny("--datastore", str(i.folder / "none.npz"))(i),
+         r"no datastore file at .*none\.npz", inference_rest),
+    Case("rest datastore not a datastore", lambda i: _tiny("--datastore", str(DEMO))(i),
+         r"question\.jsonl is not a datastore", inference_rest),
+    Case("rest datastore of another vocabulary", lambda i: _tiny("--datastore", i.datastore())(i),
+         r"holds token id 40000, beyond the model's vocabulary of 259", inference_rest),
+    Case("rest spans reversed",
+         lambda i: _tiny("--datastore", i.datastore(), "--max-span", "2", "--min-span", "3")(i),
+         r"spans must satisfy 1 <= min_span <= max_span, got 3 and 2", inference_rest),
 ]
 
 

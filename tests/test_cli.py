@@ -15,23 +15,31 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from evaluation import inference_baseline, inference_logitspec, inference_pld, speed  # noqa: E402
+from evaluation import (  # noqa: E402
+    inference_baseline, inference_logitspec, inference_lookahead, inference_pld, inference_racer,
+    inference_rest, inference_sam, inference_suffix, speed,
+)
 from evaluation.args import EvalConfig, RunConfig, parse_args  # noqa: E402
+from evaluation import eval_loop  # noqa: E402
 from evaluation.eval_loop import TEST_EXIT_AFTER_ENV  # noqa: E402
 from evaluation.questions import Question, load_questions, select_questions  # noqa: E402
 # DEMO is imported from this module by other tests
-from cli_helpers import DEMO, read_lines, run_cli, save_tiny_llama, write_questions  # noqa: E402,F401
+from cli_helpers import (  # noqa: E402,F401
+    DEMO, load_script, read_lines, run_cli, save_tiny_llama, write_questions,
+)
 
-CHOICE_KEYS = {"index", "turns", "decoding_steps", "new_tokens", "wall_time", "accept_lengths",
-               "draft_lengths", "time_breakdown"}
+CHOICE_KEYS = {"index", "turns", "decoding_steps", "new_tokens", "prompt_tokens", "wall_time",
+               "accept_lengths", "draft_lengths", "time_breakdown"}
 META_KEYS = {"method", "params", "model_path", "dtype", "device", "template", "max_new_tokens",
              "temperature", "top_p", "top_k", "seed", "num_choices", "torch", "transformers",
-             "hardware"}
+             "hardware", "threads", "load_average", "attention", "float32_matmul_precision",
+             "peak_memory_bytes"}
 Capsys = pytest.CaptureFixture[str]
 
 
@@ -51,8 +59,11 @@ def check_answer_file(path: Path, num_turns: dict[str, int], method: str) -> lis
         for choice in line["choices"]:
             assert set(choice) == CHOICE_KEYS
             turns = num_turns[str(line["question_id"])]
-            for key in ("turns", "decoding_steps", "new_tokens", "wall_time"):
+            for key in ("turns", "decoding_steps", "new_tokens", "prompt_tokens", "wall_time"):
                 assert len(choice[key]) == turns, key
+            prompts = choice["prompt_tokens"]  # the conversation grows turn by turn
+            assert prompts[0] > 0 and all(a + n < b for a, n, b in
+                                          zip(prompts, choice["new_tokens"], prompts[1:]))
             assert sum(choice["accept_lengths"]) == sum(choice["new_tokens"])
             assert len(choice["accept_lengths"]) == sum(choice["decoding_steps"])
             assert len(choice["draft_lengths"]) == len(choice["accept_lengths"])
@@ -92,6 +103,8 @@ def test_three_methods_on_two_demo_questions(
                               "max_auto_capacity": 64}
     assert len(list((tmp_path / "cache" / "costs").glob("*.json"))) == 1
     assert meta["dtype"] == "float32" and meta["template"] == "chat_template"
+    assert meta["attention"]["decode"] == "flash, folded, no mask"  # the CPU's flash kernel
+    assert meta["float32_matmul_precision"] == "highest" and meta["peak_memory_bytes"] > 0
     assert read_lines(files["pld"])[0]["meta"]["params"]["draft_tree_capacity"] == 21
     for method in ("logitspec", "pld"):
         code = speed.main(["--file-path", str(files[method]), "--base-path", str(files["vanilla"])])
@@ -99,6 +112,129 @@ def test_three_methods_on_two_demo_questions(
         assert code == 0
         overall = report["rows"][-1]
         assert overall["baseline"]["mat"] == 1.0 and overall["exact_match"] == 1.0
+
+
+def test_racer_on_two_demo_questions(tiny: Path, tmp_path: Path, capsys: Capsys) -> None:
+    """RACER's command with its published defaults, and a small automaton that must evict:
+    answer files in the harness's schema, float32 greedy output equal to vanilla's."""
+    common = ["--model-path", str(tiny), "--question-begin", "3", "--question-end", "5",
+              "--max-new-tokens", "24", "--device", "cpu"]
+    runs = {"vanilla": (inference_baseline, []), "racer": (inference_racer, []),
+            "racer-small": (inference_racer, ["--ngram", "3", "--max-nodes", "20",
+                                              "--draft-tree-capacity", "8", "--max-breadth", "2",
+                                              "--prompt-logits", "off"])}
+    files = {}
+    for name, (module, flags) in runs.items():
+        files[name] = tmp_path / f"{name}.jsonl"
+        assert run_cli(module, common + flags + ["--answer-file", str(files[name])]) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert summary["answered"] == 2 and summary["failed"] == []
+        check_answer_file(files[name], {"4": 2, "5": 1}, module.METHOD.name)
+    params = [read_lines(files[name])[0]["meta"]["params"] for name in ("racer", "racer-small")]
+    assert params == [{"draft_tree_capacity": 64, "ngram": 10, "max_nodes": 10000, "max_breadth": 8,
+                       "prompt_logits": "on"},
+                      {"draft_tree_capacity": 8, "ngram": 3, "max_nodes": 20, "max_breadth": 2,
+                       "prompt_logits": "off"}]
+    for name in ("racer", "racer-small"):
+        code = speed.main(["--file-path", str(files[name]), "--base-path", str(files["vanilla"])])
+        overall = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][-1]
+        assert code == 0 and overall["exact_match"] == 1.0
+
+
+def test_suffix_decoding_on_two_demo_questions(tiny: Path, tmp_path: Path, capsys: Capsys) -> None:
+    """Tree and chain mode against vanilla (float32 greedy: the same tokens), with the
+    published settings recorded."""
+    common = ["--model-path", str(tiny), "--question-begin", "3", "--question-end", "5",
+              "--max-new-tokens", "24", "--device", "cpu"]
+    files = {}
+    for name, module, flags in (("vanilla", inference_baseline, []),
+                                ("tree", inference_suffix, []),
+                                ("chain", inference_suffix, ["--mode", "chain"])):
+        files[name] = tmp_path / f"{name}.jsonl"
+        assert run_cli(module, common + flags + ["--answer-file", str(files[name])]) == 0
+        capsys.readouterr()
+        check_answer_file(files[name], {"4": 2, "5": 1}, "vanilla" if name == "vanilla" else "suffix")
+    meta = read_lines(files["tree"])[0]["meta"]
+    assert meta["params"] == {"draft_tree_capacity": 65, "mode": "tree", "max_depth": 64,
+                              "max_spec_factor": 1.0, "max_spec_offset": 0.0,
+                              "min_token_prob": 0.1, "max_cached_answers": 100000}
+    for name in ("tree", "chain"):
+        code = speed.main(["--file-path", str(files[name]), "--base-path", str(files["vanilla"])])
+        overall = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][-1]
+        assert code == 0 and overall["exact_match"] == 1.0
+
+
+def test_sam_on_two_demo_questions_with_and_without_a_corpus(
+    tiny: Path, tmp_path: Path, capsys: Capsys
+) -> None:
+    """SAMD[T] at its defaults, with a text corpus and with a token-id corpus, and SAM alone:
+    float32 greedy answers equal vanilla's; the flags are recorded."""
+    common = ["--model-path", str(tiny), "--question-begin", "3", "--question-end", "5",
+              "--max-new-tokens", "12", "--device", "cpu"]
+    (tmp_path / "corpus.txt").write_text("The quick brown fox jumps over the lazy dog.\n")
+    (tmp_path / "corpus.ids").write_text("40 41 42 43\n44 45\n")
+    runs = {
+        "vanilla": (inference_baseline, []),
+        "samd": (inference_sam, []),
+        "text": (inference_sam, ["--corpus", str(tmp_path / "corpus.txt")]),
+        "ids": (inference_sam, ["--corpus", str(tmp_path / "corpus.ids"), "--static-bias", "0"]),
+        "alone": (inference_sam, ["--fallback", "none", "--match-scale", "4"]),
+    }
+    turns = {}
+    for name, (module, extra) in runs.items():
+        path = tmp_path / f"{name}.jsonl"
+        assert run_cli(module, common + extra + ["--answer-file", str(path)]) == 0
+        capsys.readouterr()
+        lines = check_answer_file(path, {"4": 2, "5": 1}, "vanilla" if name == "vanilla" else "sam")
+        turns[name] = {line["question_id"]: line["choices"][0]["turns"] for line in lines}
+    assert all(turns[name] == turns["vanilla"] for name in runs)
+    params = read_lines(tmp_path / "ids.jsonl")[0]["meta"]["params"]
+    assert params == {"draft_tree_capacity": 64, "draft_size": 40, "match_threshold": 5,
+                      "static_bias": 0, "fallback": "recycling", "match_scale": None,
+                      "dynamic_position": "roomier", "corpus": str(tmp_path / "corpus.ids"),
+                      "recycling_k": 8}
+
+
+def test_rest_with_a_datastore_built_from_demo_questions(tiny: Path, tmp_path: Path,
+                                                         capsys: Capsys) -> None:
+    """The build script tokenizes the demo questions with the model's tokenizer; REST then
+    answers two of them, token for token as vanilla (float32 greedy)."""
+    store = tmp_path / "demo.npz"
+    build = load_script("build_rest_datastore")
+    assert build.main(["--model-path", str(tiny), "--out", str(store), str(DEMO)]) == 0
+    built = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert built["entries"] == sum(len(q["turns"]) for q in map(json.loads, DEMO.open()))
+    common = ["--model-path", str(tiny), "--question-begin", "3", "--question-end", "5",
+              "--max-new-tokens", "24", "--device", "cpu"]
+    files = {"vanilla": tmp_path / "vanilla.jsonl", "rest": tmp_path / "rest.jsonl"}
+    assert run_cli(inference_baseline, common + ["--answer-file", str(files["vanilla"])]) == 0
+    argv = common + ["--datastore", str(store), "--answer-file", str(files["rest"])]
+    assert run_cli(inference_rest, argv) == 0
+    capsys.readouterr()
+    check_answer_file(files["rest"], {"4": 2, "5": 1}, "rest")
+    params = read_lines(files["rest"])[0]["meta"]["params"]
+    assert params == {"datastore": [str(store)], "draft_tree_capacity": 65, "max_span": 16,
+                      "min_span": 2, "max_matches": 5000, "continuation_length": 10}
+    assert speed.main(["--file-path", str(files["rest"]), "--base-path", str(files["vanilla"])]) == 0
+    overall = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][-1]
+    assert overall["exact_match"] == 1.0
+
+
+def test_lookahead_command(tiny: Path, tmp_path: Path, capsys: Capsys) -> None:
+    """Questions 4 and 5 with Spec-Bench's flag names at a small setting: the answers equal
+    vanilla's (float32 greedy), the params are recorded, the trees stay within G x (N - 1)."""
+    common = ["--model-path", str(tiny), "--question-begin", "3", "--question-end", "5",
+              "--max-new-tokens", "12", "--device", "cpu"]
+    files = {name: tmp_path / f"{name}.jsonl" for name in ("vanilla", "lookahead")}
+    assert run_cli(inference_baseline, common + ["--answer-file", str(files["vanilla"])]) == 0
+    assert run_cli(inference_lookahead, common + ["--level", "3", "--window", "4", "--guess", "2",
+                                                  "--answer-file", str(files["lookahead"])]) == 0
+    capsys.readouterr()
+    lines = check_answer_file(files["lookahead"], {"4": 2, "5": 1}, "lookahead")
+    assert lines[0]["meta"]["params"] == {"level": 3, "window": 4, "guess": 2}
+    assert max(d for line in lines for d in line["choices"][0]["draft_lengths"]) <= 4
+    turns = [line["choices"][0]["turns"] for line in read_lines(files["vanilla"])]
+    assert turns == [line["choices"][0]["turns"] for line in lines]
 
 
 def test_subprocess_run_and_default_answer_path(tiny: Path, tmp_path: Path) -> None:
@@ -179,6 +315,61 @@ def test_resume_after_a_crash_and_a_partial_line(
     assert run_cli(inference_logitspec, argv) == 0  # all answered: nothing to do
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["skipped"] == 4
     assert out.read_bytes() == after
+
+
+def faulty_answers(monkeypatch: pytest.MonkeyPatch, faults: dict[int, BaseException]) -> None:
+    """Answering the questions in ``faults`` raises the given error (once per question)."""
+    real = eval_loop.answer_choice
+
+    def answer_choice(ctx, question, index):
+        if question.question_id in faults:
+            raise faults.pop(question.question_id)
+        return real(ctx, question, index)
+
+    monkeypatch.setattr(eval_loop, "answer_choice", answer_choice)
+
+
+def questions_4_to_6(tiny: Path, out: Path) -> list[str]:
+    return ["--model-path", str(tiny), "--question-begin", "3", "--question-end", "6",
+            "--max-new-tokens", "6", "--answer-file", str(out), "--warmup", "0"]
+
+
+def test_out_of_memory_is_an_error_entry_and_the_run_goes_on(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Capsys
+) -> None:
+    released = []
+    monkeypatch.setattr(eval_loop, "release_memory", lambda device: released.append(str(device)))
+    faulty_answers(monkeypatch, {5: torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 20.00 GiB.\nSee the documentation")})
+    out = tmp_path / "answers.jsonl"
+    argv = questions_4_to_6(tiny, out)
+    assert run_cli(inference_pld, argv) == 3
+    assert "question 5: OutOfMemoryError: CUDA out of memory." in capsys.readouterr().err
+    lines = {line["question_id"]: line for line in read_lines(out)}
+    assert lines[5]["error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB."
+    assert lines[4]["choices"] and lines[6]["choices"] and released == ["cpu"]
+    assert run_cli(inference_pld, argv) == 0  # a re-run retries it
+    assert all(line["choices"] for line in read_lines(out))
+
+
+def test_a_device_error_stops_the_run_and_a_rerun_resumes(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Capsys
+) -> None:
+    """After a device-side error the process's CUDA context is unusable: the question gets
+    its error entry, the run stops (exit 2), the same command resumes in a fresh process."""
+    faulty_answers(monkeypatch, {5: torch.AcceleratorError(
+        "CUDA error: device-side assert triggered\nCompile with TORCH_USE_CUDA_DSA")})
+    out = tmp_path / "answers.jsonl"
+    argv = questions_4_to_6(tiny, out)
+    assert run_cli(inference_pld, argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "inference_pld: error: question 5: DeviceError: CUDA error: device-side assert "
+        "triggered; the CUDA context of this process is unusable: run the same command again "
+        "to resume")
+    lines = read_lines(out)
+    assert [line["question_id"] for line in lines] == [4, 5] and lines[1]["choices"] == []
+    assert run_cli(inference_pld, argv) == 0
+    assert sorted(line["question_id"] for line in read_lines(out)) == [4, 5, 6]
 
 
 def test_prompt_too_long_is_an_error_entry_and_is_retried(tmp_path: Path, capsys: Capsys) -> None:
@@ -280,6 +471,23 @@ def test_other_settings_are_not_mixed_into_an_answer_file(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "max_new_tokens 4 != 5" in err[0]
     assert out.read_bytes() == before
+
+
+def test_load_average_is_recorded_and_is_not_a_setting(
+    tiny: Path, tmp_path: Path, capsys: Capsys
+) -> None:
+    """Every line records the load at its start; resume ignores it (and threads, hardware)."""
+    out = tmp_path / "answers.jsonl"
+    common = ["--model-path", str(tiny), "--answer-file", str(out), "--max-new-tokens", "4"]
+    assert run_cli(inference_baseline, common + ["--question-end", "1"]) == 0
+    line = read_lines(out)[0]
+    assert isinstance(line["meta"]["load_average"], float) and line["meta"]["load_average"] >= 0
+    line["meta"].update(load_average=99.5, threads=64, hardware="another machine, 64 threads")
+    out.write_text(json.dumps(line) + "\n")
+    assert run_cli(inference_baseline, common + ["--question-end", "2"]) == 0
+    lines = read_lines(out)
+    assert [x["question_id"] for x in lines] == [1, 2] and lines[0]["meta"]["load_average"] == 99.5
+    assert lines[1]["meta"]["load_average"] != 99.5
 
 
 # --------------------------------------------------------------------------- settings

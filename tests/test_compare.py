@@ -3,12 +3,16 @@ on the tiny random Llama (2 demo questions, 4 methods, float32: every method is 
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from evaluation import speed
+from evaluation.disturbance import Measurement, TurnWork
+from evaluation.questions import Question
 from cli_helpers import DEMO, load_script, read_lines, run_cli, save_random_head, save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +29,9 @@ SPECS = [
     ("pld", "pld", 21, ()),
     ("pld:8,max_ngram_size=4", "pld", 8, (("max_ngram_size", "4"),)),
     ("recycling", "recycling", 64, ()),
+    ("racer", "racer", 64, ()),
+    ("racer:16,max_nodes=500", "racer", 16, (("max_nodes", "500"),)),
+    ("racer:64,prompt_logits=off", "racer", 64, (("prompt_logits", "off"),)),
     ("logitspec", "logitspec", "auto", ()),
     ("logitspec:8", "logitspec", 8, ()),
     ("logitspec:64,tree_policy=reference", "logitspec", 64, (("tree_policy", "reference"),)),
@@ -34,10 +41,22 @@ SPECS = [
     ("sps", "sps", None, ()),
     ("sps:12,draft_head=cached,draft_length_bounds=1/8", "sps", 12,
      (("draft_head", "cached"), ("draft_length_bounds", "1/8"))),
+    ("sam", "sam", 64, ()),
+    ("sam:40,fallback=none,match_scale=4", "sam", 40, (("fallback", "none"), ("match_scale", "4"))),
+    ("suffix", "suffix", 65, ()),
+    ("suffix:16,mode=chain", "suffix", 16, (("mode", "chain"),)),
+    ("lookahead", "lookahead", None, ()),
+    ("lookahead,level=4,guess=5", "lookahead", None, (("level", "4"), ("guess", "5"))),
 ]
 BAD_SPECS = ["medusa", "vanilla:3", "sps:auto", "eagle:8,no_retrieval=yes", "hf,value", "pld:0", "pld:x", "pld:8,value", "recycling:auto",
              "logitspec:8,fast=1", "logitspec:-1", "logitspec:auto,tree_policy=reference",
-             "logitspec:8,recycle_chains=x", "logitspec:8,tree_policy=", "pld:8,draft_tree_capacity=3"]
+             "logitspec:8,recycle_chains=x", "logitspec:8,tree_policy=", "pld:8,draft_tree_capacity=3",
+             "racer:auto", "racer:8,max_nodes=10", "racer:8,ngram=1", "racer:8,max_breadth=0",
+             "racer:8,prompt_logits=no",
+             "sam:auto", "sam:8,fallback=eagle", "sam:8,match_scale=0",
+             "suffix:0", "suffix,mode=path", "suffix,min_token_prob=2", "rest",
+             "rest:65,datastore=/no/such/file.npz",
+             "lookahead:56", "lookahead,level=2", "lookahead,draft_tree_capacity=8"]
 
 
 @pytest.mark.parametrize("text,name,number,flags", SPECS)
@@ -59,6 +78,14 @@ def test_specs_build_the_commands_params():
     assert sps.draft_head == "cached" and sps.draft_layers is None
     assert sps.draft_length_bounds == [2, 6] and sps.length_config().schedule == "heuristic"
     assert sps.draft_tree_capacity == 1 + 6  # one draft of at most 6 tokens
+    samd = compare.method_params(compare.parse_spec("sam")).sam_config()
+    assert (samd.draft_size, samd.recycling.draft_tree_capacity, samd.fallback) == (40, 64, True)
+    small = compare.method_params(compare.parse_spec("sam:16")).sam_config()
+    assert (small.draft_size, small.tree_capacity) == (16, 16)
+    alone = compare.method_params(compare.parse_spec("sam:40,fallback=none,match_scale=4")).sam_config()
+    assert (alone.fallback, alone.match_scale, alone.tree_capacity) == (False, 4.0, 40)
+    published = compare.method_params(compare.parse_spec("lookahead")).lookahead_config()
+    assert (published.level, published.window, published.guess) == (5, 7, 7)
 
 
 @pytest.mark.parametrize("text", BAD_SPECS)
@@ -81,8 +108,9 @@ def test_rotation():
         ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
 
 
-def outcome(tokens, wall, steps, ids=((1, 2),), host=0.0, phases=0.0):
-    return compare.Outcome(tokens, wall, steps, tuple(ids), host, phases)
+def outcome(tokens, wall, steps, ids=((1, 2),), host=0.0, phases=0.0, drafted=None, prompt=None):
+    work = Measurement(wall, (TurnWork(steps, tokens, prompt),), drafted)
+    return compare.Outcome(tokens, wall, steps, tuple(ids), host, phases, work)
 
 
 def test_summarize_on_synthetic_outcomes():
@@ -92,21 +120,98 @@ def test_summarize_on_synthetic_outcomes():
               "2": outcome(20, 3.0, 8, ids=((9,),), host=0.2, phases=1.0),
               "3": None},  # failed: question 3 is left out for every method
     }
-    summary = compare.summarize(outcomes, {"1": "qa", "2": "multi-turn conversation", "3": "qa"})
+    rows_of = {"1": "qa", "2": "multi-turn conversation", "3": "qa"}
+    units = compare.usable_units([outcomes], list(rows_of))
+    assert units == [(0, "1"), (0, "2")]
+    summary = compare.summarize([outcomes], rows_of, units)
     assert list(summary) == ["qa", "multi-turn conversation", "overall"]
     overall = summary["overall"]
     assert overall["vanilla"].questions == 2 and overall["vanilla"].mat == 1.0
     assert overall["vanilla"].speedup == 1.0 and overall["vanilla"].host_overhead is None
+    assert overall["vanilla"].host_us_per_step is None  # no phase timing recorded
     x = overall["x"]
     assert (x.tokens, x.steps, x.mat) == (30, 12, 2.5)
     assert x.tokens_per_s == pytest.approx(7.5) and x.speedup == pytest.approx(1.0)
     assert x.exact_match == 0.5 and x.host_overhead == pytest.approx(0.15)
+    assert x.host_us_per_step == pytest.approx(1e6 * 0.3 / 12)
+    assert x.median_speedup == pytest.approx((2.0 + 2 / 3) / 2)  # per question: 2.0 and 2/3
     assert summary["qa"]["x"].speedup == pytest.approx(2.0) and summary["qa"]["x"].exact_match == 1.0
+
+
+def test_repeats_pool_passes_and_spread_over_them():
+    """Three passes of one question: the method's speedup is 2, 3 and 4 (vanilla 10 s)."""
+    passes = [{"vanilla": {"1": outcome(10, 10.0, 10)}, "x": {"1": outcome(10, 10.0 / s, 5)}}
+              for s in (2.0, 3.0, 4.0)]
+    rows_of = {"1": "qa"}
+    units = compare.usable_units(passes, ["1"])
+    pooled = compare.summarize(passes, rows_of, units)["overall"]["x"]
+    assert pooled.questions == 1 and pooled.tokens == 30 and pooled.steps == 15
+    assert pooled.speedup == pytest.approx(30 / (10 / 2 + 10 / 3 + 10 / 4) / 1.0)
+    assert pooled.median_speedup == pytest.approx(pooled.speedup)  # one question, pooled
+    spread = compare.spread_over_passes(passes, rows_of, units)["overall"]["x"]
+    assert spread["speedup"] == compare.PassSpread(mean=pytest.approx(3.0), std=pytest.approx(1.0),
+                                                   min=pytest.approx(2.0), n=3)
+    assert spread["tokens_per_s"].mean == pytest.approx(3.0) and spread["tokens_per_s"].min == 2.0
+    single = compare.spread_over_passes(passes[:1], rows_of, units[:1])["overall"]["x"]
+    assert single["speedup"] == compare.PassSpread(2.0, None, 2.0, 1)
+
+
+def synthetic_passes(disturbed: dict[tuple[int, str, str], float]) -> list[dict]:
+    """Two passes of 12 questions on a clean clock: vanilla 20 ms a step, ``x`` 30 ms a step
+    plus 1 ms a drafted token, both 5 us per context token a step and 1 ms per prompt token;
+    ``disturbed`` multiplies (pass, question, method) times."""
+    passes = []
+    for run_pass in range(2):
+        per = {"vanilla": {}, "x": {}}
+        for q in range(12):
+            key, prompt = str(q + 1), 40 + 150 * (q % 4)
+            for label, steps, drafted, base in (("vanilla", 60, 0, 0.02), ("x", 20 + q, 5 * q, 0.03)):
+                tokens = 60
+                wall = (base * steps + 0.001 * drafted + 5e-6 * steps * (prompt + tokens / 2)
+                        + 0.001 * prompt) * disturbed.get((run_pass, key, label), 1.0)
+                per[label][key] = outcome(tokens, wall, steps, drafted=drafted, prompt=prompt)
+        passes.append(per)
+    return passes
+
+
+def test_planted_disturbances_are_found_and_left_out_of_the_clean_figures():
+    categories = {str(q + 1): "qa" for q in range(12)}
+    planted = {(1, "4", "vanilla"): 3.0, (0, "9", "x"): 1.6}
+    passes = synthetic_passes(planted)
+    flags = compare.find_disturbed(passes, categories, 1.3)
+    assert [(f.run_pass, f.question, f.method) for f in flags] == [(1, "9", "x"), (2, "4", "vanilla")]
+    assert [f.ratio for f in flags] == [pytest.approx(1.6), pytest.approx(3.0)]
+    clean = synthetic_passes({})
+    assert compare.find_disturbed(clean, categories, 1.3) == []
+    keys = list(categories)
+    rows_of = dict.fromkeys(keys, "qa")
+    kept = compare.usable_units(passes, keys, compare.flagged_units(flags))
+    assert len(kept) == 22
+    got = compare.summarize(passes, rows_of, kept)["overall"]["x"].speedup
+    want = compare.summarize(clean, rows_of, kept)["overall"]["x"].speedup
+    assert got == pytest.approx(want)  # the clean figures: exactly the undisturbed ones
+
+
+def test_the_report_lists_the_disturbed_and_the_figures_without_them():
+    passes = synthetic_passes({(1, "4", "vanilla"): 3.0})
+    questions = [Question(q + 1, "qa", ("?",)) for q in range(12)]
+    args = argparse.Namespace(disturbance_threshold=1.3, rerun_disturbed=False)
+    c = compare.compare_measurements(args, {"repeats": 2}, [], questions, passes)
+    assert [(f.run_pass, f.question, f.method) for f in c.remaining] == [(2, "4", "vanilla")]
+    assert c.found == c.remaining and c.reruns == () and c.before_rerun is None
+    assert (c.units, c.left_out) == (24, 1)
+    assert c.summary["overall"]["x"].speedup > c.clean["overall"]["x"].speedup  # slow vanilla
+    assert c.spread["overall"]["x"]["speedup"].n == 2
+    report = compare.report_text(c, md=True)
+    assert "| 2 | 4 | qa | vanilla |" in report and "| 3.00x |" in report
+    assert "## overall without the disturbed measurements" in report
+    assert "Left out, for every method: 1 of 24 (pass, question) units." in report
+    assert "speedup over passes" in report and "## re-runs" not in report
 
 
 # --------------------------------------------------------------------------- a real run
 
-METHODS = ["vanilla", "hf-pld:4", "recycling:16", "logitspec:auto"]
+METHODS = ["vanilla", "hf-pld:4", "recycling:16", "logitspec:auto", "lookahead,level=3,guess=2"]
 
 
 @pytest.fixture(scope="module")
@@ -136,12 +241,71 @@ def test_compare_run(tiny, tmp_path, capsys, monkeypatch):
         assert figures["tokens"] == base["tokens"] and figures["mat"] >= 1.0
         assert figures["speedup"] == pytest.approx(figures["tokens_per_s"] / base["tokens_per_s"])
     assert rows["overall"]["hf-pld:4"]["host_overhead"] is None
+    assert rows["overall"]["hf-pld:4"]["host_us_per_step"] is None
     assert 0 < rows["overall"]["recycling:16"]["host_overhead"] < 1
+    assert rows["overall"]["recycling:16"]["host_us_per_step"] > 0
+    assert rows["overall"]["vanilla"]["median_speedup"] == 1.0
+    assert result["repeats"] == 1 and len(result["passes"]) == 1
+    assert result["passes"][0] == {"answer_files": result["answer_files"], "order": result["order"]}
+    assert set(result["disturbance"]) == {"threshold", "found", "remaining"}
     assert result["order"] == {"4": METHODS, "5": METHODS[1:] + METHODS[:1]}
     assert result["dtype"] == "float32" and "threads" in result["hardware"] and result["failed"] == []
     check_files(result, out_dir)
-    assert "## overall (2 questions)" in (out_dir / "report.md").read_text()
+    report = (out_dir / "report.md").read_text()
+    assert "## overall (2 questions)" in report and "host µs/step" in report
+    assert "## disturbed measurements" in report
     assert "overall (2 questions)" in stdout
+
+
+class SyntheticClock:
+    """A generator whose ``wall_time`` is 10 ms per decoding step, times ``slowdown`` on the
+    calls numbered in ``slow_calls`` (0-based): a planted disturbance, free of the machine's."""
+
+    def __init__(self, inner, slow_calls=(), slowdown=3.0):
+        self.inner, self.slow_calls, self.slowdown, self.calls = inner, set(slow_calls), slowdown, 0
+
+    def reset(self):
+        self.inner.reset()
+
+    def generate(self, prompt_ids, config):
+        result = self.inner.generate(prompt_ids, config)
+        factor = self.slowdown if self.calls in self.slow_calls else 1.0
+        self.calls += 1
+        return dataclasses.replace(result, wall_time=0.01 * result.decoding_steps * factor)
+
+
+def test_repeats_and_rerun_disturbed(tiny, tmp_path, capsys, monkeypatch):
+    """Two passes over 4 one-turn questions; pld:8's answer to the second question of pass 2
+    is planted 3x slow: it is flagged, re-run at the end, and the faster re-run is kept."""
+    make_generator = compare.make_generator
+    monkeypatch.setattr(compare, "make_generator", lambda spec, models: SyntheticClock(
+        make_generator(spec, models), slow_calls={5} if spec.text == "pld:8" else ()))
+    out_dir = tmp_path / "out"
+    argv = argv_for(tiny, out_dir, "--methods", "vanilla", "pld:8", "--warmup", "0",
+                    "--repeats", "2", "--rerun-disturbed")
+    argv[argv.index("--question-begin") + 1], argv[argv.index("--question-end") + 1] = "4", "8"
+    assert compare.main(argv) == 0
+    stdout = capsys.readouterr().out
+    result = json.loads(stdout.strip().splitlines()[-1])
+    found = result["disturbance"]["found"]
+    assert [(f["run_pass"], f["question"], f["method"]) for f in found] == [(2, "6", "pld:8")]
+    assert found[0]["ratio"] == pytest.approx(3.0) and found[0]["load_average"] is not None
+    (rerun,) = result["reruns"]
+    assert rerun["kept"] == "new" and rerun["old_time"] == pytest.approx(3 * rerun["new_time"])
+    assert result["disturbance"]["remaining"] == [] and result["left_out"] == 0
+    assert result["before_rerun"]["pld:8"]["speedup"] < result["rows"]["overall"]["pld:8"]["speedup"]
+    assert result["clean_rows"] == result["rows"]
+    spread = result["spread"]["overall"]["pld:8"]["speedup"]
+    assert spread["n"] == 2 and spread["mean"] == pytest.approx(result["rows"]["overall"]["pld:8"]["speedup"])
+    assert [p["order"]["5"] for p in result["passes"]] == [["vanilla", "pld:8"], ["pld:8", "vanilla"]]
+    second = Path(result["passes"][1]["answer_files"]["pld:8"])
+    assert second.name.endswith(".pass-2.jsonl") and Path(result["answer_files"]["pld:8"]).name.endswith(".pass-1.jsonl")
+    lines = read_lines(second)
+    assert [line["question_id"] for line in lines] == [5, 6, 7, 8]
+    assert sum(lines[1]["choices"][0]["wall_time"]) == pytest.approx(rerun["new_time"])
+    report = (out_dir / "report.md").read_text()
+    assert "## re-runs (--rerun-disturbed)" in report and "speedup over passes" in report
+    assert "## overall before the re-runs" in report
 
 
 def check_files(result: dict, out_dir: Path) -> None:
@@ -166,6 +330,8 @@ def check_files(result: dict, out_dir: Path) -> None:
     (["--methods", "vanilla", "eagle:16"], "no draft head trained for tiny-llama"),
     (["--question-end", "1", "--question-begin", "2"], "question_end"),
     (["--max-new-tokens", "0"], "max_new_tokens"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--disturbance-threshold", "0.9"], "--disturbance-threshold must be above 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, extra, message):
     assert run_cli(compare, argv_for(tiny, tmp_path / "out", *extra)) == 2

@@ -1,13 +1,24 @@
-"""The verification cost curve: interpolation, measurement and its cache."""
+"""The verification cost curve and surface: interpolation over tree size and context,
+measurement and its cache."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from logitspec import cost as cost_module
 from logitspec.config import ModelConfig
-from logitspec.cost import CostCurve, cost_curve_for, measure_cost_curve, store_cost_curve
+from logitspec.cost import (
+    CostCurve,
+    CostSurface,
+    cost_surface_for,
+    measure_cost_curve,
+    measure_cost_surface,
+    store_cost_surface,
+    usable_contexts,
+)
 from logitspec.model import Transformer
 
 CURVE = CostCurve((1, 2, 8, 64), (1.0, 1.1, 1.4, 3.2))
@@ -49,27 +60,113 @@ def test_measure_gives_one_positive_time_per_size():
     assert all(s > 0 for s in curve.seconds) and curve.context == 16
 
 
+def test_measure_surface_over_contexts():
+    model = tiny_model()  # context 512: 4 new tokens leave room for 508 cached ones
+    surface = measure_cost_surface(model, (1, 4), (16, 64, 600), repeats=1, warmup=0)
+    assert surface.contexts == (16, 64, 508)
+    assert all(c.sizes == (1, 4) and all(t > 0 for t in c.seconds) for c in surface.curves)
+
+
+@pytest.mark.parametrize(
+    "contexts, largest, expected",
+    [((512, 2048, 8192), 128, [512, 2048, 3968]), ((512, 2048), 64, [512, 2048]),
+     ((8192,), 128, [3968]), ((100, 100, 50), 1, [50, 100]), ((512,), 5000, [1])],
+    ids=["longest-too-long", "all-fit", "none-fit", "duplicates", "tiny-context"],
+)
+def test_usable_contexts(contexts, largest, expected):
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096))
+    assert usable_contexts(model, contexts, largest) == expected
+
+
+SURFACE = CostSurface((CostCurve((1, 64), (10.0, 20.0), 512), CostCurve((1, 64), (14.0, 40.0), 2048)),
+                      bucket=256)
+
+
+@pytest.mark.parametrize(
+    "context, expected",
+    [(0, (10.0, 20.0)), (300, (10.0, 20.0)), (1000, (10.0 + 4 * 512 / 1536, 20.0 + 20 * 512 / 1536)),
+     (2047, (14.0, 40.0)), (3583, (18.0, 60.0))],
+    ids=["empty", "below-first", "between", "second", "extrapolated"],
+)
+def test_surface_interpolates_in_context(context, expected):
+    """The curve at the end of the context's 256-token bucket: first curve below the shortest
+    context, linear between, along the last two past the longest (3584: 2048 + 1536)."""
+    curve = SURFACE.at(context)
+    assert curve.seconds == pytest.approx(expected)
+    assert SURFACE.at(context) is curve  # the same object while in the bucket
+
+
+def test_surface_and_curve_are_interchangeable():
+    """Callers that do not follow the context get the surface's shortest context's curve;
+    callers that do can ask a single curve too."""
+    assert SURFACE.cost(64) == 20.0 and SURFACE.relative(64) == 2.0 and SURFACE.table([1]) == [1.0]
+    assert CURVE.at(100_000) is CURVE
+
+
+def test_surface_extrapolation_stays_non_decreasing_in_size():
+    surface = CostSurface((CostCurve((1, 8), (10.0, 30.0), 100), CostCurve((1, 8), (20.0, 21.0), 200)),
+                          bucket=100)
+    assert surface.at(350).seconds == (40.0, 40.0)  # 10 + 3 * 10 = 40; 30 - 3 * 9 = 3 -> 40
+
+
+@pytest.mark.parametrize(
+    "curves, message",
+    [((), "at least one curve"),
+     ((CostCurve((1,), (1.0,), 600), CostCurve((1,), (1.0,), 500)), "contexts must increase"),
+     ((CostCurve((1,), (1.0,), 500), CostCurve((1, 2), (1.0, 2.0), 600)), "the same sizes")],
+    ids=["empty", "unsorted", "sizes"],
+)
+def test_invalid_surfaces_are_refused(curves, message):
+    with pytest.raises(ValueError, match=message):
+        CostSurface(curves)
+
+
 def test_cached_per_model_key_and_dtype(tmp_path, monkeypatch):
     calls = []
 
     def fake_measure(model, *args, **kwargs):
         calls.append(model.dtype)
-        return CostCurve((1, 8), (0.01, 0.02 if model.dtype == torch.float32 else 0.015))
+        seconds = (0.01, 0.02 if model.dtype == torch.float32 else 0.015)
+        return CostSurface((CostCurve((1, 8), seconds),))
 
-    monkeypatch.setattr(cost_module, "measure_cost_curve", fake_measure)
+    monkeypatch.setattr(cost_module, "measure_cost_surface", fake_measure)
     model = tiny_model()
-    first = cost_curve_for(model, "m", cache_root=tmp_path)
-    again = cost_curve_for(model, "m", cache_root=tmp_path)
+    first = cost_surface_for(model, "m", cache_root=tmp_path)
+    again = cost_surface_for(model, "m", cache_root=tmp_path)
     assert first == again and len(calls) == 1
-    cost_curve_for(model, "other", cache_root=tmp_path)
-    cost_curve_for(model.to(torch.bfloat16), "m", cache_root=tmp_path)
+    cost_surface_for(model, "other", cache_root=tmp_path)
+    cost_surface_for(model.to(torch.bfloat16), "m", cache_root=tmp_path)
     assert len(calls) == 3
-    cost_curve_for(model, "m", cache_root=tmp_path, refresh=True)
+    cost_surface_for(model, "m", cache_root=tmp_path, refresh=True)
     assert len(calls) == 4
 
 
-def test_store_replaces_the_cached_curve(tmp_path):
+def test_threads_are_part_of_the_key_on_the_cpu(monkeypatch):
     model = tiny_model()
-    stored = CostCurve((1, 4), (0.5, 0.75))
-    store_cost_curve(model, "m", stored, cache_root=tmp_path)
-    assert cost_curve_for(model, "m", cache_root=tmp_path) == stored
+    key = cost_module._surface_key(model, "m")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 97)
+    assert cost_module._surface_key(model, "m") != key
+
+
+def test_store_replaces_the_cached_surface(tmp_path):
+    model = tiny_model()
+    stored = CostSurface((CostCurve((1, 4), (0.5, 0.75), 512), CostCurve((1, 4), (0.6, 0.9), 900)))
+    store_cost_surface(model, "m", stored, cache_root=tmp_path)
+    assert cost_surface_for(model, "m", cache_root=tmp_path) == stored
+
+
+def test_default_contexts_follow_the_device(monkeypatch):
+    """The CPU measures at 512 and 2,048 cached tokens; other devices at 8,192 as well."""
+    seen = []
+
+    def fake_curve(model, sizes, *, context, **kwargs):
+        seen.append(context)
+        return CostCurve(tuple(sizes), tuple(1.0 for _ in sizes), context)
+
+    monkeypatch.setattr(cost_module, "measure_cost_curve", fake_curve)
+    monkeypatch.setattr(cost_module, "fill_cache", lambda *args, **kwargs: None)
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=32768),
+                            device=torch.device("cpu"), new_cache=lambda *a, **k: None)
+    assert measure_cost_surface(model, (1, 2)).contexts == (512, 2048)
+    model.device = torch.device("meta")
+    assert measure_cost_surface(model, (1, 2)).contexts == (512, 2048, 8192)

@@ -9,6 +9,7 @@ retrieval drafters' guesses are often right and long accepted paths are frequent
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,10 +20,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fakes import markov_head
+from logitspec import decoding as decoding_module
 from logitspec.decoding import (
     Decoder,
     GenerationConfig,
     PromptTooLongError,
+    TokenIdError,
     generate_logitspec,
     generate_pld,
     generate_vanilla,
@@ -36,6 +39,8 @@ from logitspec.drafters import (
 )
 from logitspec.eagle import EagleConfig, EagleDrafter
 from logitspec.kv_cache import KVCache
+from logitspec.racer import RacerConfig, RacerDrafter
+from logitspec.lookahead import LookaheadConfig, LookaheadDrafter
 from logitspec.tree import DraftTree
 
 COPY_BONUS = 8.0
@@ -132,12 +137,17 @@ def drafters_for(model: CopyLM, capacity: int, pool: PoolConfig, rank_lengths, m
     value = LogitSpecConfig(pool=pool, draft_tree_capacity=capacity, tree_policy="value",
                             num_next_next=num_next_next)
     head = markov_head(model, seed=capacity, draft_vocab=range(0, model.vocab_size, 2))
+    ngram = pool.max_ngram_size + 1  # small tries, so that nodes are evicted
+    racer = RacerConfig(capacity, ngram, ngram + 1 + 2 * pool.num_pred_tokens, pool.max_continuations + 1)
     return {
         "pld": PromptLookupDrafter(pool, capacity),
         "logitspec": LogitSpecDrafter(spec),
         "logitspec-value": make_logitspec_drafter(value),
         "eagle": EagleDrafter(head, EagleConfig(value, top_k=3, expand=2, depth=4)),
         "eagle-head-alone": EagleDrafter(head, EagleConfig(value, retrieval=False, top_k=2)),
+        "racer": RacerDrafter(racer),
+        # the fake targets' LM head is the identity: the prompt's logits are copied too
+        "racer-prompt": RacerDrafter(racer, head=lambda hidden: hidden),
     }
 
 
@@ -277,6 +287,39 @@ def test_aux_inputs_see_their_masked_context_and_change_nothing(s):
     check_invariants(result, config, s["capacity"])
 
 
+@settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@given(s=scenarios(), level=st.integers(3, 6), window=st.integers(1, 8), guess=st.integers(1, 8),
+       seed=st.integers(0, 3))
+def test_lookahead_equals_vanilla(s, level, window, guess, seed):
+    """Lookahead's window inputs ride in every pass (CopyLM checks each input's positions and
+    that it sees itself last); the output is vanilla's, on a first and on a follow-up turn."""
+    model = CopyLM(s["vocab"], seed=s["seed"])
+    lookahead = LookaheadConfig(level, window, guess)
+    config, prompt = replace(s["config"], seed=seed), s["prompt"]  # the seed draws the window
+    decoder = Decoder(model, LookaheadDrafter(lookahead))
+    first = decoder.generate(prompt, config)
+    assert first.output_ids == reference_greedy(model, prompt, config)
+    check_invariants(first, config, lookahead.verify_capacity)
+    second_prompt = prompt + first.output_ids + [1]
+    second = decoder.generate(second_prompt, config)
+    assert second.output_ids == reference_greedy(model, second_prompt, config)
+    assert max(model.forward_sizes[1:], default=1) <= lookahead.tree_capacity
+
+
+def test_lookahead_fills_its_window_then_verifies_whole_ngrams():
+    """5/7/7 on a text that repeats: the window fills in 3 steps (10, 18, 24 inputs), the
+    first steady step (28 inputs) has an empty pool, and later steps accept whole n-grams: the
+    root and N - 1 = 4 drafts."""
+    model = CopyLM(12, seed=1)
+    prompt = REPEATED[:20] + REPEATED[:20] + REPEATED[:3]
+    config = GenerationConfig(max_new_tokens=60)
+    result = Decoder(model, LookaheadDrafter(LookaheadConfig())).generate(prompt, config)
+    assert result.output_ids == reference_greedy(model, prompt, config)
+    assert model.forward_sizes[1:5] == [10, 18, 24, 28]
+    assert result.draft_lengths[:4] == [0, 0, 0, 0]
+    assert max(result.accept_lengths) == 5 and result.mean_accepted_tokens > 1.5
+
+
 def test_copy_model_makes_long_accepted_paths():
     model = CopyLM(12, seed=1)
     prompt = REPEATED[:20] + REPEATED[:20] + REPEATED[:3]
@@ -410,6 +453,65 @@ def test_cache_grows_when_needed():
     grown_from = decoder.cache.capacity
     assert decoder.generate(second, config2).output_ids == reference_greedy(model, second, config2)
     assert decoder.cache.capacity > grown_from
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ([1, 2, 8], r"token id 8 \(position 2\) is outside the model's vocabulary of 8 ids"),
+        ([1, -1, 2], r"token id -1 \(position 1\) is outside"),
+        ([9, 1, -3], r"token id 9 \(position 0\)"),
+    ],
+    ids=["past-the-end", "negative", "both-first-too-large"],
+)
+def test_token_ids_are_range_checked_before_the_model(prompt, message):
+    model = CopyLM(8)
+    decoder = Decoder(model)
+    with pytest.raises(TokenIdError, match=message):
+        decoder.generate(prompt, GenerationConfig(max_new_tokens=4))
+    assert model.forward_sizes == []  # refused before any forward pass
+    assert decoder.generate([0, 7, 7], GenerationConfig(max_new_tokens=2)).new_tokens == 2
+
+
+def test_cache_growth_is_geometric_up_to_the_context():
+    """Policy: grow to max(needed, 1.5 x capacity), at most context + tree budget; the committed
+    tokens survive every growth (the outputs equal the reference)."""
+    model = CopyLM(10, seed=4, max_position_embeddings=104)
+    decoder = Decoder(model, PromptLookupDrafter(PoolConfig(), 8), capacity=20)
+    config = GenerationConfig(max_new_tokens=10)
+    sizes = []
+    prompt = REPEATED[:12]
+    for extra in (0, 4, 26, 20):
+        prompt = prompt + REPEATED[:extra]
+        assert decoder.generate(prompt, config).output_ids == reference_greedy(model, prompt, config)
+        prompt = prompt + reference_greedy(model, prompt, config)
+        sizes.append(decoder.cache.capacity)
+    # prompt + 10 new + 8 tree: 30 -> 30; 44 -> max(44, 1.5 x 30) = 45; 80 -> max(80, 68);
+    # 110 -> max(110, 120), capped at the context 104 + 8
+    assert sizes == [30, 45, 80, 112]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+@torch.inference_mode()
+def test_chunked_prefill_equals_one_pass(tiny_model, monkeypatch, chunk):
+    """Prefill in chunks of 1, 7 or 64 tokens: the same cache rows, the same last logit and the
+    same greedy output as one pass (float32 rounding only), also for a follow-up turn."""
+    prompt = torch.randint(0, tiny_model.config.vocab_size, (50,),
+                           generator=torch.Generator().manual_seed(3)).tolist()
+    config = GenerationConfig(max_new_tokens=6)
+
+    def run():
+        decoder = Decoder(tiny_model)
+        first = decoder.generate(prompt, config).output_ids
+        second = decoder.generate(prompt + first + prompt[:20], config).output_ids
+        return first + second, decoder.cache.buffer[:, :, :, :decoder.cache.length].clone()
+
+    monkeypatch.setattr(decoding_module, "PREFILL_CHUNK", 10_000)
+    expected, rows = run()
+    monkeypatch.setattr(decoding_module, "PREFILL_CHUNK", chunk)
+    got, chunked_rows = run()
+    assert got == expected
+    assert (chunked_rows - rows).abs().max().item() < 1e-5  # measured: at most 1.1e-6
 
 
 @pytest.mark.parametrize(

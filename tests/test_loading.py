@@ -354,3 +354,49 @@ def test_eos_token_ids(tmp_path, generation_config, tokenizer_eos, expected):
         (tmp_path / "generation_config.json").write_text(json.dumps(generation_config))
     got = eos_token_ids(tmp_path, SimpleNamespace(eos_token_id=tokenizer_eos))
     assert got == expected
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [({"torch_dtype": "float16"}, "float16"), ({"dtype": "bfloat16"}, "bfloat16"),
+     ({"torch_dtype": "float32", "dtype": "bfloat16"}, "float32"), ({"torch_dtype": "auto"}, None),
+     ({"torch_dtype": "int8"}, None), ({}, None)],
+    ids=["transformers-4", "transformers-5", "both", "auto", "not-a-model-dtype", "none"],
+)
+def test_checkpoint_dtype(tmp_path, config, expected):
+    (tmp_path / "config.json").write_text(json.dumps({**HF_BASE, **config}))
+    assert loading.checkpoint_dtype(tmp_path) == expected
+
+
+def test_checkpoint_dtype_is_none_without_a_checkpoint_config(tmp_path):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    for path in (None, "smollm2-135m-instruct", tmp_path / "model.gguf", tmp_path / "missing"):
+        assert loading.checkpoint_dtype(path) is None
+
+
+def test_load_and_the_cli_default_to_the_checkpoint_dtype(tmp_path):
+    from cli_helpers import save_tiny_llama
+    from evaluation.args import EvalConfig
+
+    folder = save_tiny_llama(tmp_path / "tiny")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    assert loading.load(folder).model.dtype == torch.bfloat16
+    assert loading.load(folder, dtype="float32").model.dtype == torch.float32
+    assert EvalConfig(model_path=str(folder), device="cpu").resolved_dtype == "bfloat16"
+    assert EvalConfig(model_path=str(folder), dtype="float16").resolved_dtype == "float16"
+    assert EvalConfig(device="cpu").resolved_dtype == "float32"  # the embedded model: as before
+
+
+def test_random_model_is_made_in_its_dtype():
+    config = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True)
+    model = loading.random_model(config, dtype=torch.bfloat16, device="cpu", seed=3)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.inv_freq.dtype == torch.float32 and model.inv_freq[0] == 1.0
+    assert model.lm_head.weight is model.embed.weight  # still tied after allocation
+    assert torch.equal(model.norm.weight, torch.ones(64, dtype=torch.bfloat16))
+    assert 0.015 < model.embed.weight.float().std().item() < 0.025
+    again = loading.random_model(config, dtype=torch.bfloat16, device="cpu", seed=3)
+    assert torch.equal(model.layers[1].mlp.w2.weight, again.layers[1].mlp.w2.weight)
+    assert torch.isfinite(model(torch.arange(5), torch.arange(5), model.new_cache(8))).all()

@@ -253,3 +253,44 @@ def test_folder_and_file_sources_agree(tmp_path: Path, capsys: Capsys) -> None:
     code_b, out_b, _ = run_cli(capsys, "mt_bench", "--source", str(tmp_path / "plain.jsonl"),
                                "--out-dir", str(tmp_path / "b"))
     assert code_a == code_b == 0 and last_json(out_a)["sha256"] == last_json(out_b)["sha256"]
+
+
+# --------------------------------------------------------------------------- pkgdocs
+
+
+@pytest.mark.parametrize("text, limit, expected", [
+    ("short text", 100, "short text"),
+    ("first para\n\nsecond para\n\nthird", 25, "first para\n\nsecond para"),
+    ("first para\n\nsecond para", 11, "first para"),
+    ("onelongparagraph", 4, "onel"),  # no paragraph break before the limit: a hard cut
+])
+def test_cut_at_paragraph(text, limit, expected):
+    assert prepare_data.cut_at_paragraph(text, limit) == expected
+
+
+def test_pkgdocs_from_a_docs_file(tmp_path: Path, capsys: Capsys) -> None:
+    docs = write_jsonl(tmp_path / "docs.jsonl", [
+        {"package": "alpha", "description": "Alpha does things.\n\nMore."},
+        {"package": "beta", "description": "Beta " * 3000},
+    ])
+    code, out, _ = run_cli(capsys, "pkgdocs", "--source", str(docs), "--out-dir",
+                           str(tmp_path), "--no-verify")
+    assert code == 0 and last_json(out)["questions"] == 2 * len(prepare_data.PKGDOCS_TASKS)
+    questions = [json.loads(line) for line in (tmp_path / "pkgdocs" / "question.jsonl").open()]
+    assert [q["question_id"] for q in questions] == list(range(1, 13))
+    assert [q["category"] for q in questions[:6]] == list(prepare_data.PKGDOCS_TASKS)
+    first = questions[0]["turns"][0]
+    assert first.startswith("Here is the documentation of the Python package alpha:\n\nAlpha does")
+    assert first.endswith(prepare_data.PKGDOCS_TASKS["summary"])
+    beta = questions[6]["turns"][0]
+    assert "beta" in questions[7]["turns"][0] and len(beta) < prepare_data.PKGDOCS_CHARS + 200
+    # the six questions on one package share the document as a common prefix
+    prefix = first[: first.index("\n\nSummarize")]
+    assert all(q["turns"][0].startswith(prefix) for q in questions[:6])
+
+
+def test_pkgdocs_from_installed_packages(tmp_path: Path, capsys: Capsys) -> None:
+    """The pinned requirements give the pinned documents (checksum verified)."""
+    code, out, _ = run_cli(capsys, "pkgdocs", "--out-dir", str(tmp_path))
+    result = last_json(out)
+    assert code == 0 and result["questions"] == 48 and result["verified"]

@@ -23,7 +23,9 @@ from evaluation import inference_baseline, inference_pld
 from evaluation.answer_file import AnswerFileLock
 from evaluation.args import EvalConfig
 from evaluation.eval_loop import TEST_EXIT_AFTER_ENV, RunError
-from evaluation.sharding import KILL_MARKER_ENV, KILL_ON_ENV, WorkerPlan, plan_workers
+from evaluation.sharding import (
+    FAULT_ON_ENV, KILL_MARKER_ENV, KILL_ON_ENV, WorkerPlan, plan_workers,
+)
 
 ray = pytest.importorskip("ray")
 
@@ -99,8 +101,9 @@ def test_sharded_answers_equal_single_process(tiny: Path, single: Path, tmp_path
     assert outputs(sharded) == outputs(single)
     assert [line["question_id"] for line in read_lines(sharded)] == list(range(1, 13))
     meta = read_lines(sharded)[0]["meta"]
-    assert {k: v for k, v in meta.items() if k != "hardware"} == {
-        k: v for k, v in read_lines(single)[0]["meta"].items() if k != "hardware"}
+    moment = ("hardware", "threads", "load_average", "peak_memory_bytes")  # not the settings
+    assert {k: v for k, v in meta.items() if k not in moment} == {
+        k: v for k, v in read_lines(single)[0]["meta"].items() if k not in moment}
     assert not (tmp_path / "answers.jsonl.lock").exists()
 
 
@@ -133,6 +136,30 @@ def test_retries_exhausted_make_an_error_entry_then_a_rerun_answers(
     monkeypatch.delenv(KILL_ON_ENV)
     assert run_cli(inference_pld, argv) == 0  # the re-run retries it, the file stays ordered
     assert outputs(answers) == outputs(single)[:4]
+
+
+def test_device_faults_in_workers(
+    tiny: Path, single: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Capsys
+) -> None:
+    """Out of memory on question 2: its error entry, the worker goes on. A device-side error
+    on question 5: its error entry, the worker is replaced. Everything else as in one
+    process; a re-run answers both."""
+    monkeypatch.setenv(FAULT_ON_ENV, "2:oom,5:device")
+    answers = tmp_path / "answers.jsonl"
+    argv = pld_argv(tiny, answers, "--num-workers", "2", "--question-end", "6")
+    assert run_cli(inference_pld, argv) == 3
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["failed"] == ["2", "5"]
+    assert "question 5: DeviceError: CUDA error: device-side assert triggered (test hook); " \
+        "replacing worker" in captured.err
+    lines = read_lines(answers)
+    assert lines[1]["error"] == "OutOfMemoryError: CUDA out of memory (injected by a test hook)"
+    assert lines[4]["error"].startswith("DeviceError: CUDA error: device-side assert")
+    assert [o for i, o in enumerate(outputs(answers)) if i not in (1, 4)] == [
+        o for i, o in enumerate(outputs(single)[:6]) if i not in (1, 4)]
+    monkeypatch.delenv(FAULT_ON_ENV)
+    assert run_cli(inference_pld, argv) == 0
+    assert outputs(answers) == outputs(single)[:6]
 
 
 def test_corrupted_last_line_is_repaired(tiny: Path, single: Path, tmp_path: Path,

@@ -30,6 +30,7 @@ def answer(
     drafts: Sequence[int] | None = None,
     texts: Sequence[str] | None = None,
     meta: dict[str, Any] | None = None,
+    prompts: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """One answer line; by default one token per step (a vanilla generator)."""
     steps = list(tokens) if steps is None else list(steps)
@@ -43,6 +44,8 @@ def answer(
     }
     if drafts is not None:
         choice["draft_lengths"] = list(drafts)
+    if prompts is not None:
+        choice["prompt_tokens"] = list(prompts)
     line: dict[str, Any] = {"question_id": qid, "category": category, "answer_id": f"a{qid}",
                             "model_id": "m", "tstamp": 0.0, "choices": [choice]}
     if meta is not None:
@@ -216,7 +219,26 @@ def test_settings_from_meta_and_missing_meta(tmp_path: Path) -> None:
     assert report.settings["baseline"] is None
     bf16 = dict(meta, dtype="bfloat16")
     other = compare(tmp_path, [answer(1, meta=meta)], [answer(1, meta=bf16)])
-    assert other.settings_differ == ("dtype",)
+    assert other.settings_differ == ("dtype",) and other.environment_differs == ()
+
+
+def test_a_warning_when_the_files_were_measured_in_different_environments(
+    tmp_path: Path, capsys: Capsys
+) -> None:
+    here = {"method": "vanilla", "hardware": "Xeon, 2 threads", "torch": "2.13.0", "threads": 2}
+    there = dict(here, hardware="Xeon, 1 threads", threads=1)
+    m = write(tmp_path / "m.jsonl", [answer(1, meta=dict(here, method="pld", torch="2.12.0"))])
+    b = write(tmp_path / "b.jsonl", [answer(1, meta=there)])
+    code, out, _ = run_cli(capsys, ["--file-path", m, "--base-path", b])
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and result["environment_differs"] == ["hardware", "torch", "threads"]
+    assert result["settings_differ"] == []
+    warning = next(line for line in out.splitlines() if "different environments" in line)
+    assert "torch '2.12.0' vs '2.13.0'" in warning and "threads 2 vs 1" in warning
+    same = write(tmp_path / "same.jsonl", [answer(1, meta=dict(here, load_average=3.5))])
+    code, out, _ = run_cli(capsys, ["--file-path", same, "--base-path",
+                                    write(tmp_path / "b2.jsonl", [answer(1, meta=here)])])
+    assert "different environments" not in out  # the load is the moment's, not the machine's
 
 
 def test_mismatched_ids_name_the_missing_ones(tmp_path: Path, capsys: Capsys) -> None:
@@ -363,3 +385,90 @@ def test_script_mode_runs_without_the_package_on_the_path(tmp_path: Path) -> Non
     bad = run(str(tmp_path / "missing.jsonl"))
     assert bad.returncode == 2 and bad.stderr.startswith("speed.py: error: cannot read")
     assert bad.stderr.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- disturbance
+
+
+def run_lines(slowdowns: dict[int, float], load: float = 0.5) -> list[dict[str, Any]]:
+    """12 clean questions (20 ms per step, 3 us per context token a step, 0.5 ms per prompt
+    token), prompts from 30 to 1530 tokens; ``slowdowns`` multiplies some questions' times."""
+    lines = []
+    for q in range(12):
+        prompt, steps = 30 + 500 * (q % 4), 40 + 5 * q
+        wall = 0.02 * steps + 3e-6 * steps * (prompt + steps / 2) + 5e-4 * prompt
+        lines.append(answer(q, category=["qa", "rag"][q % 2], tokens=[steps],
+                            times=[wall * slowdowns.get(q, 1.0)], prompts=[prompt],
+                            meta={"method": "vanilla", "load_average": load + slowdowns.get(q, 0)}))
+    return lines
+
+
+def speedy(lines: list[dict[str, Any]], speedup: float) -> list[dict[str, Any]]:
+    """The same questions answered ``speedup`` times faster, in half the steps."""
+    out = []
+    for line in lines:
+        choice = line["choices"][0]
+        steps = [s // 2 for s in choice["decoding_steps"]]
+        out.append(answer(line["question_id"], category=line["category"],
+                          tokens=choice["new_tokens"], steps=steps,
+                          times=[t / speedup for t in choice["wall_time"]],
+                          accept=[2] * sum(steps), drafts=[4] * sum(steps),
+                          prompts=choice["prompt_tokens"]))
+    return out
+
+
+def test_clean_files_flag_nothing(tmp_path: Path, capsys: Capsys) -> None:
+    base = run_lines({})
+    per_step = [line["choices"][0]["wall_time"][0] / line["choices"][0]["decoding_steps"][0]
+                for line in base]  # long prompts: dearer steps, which a bare median would flag
+    assert max(per_step) / sorted(per_step)[len(per_step) // 2] > 1.3
+    m = write(tmp_path / "m.jsonl", speedy(base, 2.0))
+    b = write(tmp_path / "b.jsonl", base)
+    code, out, _ = run_cli(capsys, ["--file-path", m, "--base-path", b])
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 0
+    assert result["disturbance"]["method"]["disturbed"] == []
+    assert result["disturbance"]["baseline"]["disturbed"] == []
+    assert result["clean_rows"] == result["rows"]
+    assert "  method: none" in out and "  baseline: none" in out and "w/o disturbed" not in out
+    assert result["rows"][-1]["median_speedup"] == pytest.approx(2.0)
+
+
+def test_planted_disturbed_questions_are_listed_with_the_clean_figures(
+    tmp_path: Path, capsys: Capsys
+) -> None:
+    clean_base = run_lines({})
+    method = speedy(clean_base, 2.0)
+    base = run_lines({3: 4.0, 8: 1.5})  # vanilla slowed while it answered questions 3 and 8
+    m, b = write(tmp_path / "m.jsonl", method), write(tmp_path / "b.jsonl", base)
+    code, out, _ = run_cli(capsys, ["--file-path", m, "--base-path", b])
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and result["disturbance"]["method"]["disturbed"] == []
+    flagged = result["disturbance"]["baseline"]["disturbed"]
+    assert [(q["question_id"], q["category"]) for q in flagged] == [(3, "rag"), (8, "qa")]
+    assert [q["ratio"] for q in flagged] == [pytest.approx(4.0), pytest.approx(1.5)]
+    assert [q["load_average"] for q in flagged] == [4.5, 2.0]
+    assert flagged[0]["expected"] == pytest.approx(clean_base[3]["choices"][0]["wall_time"][0])
+    overall, clean = result["rows"][-1], result["clean_rows"][-1]
+    assert overall["speedup"] > 2.1 and overall["median_speedup"] == pytest.approx(2.0)
+    assert clean["questions"] == 10 and clean["speedup"] == pytest.approx(2.0)
+    assert "  baseline: id 3 (rag)" in out and "id 8 (qa)" in out and "4.00x, load 4.50" in out
+    row = next(line for line in out.splitlines() if line.startswith("overall w/o disturbed"))
+    assert " 10 " in row and "2.00x" in row
+    code, out, _ = run_cli(capsys, ["--file-path", m, "--base-path", b,
+                                    "--disturbance-threshold", "5", "--json"])
+    assert json.loads(out)["disturbance"]["baseline"]["disturbed"] == []
+
+
+@pytest.mark.parametrize("value", ["1", "0.5"])
+def test_disturbance_threshold_must_be_above_one(tmp_path: Path, capsys: Capsys, value: str) -> None:
+    m = write(tmp_path / "m.jsonl", [answer(1)])
+    code, _, err = run_cli(capsys, ["--file-path", m, "--base-path", m,
+                                    "--disturbance-threshold", value])
+    assert code == 2 and err.count("\n") == 1 and "--disturbance-threshold" in err
+
+
+def test_prompt_tokens_need_one_entry_per_turn(tmp_path: Path, capsys: Capsys) -> None:
+    m = write(tmp_path / "m.jsonl", [answer(1, tokens=[5, 5], times=[1.0, 1.0], prompts=[10])])
+    code, _, err = run_cli(capsys, ["--file-path", m, "--base-path", m])
+    assert code == 2 and "'prompt_tokens' and 'turns' differ in length" in err

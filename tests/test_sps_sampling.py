@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -240,7 +241,7 @@ def test_rejection_walk_point_masses_only_follows_target(target):
     counts = Counter()
     n = 4000
     for _ in range(n):
-        path, bonus = verifier.accept(tree, logits)
+        path, bonus = verifier.accept(tree, sampling.SampledOutputs(logits, np.arange(3)))
         counts[tree.tokens[path[1]] if len(path) > 1 else bonus] += 1
     expected = {t: float(probs[t]) for t in range(VOCAB)}
     observed = Counter({(t,): c for t, c in counts.items()})

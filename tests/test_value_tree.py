@@ -174,3 +174,33 @@ def test_online_statistics_raise_acceptance_on_repetitive_text():
     result = Decoder(model, drafter).generate([0, 1, 2], GenerationConfig(max_new_tokens=200))
     assert result.mean_accepted_tokens > 3.0
     assert any(trials > 0 for _, trials in drafter.stats.counts.values())
+
+
+@settings(deadline=None, max_examples=100)
+@given(
+    chains=st.lists(st.tuples(st.lists(st.integers(1, 4), min_size=1, max_size=4),
+                              st.lists(st.sampled_from([0.9, 0.5, 0.3, 0.1]), min_size=4, max_size=4)),
+                    max_size=8),
+    capacity=st.integers(1, 20),
+)
+def test_offer_heads_equals_offering_each_chain(chains, capacity):
+    """Heads with lazy tails grow the same tree as whole chains offered one by one; a tail is
+    made only for heads that were popped."""
+    features = {}
+    for c, (tokens, rates) in enumerate(chains):
+        for i in range(len(tokens)):
+            features[(c, i)] = rates[i]
+    made = []
+
+    def tail(c):
+        made.append(c)
+        return iter([(t, (c, i)) for i, t in enumerate(chains[c][0]) if i > 0])
+
+    one_by_one = BestFirstTree(0, features.__getitem__)
+    for c, (tokens, _) in enumerate(chains):
+        one_by_one.offer(iter([(t, (c, i)) for i, t in enumerate(tokens)]))
+    heads = BestFirstTree(0, features.__getitem__)
+    heads.offer_heads((tokens[0], (c, 0), lambda c=c: tail(c)) for c, (tokens, _) in enumerate(chains))
+    expected, grown_heads = one_by_one.grow(capacity), heads.grow(capacity)
+    assert grown_heads[0] == expected[0] and grown_heads[1] == expected[1]
+    assert len(made) <= len(heads.tokens) + len(chains)  # no more tails than popped heads

@@ -1,0 +1,233 @@
+"""SuffixDecoding (arXiv 2411.04975, NeurIPS 2025): drafts from suffix trees of the question
+and of earlier answers, speculating more where the context matches a longer pattern.
+
+Two :class:`~logitspec.suffix_tree.SuffixTree` indexes (:class:`SuffixCache`):
+
+- the *per-request* tree over the request's prompt and its output so far (a new one per
+  request; when a follow-up prompt extends the previous context unchanged, the old tree is
+  extended instead, which indexes the same tokens);
+- the *global* tree over the outputs of earlier requests of the run, the current output
+  included as it grows; prompts never enter it. It keeps the last ``max_cached_answers``
+  outputs (FIFO: the oldest is removed when a new request starts; 0 disables the tree).
+
+Per step, the context (prompt + output, the step's root included) is matched in each tree.
+For every match length ``m`` from 1 to ``min(max_depth, len(context)) - 1`` whose suffix
+occurs, up to ``min(max_spec_tokens, floor(alpha * m + offset))`` tokens are speculated below
+the match (:meth:`~logitspec.suffix_tree.SuffixTree.speculate`: frequency-scored, best first,
+pruned below ``min_token_prob``, as a tree or a chain). The draft with the highest score (sum of
+its tokens' probabilities) wins; equal scores go to the longer match, and between the two trees
+to the per-request one. Every occurrence counts, the context's own final one too, so a pattern
+seen once before and once now proposes its continuation with probability 1/2.
+
+Worked example (alpha 1, offset 0): context ``... 5 8 9 | 1 2`` where ``1 2``
+occurred once before, followed by ``3 4``, and ``2`` occurred twice more, each followed by
+``7``: ``m = 2`` (count 2): budget 2, drafts ``3 (1/2), 4 (1/2)``, score 1; ``m = 1`` (count 4):
+budget 1, best ``7 (2/4)``, score 1/2 -> ``3 4`` is drafted.
+
+Longer matches are tried first and a match whose budget cannot beat the best score so far ends
+the search (scores never exceed the budget); a match is skipped when its budget times its most
+frequent continuation's probability cannot beat it (no deeper token is likelier). Both give
+the same draft as trying every ``m``.
+
+Published defaults (the public implementation and its serving configuration): ``max_depth``
+64, alpha (``max_spec_factor``) 1.0, offset (``max_spec_offset``) 0, ``min_token_prob`` 0.1,
+100000 cached outputs, and, in the paper's simulator, tree speculation of up to ``max_depth`` =
+64 tokens (a 65-node tree with the root). Siblings of equal count are ordered by first
+occurrence (the public code orders some of them by most recent count change instead).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import chain
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .acceptance import TargetOutput
+from .suffix_tree import ROOT, SuffixDraft, SuffixTree
+from .tree import DraftTree
+
+if TYPE_CHECKING:
+    from .decoding import GenerationConfig
+
+MODES = ("tree", "chain")
+
+
+@dataclass(frozen=True)
+class SuffixConfig:
+    """SuffixDecoding settings (module docstring). ``draft_tree_capacity`` counts the root:
+    ``max_spec_tokens = draft_tree_capacity - 1``; ``mode``: ``tree`` or ``chain``;
+    ``max_spec_factor`` and ``max_spec_offset`` are the paper's alpha and the public code's
+    offset."""
+
+    draft_tree_capacity: int = 65
+    mode: str = "tree"
+    max_depth: int = 64
+    max_spec_factor: float = 1.0
+    max_spec_offset: float = 0.0
+    min_token_prob: float = 0.1
+    max_cached_answers: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.draft_tree_capacity < 1:
+            raise ValueError(
+                f"draft_tree_capacity must be >= 1 (the root), got {self.draft_tree_capacity}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be 'tree' or 'chain', got {self.mode!r}")
+        if self.max_depth < 1:
+            raise ValueError(f"max_depth must be >= 1, got {self.max_depth}")
+        if not self.max_spec_factor >= 0:
+            raise ValueError(f"max_spec_factor must be >= 0, got {self.max_spec_factor}")
+        if not math.isfinite(self.max_spec_offset):
+            raise ValueError(f"max_spec_offset must be finite, got {self.max_spec_offset}")
+        if not 0 <= self.min_token_prob <= 1:
+            raise ValueError(f"min_token_prob must be in [0, 1], got {self.min_token_prob}")
+        if self.max_cached_answers < 0:
+            raise ValueError(f"max_cached_answers must be >= 0, got {self.max_cached_answers}")
+
+    @property
+    def max_spec_tokens(self) -> int:
+        return self.draft_tree_capacity - 1
+
+    def budget(self, match_len: int) -> int:
+        """Tokens to speculate after a match of ``match_len``: ``min(max_spec_tokens,
+        floor(max_spec_factor * match_len + max_spec_offset))``, at least 0 (1e-6 absorbs
+        rounding, as in the public code). Example: factor 1, offset 0, 64 tokens: m = 3 -> 3,
+        m = 80 -> 64."""
+        spec = self.max_spec_factor * match_len + self.max_spec_offset
+        return min(self.max_spec_tokens, max(0, int(spec + 1e-6)))
+
+
+class SuffixCache:
+    """The per-request and global suffix trees of one run (module docstring).
+
+    Usage: :meth:`start_request` with the prompt, :meth:`append` every token that joins the
+    context, :meth:`speculate` for a draft after the context.
+    """
+
+    def __init__(self, config: SuffixConfig = SuffixConfig()) -> None:
+        self.config = config
+        self.local = SuffixTree(config.max_depth, config.min_token_prob)
+        self.answers = SuffixTree(config.max_depth, config.min_token_prob)
+        self.context_length = 0
+        # positions in the global tree of the context's suffixes longer than the output so
+        # far (they reach into the prompt), shortest first
+        self._long: list[tuple[list[int], int, int]] = []
+
+    def start_request(self, prompt: Sequence[int], reused: int = 0) -> None:
+        """A request starts over ``prompt``, whose first ``reused`` tokens are unchanged since
+        the previous request's context."""
+        indexed = self.local.sequence
+        if indexed is not None and len(indexed) <= reused:
+            self.local.extend(prompt[len(indexed):])
+        else:
+            self.local = SuffixTree(self.config.max_depth, self.config.min_token_prob)
+            self.local.start_sequence()
+            self.local.extend(prompt)
+        self.context_length = len(prompt)
+        self._long = []
+        if not self.config.max_cached_answers:
+            return
+        self.answers.start_sequence()
+        while self.answers.num_sequences > self.config.max_cached_answers:
+            self.answers.remove_oldest()
+        tail = prompt[max(0, len(prompt) - self.config.max_depth + 1):]
+        for token in tail:
+            self._long = self._advance(self._long, token, from_root=True)
+
+    def append(self, token: int) -> None:
+        """``token`` joined the context (the output so far)."""
+        self.local.append(token)
+        self.context_length += 1
+        if self.config.max_cached_answers:
+            self.answers.append(token)
+            self._long = self._advance(self._long, token, from_root=False)
+
+    def _advance(self, positions: list, token: int, from_root: bool) -> list:
+        """The matched suffixes, shortest first, after ``token``: each one extended by it
+        while the extension occurs and is shorter than ``max_depth`` (a suffix that fails
+        makes every longer one fail)."""
+        tree = self.answers
+        moved = []
+        for position in chain([ROOT], positions) if from_root else positions:
+            position = tree.advance(position, token)
+            if position is None or tree.position_depth(position) >= self.config.max_depth:
+                break
+            moved.append(position)
+        return moved
+
+    def speculate(self, max_depth: int | None = None) -> SuffixDraft:
+        """The best draft after the context (module docstring), no deeper than ``max_depth``."""
+        best = self._best(self.local, self.local.loci, SuffixDraft(), max_depth)
+        if not self.config.max_cached_answers:
+            return best
+        matches = chain(reversed(self._long), self.answers.loci)
+        return self._best(self.answers, matches, best, max_depth)
+
+    def _best(
+        self, tree: SuffixTree, matches: Iterable, best: SuffixDraft, max_depth: int | None
+    ) -> SuffixDraft:
+        """``best`` or a draft from ``matches`` (longest first) that beats it strictly."""
+        longest = min(self.config.max_depth, self.context_length) - 1
+        for position in matches:
+            match_len = tree.position_depth(position)
+            if match_len > longest:
+                continue
+            budget = self.config.budget(match_len)
+            if budget * best.denominator <= sum(best.counts):
+                break  # shorter matches have no larger budget
+            top, total = tree.top_continuation(position)
+            if budget * top * best.denominator <= sum(best.counts) * total:
+                continue  # no token of this draft could be likelier than its first one
+            draft = tree.speculate(position, budget, tree=self.config.mode == "tree",
+                                   max_depth=max_depth)
+            if draft.beats(best):
+                best = draft
+        return best
+
+
+def draft_tree(root: int, draft: SuffixDraft) -> DraftTree:
+    """``draft`` hung under ``root``: draft token ``i`` is tree node ``i + 1``."""
+    parents = (-1,) + tuple(p + 1 for p in draft.parents)
+    depths = (0,) + tuple(draft.depths())
+    return DraftTree((int(root),) + draft.tokens, parents, depths)
+
+
+class SuffixDecodingDrafter:
+    """SuffixDecoding behind the :class:`~logitspec.drafters.Drafter` protocol. The cache
+    lives as long as the drafter: the answers of a run teach the later questions. The root is
+    indexed when drafted (it is the context's last token then); the final token of a
+    generation, never drafted from, is not indexed."""
+
+    name = "suffix"
+    top_k = 0
+    needs_hidden = False
+
+    def __init__(self, config: SuffixConfig = SuffixConfig()) -> None:
+        self.config = config
+        self.tree_capacity = config.draft_tree_capacity
+        self.cache = SuffixCache(config)
+        self._root_indexed = False
+
+    def configure(self, config: GenerationConfig) -> None:
+        pass
+
+    def begin(self, context: Sequence[int], reused: int, hidden: torch.Tensor | None = None) -> None:
+        self.cache.start_request([int(t) for t in context], reused)
+        self._root_indexed = False
+
+    def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
+        self.cache.append(root)
+        self._root_indexed = True
+        return draft_tree(root, self.cache.speculate(max_depth))
+
+    def observe(self, tree: DraftTree, out: TargetOutput) -> None:
+        pass
+
+    def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
+        for token in tokens[1 if self._root_indexed else 0:]:
+            self.cache.append(token)
+        self._root_indexed = False
