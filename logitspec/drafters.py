@@ -32,6 +32,10 @@ from .pool import NGramPool
 from .tree import DraftTree, build_tree
 from .value_tree import DEPTH_BUCKETS, RANK_BUCKETS, AcceptanceStats, BestFirstTree, Chain, bucket
 
+# Match lengths of a next-token chain's occurrence, bucketed (``match_lengths``); the last edge
+# is as far as a match is measured.
+MATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
 if TYPE_CHECKING:
     from .decoding import GenerationConfig
 
@@ -105,7 +109,9 @@ class LogitSpecConfig:
     spent; ``value`` ranks every candidate node by its estimated acceptance probability
     (:mod:`logitspec.value_tree`) and keeps the best ones. ``draft_tree_capacity=None`` (auto,
     value policy only) sizes each tree by the verification cost curve, up to
-    ``max_auto_capacity`` nodes.
+    ``max_auto_capacity`` nodes. ``match_lengths`` (value policy): next-token chains are
+    valued by how long their occurrence's match with the context is, not by the n-gram order
+    that found it (:class:`ValueTreeDrafter`).
     """
 
     pool: PoolConfig = PoolConfig()
@@ -119,6 +125,7 @@ class LogitSpecConfig:
     value_chain_length: int = 8
     recycle_chains: int = 0
     recycle_depth: int = 4
+    match_lengths: bool = False
 
     def __post_init__(self) -> None:
         if self.tree_policy not in ("reference", "value"):
@@ -133,6 +140,8 @@ class LogitSpecConfig:
             raise ValueError("recycle_chains must be >= 0 and recycle_depth >= 1")
         if self.recycle_chains and self.tree_policy != "value":
             raise ValueError("recycled chains need tree_policy='value'")
+        if self.match_lengths and self.tree_policy != "value":
+            raise ValueError("match-length features need tree_policy='value'")
         if self.num_next_next is not None and self.num_next_next < 0:
             raise ValueError(f"num_next_next must be >= 0, got {self.num_next_next}")
         if self.beyond_length < 1 or any(n < 1 for _, n in self.rank_lengths):
@@ -250,6 +259,8 @@ def value_prior(feature: tuple) -> float:
         return 0.2
     if kind == "rec":
         return 0.3 / feature[1] if feature[1] else 0.5
+    if kind == "match":  # a match of m tokens: m / (m + 1), as if each had been a trial
+        return feature[1] / (feature[1] + 1.0)
     return 0.5 if feature[-1] == 1 else 0.7
 
 
@@ -261,7 +272,12 @@ class ValueTreeDrafter(_PoolDrafter):
     current context length (attention over a long context makes large trees dearer).
 
     Features: ``("next", n, depth)`` for the next-token chain retrieved by an n-gram of order
-    ``n``, ``("alt", n, depth)`` for older stored continuations (``max_continuations > 1``),
+    ``n``, ``("alt", n, depth)`` for older stored continuations (``max_continuations > 1``);
+    with ``match_lengths``, ``("match", m, depth)`` and ``("alt", m, depth)`` instead, ``m`` the
+    bucketed length (:data:`MATCH_BUCKETS`) of the match that the chain's occurrence really has
+    with the context (it may reach far beyond the pool's n-gram: a long match is a strong sign
+    that the copy goes on; its prior rate ``m / (m + 1)`` lets long copies be drafted before any
+    was observed);
     ``("first", rank)`` for a next-next token of that rank, ``("cont", n, depth)`` for its
     retrieved continuation (depth buckets :data:`DEPTH_BUCKETS`, ranks :data:`RANK_BUCKETS`).
     """
@@ -319,9 +335,15 @@ class ValueTreeDrafter(_PoolDrafter):
         return features
 
     def _offer_next_chains(self, tree: BestFirstTree, root: int) -> None:
-        n, conts = self.pool.match(self._query(root), max_tokens=self.tree_capacity - 1)
-        for j, cont in enumerate(conts):
-            tree.offer(zip(cont, self._depth_features("next" if j == 0 else "alt", n, 1)))
+        pool = self.pool
+        limit = min(self.tree_capacity - 1, pool.num_pred_tokens)
+        n, stored = pool.occurrences(self._query(root))
+        tokens, lengths = pool.tokens, self.config.match_lengths
+        for j, pos in enumerate(stored):
+            order = bucket(pool.agreement(pos, (root,), MATCH_BUCKETS[-1]), MATCH_BUCKETS) if lengths else n
+            cont = tokens[pos + 1:pos + 1 + limit]
+            kind = "alt" if j else "match" if lengths else "next"
+            tree.offer(zip(cont, self._depth_features(kind, order, 1)))
 
     def _offer_next_next_chains(self, tree: BestFirstTree, root: int, top: list[int]) -> None:
         keep = self.pool.max_ngram_size - 1  # the tokens a query keeps before the candidate

@@ -110,9 +110,32 @@ class NGramPool:
         limit = self.num_pred_tokens if max_tokens is None else min(max_tokens, self.num_pred_tokens)
         if limit <= 0:
             return 0, []
+        n, stored = self.occurrences(query)
         tokens = self.tokens
+        return n, [tokens[p + 1:p + 1 + limit] for p in stored]
+
+    def occurrences(self, query: Sequence[int]) -> tuple[int, list[int]]:
+        """``(n, positions)``: the order of the longest suffix of ``query`` found (0 when none)
+        and where its stored occurrences end, newest first (the list is the pool's own)."""
         for n in range(min(self.max_ngram_size, len(query)), 0, -1):
             stored = self._index.get(tuple(query[len(query) - n:]))
             if stored is not None:
-                return n, [tokens[p + 1:p + 1 + limit] for p in stored]
+                return n, stored
         return 0, []
+
+    def agreement(self, pos: int, tail: Sequence[int], limit: int) -> int:
+        """How many tokens of ``tokens + tail``, read backwards, equal the sequence ending at
+        ``pos`` read backwards (at most ``limit``): the length of the match that the stored
+        occurrence ``pos`` of a query ending with ``tail`` really has. Example: tokens
+        ``[7, 5, 6, 9, 7, 5]``, tail ``[6]``, pos 2 -> 3 (``7, 5, 6`` at 0-2)."""
+        tokens = self.tokens
+        limit = min(limit, pos + 1)
+        length = 0
+        for token in reversed(tail):
+            if length == limit or tokens[pos - length] != token:
+                return length
+            length += 1
+        last = len(tokens) + len(tail) - 1  # index of tail[-1] in tokens + tail
+        while length < limit and tokens[pos - length] == tokens[last - length]:
+            length += 1
+        return length

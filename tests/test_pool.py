@@ -238,3 +238,28 @@ def test_truncate_equals_fresh_pool(tokens, length, params):
     assert pool.tokens == fresh.tokens
     for query in all_queries(3, params["max_ngram_size"]):
         assert pool.lookup_all(query) == fresh.lookup_all(query)
+
+
+def test_agreement_by_hand():
+    pool = NGramPool(3, 4)
+    pool.extend([7, 5, 6, 9, 7, 5])
+    assert pool.agreement(2, [6], 10) == 3  # 7 5 6 at 0-2 against ... 7 5 | 6
+    assert pool.agreement(2, [5, 6], 10) == 2  # the 7 before 5 6 meets a 5
+    assert pool.agreement(2, [6], 2) == 2  # the limit
+    assert pool.agreement(2, [4], 10) == 0  # the occurrence's own token differs
+    assert pool.agreement(5, [], 10) == 6  # the sequence against itself
+
+
+@settings(deadline=None, max_examples=300)
+@given(tokens=st.lists(st.integers(0, 2), min_size=1, max_size=30),
+       tail=st.lists(st.integers(0, 2), max_size=3), data=st.data())
+def test_agreement_is_the_common_suffix_length(tokens, tail, data):
+    pool = pool_of(tokens, 2, 3, 1)
+    pos = data.draw(st.integers(0, len(tokens) - 1))
+    limit = data.draw(st.integers(0, 40))
+    whole, earlier = tokens + tail, tokens[:pos + 1]
+    expected = 0
+    while (expected < min(limit, len(earlier)) and expected < len(whole)
+           and earlier[-1 - expected] == whole[-1 - expected]):
+        expected += 1
+    assert pool.agreement(pos, tail, limit) == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -142,6 +143,8 @@ def test_config_validation():
         LogitSpecConfig(draft_tree_capacity=None)
     with pytest.raises(ValueError, match="cost curve"):
         ValueTreeDrafter(LogitSpecConfig(draft_tree_capacity=None, tree_policy="value"))
+    with pytest.raises(ValueError, match="match-length"):
+        LogitSpecConfig(match_lengths=True)  # the reference policy has no features
 
 
 CURVE = CostCurve((1, 8, 64), (1.0, 1.1, 2.0))
@@ -153,18 +156,46 @@ CURVE = CostCurve((1, 8, 64), (1.0, 1.1, 2.0))
     capacity=st.one_of(st.none(), st.integers(1, 40)),
     max_new=st.integers(1, 40),
     seed=st.integers(0, 3),
+    match=st.booleans(),
 )
-def test_value_trees_are_lossless(prompt, capacity, max_new, seed):
+def test_value_trees_are_lossless(prompt, capacity, max_new, seed, match):
     model = MarkovLM(8, seed=seed, scale=4.0)
     config = GenerationConfig(max_new_tokens=max_new, eos_token_ids=(7,))
     vanilla = Decoder(model).generate(prompt, config)
     drafter = make_logitspec_drafter(
         LogitSpecConfig(pool=PoolConfig(2, 6, 2), draft_tree_capacity=capacity,
-                        tree_policy="value", max_auto_capacity=16), CURVE)
+                        tree_policy="value", max_auto_capacity=16, match_lengths=match), CURVE)
     result = Decoder(model, drafter).generate(prompt, config)
     assert result.output_ids == vanilla.output_ids
     assert all(1 <= n <= drafter.tree_capacity for n in result.accept_lengths)
     assert sum(result.accept_lengths) == result.new_tokens
+
+
+# shaped like a 2-core CPU's bfloat16 verification: each drafted token costs over half a step
+STEEP = CostCurve((1, 2, 4, 8, 16), (1.0, 1.24, 2.3, 4.1, 7.6))
+
+
+@pytest.mark.parametrize("match", [False, True])
+def test_a_long_match_is_copied_at_length_on_a_steep_curve(match):
+    """Context ``10..49, 10..29`` and root 30: the next-token chain's occurrence (``30`` at
+    index 20) matches the context over 21 tokens. Valued by that match (prior 24 / 25 per
+    node, before any step was observed) the copy pays for a long chain on a steep cost curve;
+    valued by the 3-gram that found it (prior 0.5, then 0.7) only a token or two do. A short
+    match (``5, 28, 29`` against ``27, 28, 29``) is drafted short either way."""
+    config = LogitSpecConfig(pool=PoolConfig(3, 20), draft_tree_capacity=None, tree_policy="value",
+                             max_auto_capacity=16, match_lengths=match)
+    long_copy = ValueTreeDrafter(config, STEEP)
+    long_copy.begin(list(range(10, 50)) + list(range(10, 30)), 0)
+    tree = long_copy.draft(30, np.array([30]), 64)
+    assert tree.tokens[1:] == tuple(range(31, 31 + len(tree.tokens) - 1))  # the copy itself
+    short_copy = ValueTreeDrafter(config, STEEP)
+    short_copy.begin(list(range(10, 50)) + [5, 28, 29], 0)
+    short = short_copy.draft(30, np.array([30]), 64)
+    if match:
+        assert len(tree.tokens) >= 6 and len(short.tokens) <= 3
+        assert long_copy._features[1] == ("match", 24, 1)  # 21 tokens -> bucket 24
+    else:
+        assert len(tree.tokens) <= 2 and len(short.tokens) <= 2
 
 
 def test_online_statistics_raise_acceptance_on_repetitive_text():
