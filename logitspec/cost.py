@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -49,6 +49,7 @@ class CostCurve:
     seconds: tuple[float, ...]
     context: int = 512
     device: str = "cpu"
+    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.sizes or len(self.sizes) != len(self.seconds) or self.sizes[0] != 1:
@@ -65,6 +66,17 @@ class CostCurve:
         lo = hi - 1
         slope = (secs[hi] - secs[lo]) / (sizes[hi] - sizes[lo])
         return max(secs[lo] + slope * (n - sizes[lo]), secs[0])
+
+    def to_dict(self) -> dict:
+        return {"sizes": list(self.sizes), "seconds": list(self.seconds), "context": self.context,
+                "device": self.device}
+
+    def cost_table(self, n: int) -> tuple[float, ...]:
+        """``cost(0), cost(1), ..., cost(n)`` (made once per curve and ``n``)."""
+        table = self._tables.get(n)
+        if table is None:
+            table = self._tables[n] = tuple(self.cost(i) for i in range(n + 1))
+        return table
 
     def relative(self, n: int) -> float:
         return self.cost(n) / self.seconds[0]
@@ -199,6 +211,17 @@ class CostSurface:
     def cost(self, n: int) -> float:
         return self.curves[0].cost(n)
 
+    def to_dict(self) -> dict:
+        return {"sizes": list(self.sizes), "seconds": list(self.seconds), "context": self.context,
+                "device": self.device}
+
+    def cost_table(self, n: int) -> tuple[float, ...]:
+        """``cost(0), cost(1), ..., cost(n)`` (made once per curve and ``n``)."""
+        table = self._tables.get(n)
+        if table is None:
+            table = self._tables[n] = tuple(self.cost(i) for i in range(n + 1))
+        return table
+
     def relative(self, n: int) -> float:
         return self.curves[0].relative(n)
 
@@ -206,7 +229,7 @@ class CostSurface:
         return self.curves[0].table(sizes)
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "bucket": self.bucket, "curves": [asdict(c) for c in self.curves]}
+        return {"format": FORMAT, "bucket": self.bucket, "curves": [c.to_dict() for c in self.curves]}
 
     @classmethod
     def from_json(cls, data: dict) -> "CostSurface":

@@ -310,7 +310,9 @@ class ValueTreeDrafter(_PoolDrafter):
         tree = BestFirstTree(root, self.stats.rate, max_depth)
         if self.tree_capacity > 1 and max_depth > 0:
             self._offer_candidates(tree, root, root_topk, max_depth)
-        cost = self.costs.at(len(self.pool)).cost if self.costs is not None else None
+        cost = None
+        if self.costs is not None:
+            cost = self.costs.at(len(self.pool)).cost_table(self.tree_capacity)
         draft, self._features = tree.grow(self.tree_capacity, cost, self.overhead)
         self.overhead = 0.9 * self.overhead + 0.1 * (time.perf_counter() - start)
         return draft

@@ -158,45 +158,65 @@ class BestFirstTree:
         self._heap.extend(entries)
         heapq.heapify(self._heap)
 
-    def grow(self, capacity: int, cost: Callable[[int], float] | None = None,
+    def grow(self, capacity: int, cost: Callable[[int], float] | Sequence[float] | None = None,
              overhead: float = 0.0) -> tuple[DraftTree, list[Feature]]:
         """Pops candidates, most probable first, until ``capacity`` nodes (root included); with
-        ``cost`` keeps the first ``n`` that maximize expected tokens per second (stopping as
-        soon as no larger tree can beat the best so far). Returns the tree and each node's
-        feature."""
+        ``cost`` (a function of the node count, or a table of it: ``cost[n]`` for ``n`` up to
+        ``capacity``) keeps the first ``n`` that maximize expected tokens per second
+        (stopping as soon as no larger tree can beat the best so far). Returns the tree and
+        each node's feature.
+
+        A chain's next node is taken at once, without a round trip through the heap, when it
+        is strictly more probable than every waiting candidate (``heappushpop``): the pops
+        come in exactly the same order."""
+        if callable(cost):
+            cost = [0.0] + [cost(n) for n in range(1, capacity + 1)]
+        tokens, parents, depths, probs, features = (
+            self.tokens, self.parents, self.depths, self.probs, self.features)
+        children, rate, heap = self._children, self.rate, self._heap
+        max_depth = capacity if self.max_depth is None else self.max_depth
+        pushpop, pop = heapq.heappushpop, heapq.heappop
+        size = len(tokens)
         gain, best_n = 1.0, 1
-        best_ratio = 1.0 / (cost(1) + overhead) if cost is not None else 0.0
-        heap = self._heap
-        while heap and len(self.tokens) < capacity:
-            neg_prob, _, parent, token, feature, chain, children = heapq.heappop(heap)
+        best_ratio = 1.0 / (cost[1] + overhead) if cost is not None else 0.0
+        item = pop(heap) if heap else None
+        while item is not None and size < capacity:
+            neg_prob, _, parent, token, feature, chain, known = item
             prob = -neg_prob
-            node = self._children.get((parent, token))
+            node = children.get((parent, token))
             if node is None:
-                node = self._add(parent, token, prob, feature)
+                node = size
+                children[(parent, token)] = node
+                tokens.append(token)
+                parents.append(parent)
+                depths.append(depths[parent] + 1)
+                probs.append(prob)
+                features.append(feature)
+                size += 1
                 if cost is not None:
                     gain += prob
-                    size = len(self.tokens)
-                    ratio = gain / (cost(size) + overhead)
+                    ratio = gain / (cost[size] + overhead)
                     if ratio > best_ratio:
                         best_n, best_ratio = size, ratio
                     elif size == capacity or (
-                        (gain + (capacity - size) * prob) / (cost(size + 1) + overhead) <= best_ratio
+                        (gain + (capacity - size) * prob) / (cost[size + 1] + overhead) <= best_ratio
                     ):
                         break  # every larger tree gains at most `prob` per node
-            if chain is not None:
-                self.offer(chain if hasattr(chain, "__next__") else chain(), node, prob)
-            if children:
-                self.offer_nodes(children, node, prob)
-        n = len(self.tokens) if cost is None else best_n
-        tree = DraftTree(tuple(self.tokens[:n]), tuple(self.parents[:n]), tuple(self.depths[:n]))
-        return tree, self.features[:n]
-
-    def _add(self, parent: int, token: int, prob: float, feature: Feature) -> int:
-        node = len(self.tokens)
-        self._children[(parent, token)] = node
-        self.tokens.append(token)
-        self.parents.append(parent)
-        self.depths.append(self.depths[parent] + 1)
-        self.probs.append(prob)
-        self.features.append(feature)
-        return node
+            item = None
+            if depths[node] < max_depth:
+                if chain is not None:
+                    if not hasattr(chain, "__next__"):
+                        chain = chain()
+                    nxt = next(chain, None)
+                    if nxt is not None:
+                        item = (-prob * rate(nxt[1]), self._order, node, nxt[0], nxt[1], chain, ())
+                        self._order += 1
+                if known:
+                    self.offer_nodes(known, node, prob)
+            if item is not None:
+                item = pushpop(heap, item) if heap else item
+            elif heap:
+                item = pop(heap)
+        n = size if cost is None else best_n
+        tree = DraftTree(tuple(tokens[:n]), tuple(parents[:n]), tuple(depths[:n]))
+        return tree, features[:n]

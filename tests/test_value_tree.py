@@ -83,6 +83,46 @@ def test_a_chain_is_asked_for_its_next_node_only_once_its_last_one_is_in():
     assert len(grown_tree) == 3 and asked == [("a", 0), ("b", 0), ("a", 1), ("a", 2)]
 
 
+def reference_tree(chains, capacity, max_depth):
+    """Best-first growth the plain way: every chain's next node goes through the heap (ties
+    pop in push order)."""
+    import heapq
+
+    tokens, parents, depths, index, heap, pushed = [0], [-1], [0], {}, [], 0
+    for c, (chain, rates) in enumerate(chains):
+        heapq.heappush(heap, (-rates[0], pushed, 0, c, 0))
+        pushed += 1
+    while heap and len(tokens) < capacity:
+        neg, _, parent, c, i = heapq.heappop(heap)
+        chain, rates = chains[c]
+        node = index.get((parent, chain[i]))
+        if node is None:
+            node = index[(parent, chain[i])] = len(tokens)
+            tokens.append(chain[i])
+            parents.append(parent)
+            depths.append(depths[parent] + 1)
+        if i + 1 < len(chain) and (max_depth is None or depths[node] < max_depth):
+            heapq.heappush(heap, (neg * rates[i + 1], pushed, node, c, i + 1))
+            pushed += 1
+    return tuple(tokens), tuple(parents)
+
+
+@settings(deadline=None, max_examples=300)
+@given(
+    chains=st.lists(st.tuples(st.lists(st.integers(1, 3), min_size=1, max_size=6),
+                              st.lists(st.sampled_from([1.0, 0.5, 0.25]), min_size=6, max_size=6)),
+                    max_size=8),
+    capacity=st.integers(1, 30),
+    max_depth=st.one_of(st.none(), st.integers(1, 4)),
+)
+def test_grow_pops_exactly_as_a_plain_heap_would(chains, capacity, max_depth):
+    """Ties everywhere (rates 1, 1/2, 1/4) and merged prefixes (three tokens): taking a chain's
+    next node directly when it beats the heap changes nothing."""
+    chains = [(tokens, rates[: len(tokens)]) for tokens, rates in chains]
+    tree, _ = grown(chains, capacity, max_depth=max_depth)
+    assert (tree.tokens, tree.parents) == reference_tree(chains, capacity, max_depth)
+
+
 def pop_order_ratio_argmax(chains, capacity, cost):
     """Brute force: grow without a cost, then the prefix of the pop order with the best ratio
     (the first on ties)."""
