@@ -6,8 +6,9 @@ independent numpy implementation of temperature / top-k / top-p); the speculativ
 empirical distribution over a fixed set of seeds must pass a chi-square goodness-of-fit test at
 ALPHA. Deterministic: fixed seeds, fixed model. A deliberately wrong acceptance rule (greedy
 matching of drafts with a sampled bonus token) must fail the same test (negative control).
-Covered: retrieval drafters and a draft head's tree beside retrieval (the value tree), whose
-deterministic candidates are verified by the same walk.
+Covered: retrieval drafters, the command-line default (the value tree with recycled chains,
+match lengths and a cost-sized budget, whose drafts must be accepted) and a draft head's tree
+beside retrieval, whose deterministic candidates are verified by the same walk.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ import torch
 from fakes import MarkovLM, markov_head
 from logitspec.acceptance import greedy_accept
 from logitspec.decoding import Decoder, GenerationConfig
-from logitspec.drafters import LogitSpecConfig, LogitSpecDrafter, PoolConfig, PromptLookupDrafter
+from logitspec.cost import CostCurve
+from logitspec.drafters import (
+    LogitSpecConfig, LogitSpecDrafter, PoolConfig, PromptLookupDrafter, ValueTreeDrafter,
+)
 from logitspec.eagle import EagleConfig, EagleDrafter
 from logitspec.racer import RacerConfig, RacerDrafter
-from logitspec.recycling import RecyclingConfig
+from logitspec.recycling import RecyclingConfig, SuccessorTable
 from logitspec.sam import SamConfig, SamDrafter
 from logitspec.suffix_automaton import CorpusAutomaton
 from logitspec.rest import Datastore, RestConfig, RestDrafter
@@ -181,6 +185,12 @@ DRAFTERS = {
     "logitspec": lambda: LogitSpecDrafter(
         LogitSpecConfig(pool=PoolConfig(2, 3), draft_tree_capacity=8, rank_lengths=((2, 3),))
     ),
+    # the command-line default at this scale: value tree, three continuations per n-gram,
+    # recycled chains, match lengths, a budget sized by a (flat) cost curve
+    "logitspec-default": lambda: ValueTreeDrafter(
+        LogitSpecConfig(pool=PoolConfig(2, 3, 3), draft_tree_capacity=None, tree_policy="value",
+                        max_auto_capacity=8, recycle_chains=3, recycle_depth=2, match_lengths=True),
+        CostCurve((1, 8), (1.0, 1.0)), SuccessorTable(VOCAB, 3)),
     "eagle": lambda: EagleDrafter(
         markov_head(MarkovLM(VOCAB), seed=2),
         EagleConfig(LogitSpecConfig(pool=PoolConfig(2, 3), draft_tree_capacity=8, tree_policy="value"),
@@ -216,6 +226,8 @@ CASES = [
     ("logitspec", "t0.7-topk3"),
     ("logitspec", "t1.0"),
     ("pld", "t1.3-topp0.8"),
+    ("logitspec-default", "t1.0"),
+    ("logitspec-default", "t0.7-topk3"),
     ("eagle", "t1.0"),
     ("eagle", "t0.7-topk3"),
     ("racer", "t1.0"),
@@ -240,11 +252,13 @@ def model() -> MarkovLM:
 def test_speculative_sampling_matches_exact_distribution(model, drafter, setting):
     settings, prompt = SETTINGS[setting], PROMPTS.get(drafter, PROMPT)
     max_new = MAX_NEW_OF.get(drafter, MAX_NEW)
-    counts = sample_outputs(Decoder(model, DRAFTERS[drafter]()), settings, prompt=prompt,
-                            max_new=max_new)
+    decoder = Decoder(model, DRAFTERS[drafter]())
+    counts = sample_outputs(decoder, settings, prompt=prompt, max_new=max_new)
     expected = exact_distribution(model, settings, prompt, max_new)
     pvalue = chi_square_pvalue(counts, expected, NUM_SAMPLES)
     assert pvalue > ALPHA, f"p = {pvalue:.2e}: output distribution differs from vanilla sampling"
+    if drafter == "logitspec-default":  # not vacuous: the value tree's drafts were accepted
+        assert sum(success for success, _ in decoder.drafter.stats.counts.values()) > 0
 
 
 @pytest.mark.parametrize("drafter", ["full-tree", "logitspec", "racer", "sam", "suffix", "rest",
@@ -373,8 +387,8 @@ def test_sampling_rejects_zero_temperature():
         SamplingVerifier(0.0)
 
 
-@pytest.mark.parametrize("drafter", ["full-tree", "pld", "logitspec", "racer", "sam", "suffix",
-                                     "rest", "lookahead", "eagle"])
+@pytest.mark.parametrize("drafter", ["full-tree", "pld", "logitspec", "logitspec-default", "racer",
+                                     "sam", "suffix", "rest", "lookahead", "eagle"])
 def test_same_seed_reproduces_vanilla_sampling_token_for_token(model, drafter):
     """The walk draws once per emitted token, in order, from the same generator stream as
     vanilla sampling: with exact logits, the outputs are identical, not just equally
