@@ -2,8 +2,8 @@
 as one tree. ``python -m evaluation.inference_logitspec --help`` lists the flags.
 
 Defaults: the value-ranked tree sized by the measured verification cost (``auto``), with three
-stored continuations per n-gram, the next-token chain valued by the length of its match with
-the context, and chains through the target's remembered successors. The
+stored continuations per n-gram and chains through the target's remembered successors.
+``--match-lengths 1`` values the next-token chain by the length of its match with the context. The
 public code's behaviour is ``--tree-policy reference --draft_tree_capacity 64``.
 
 The cost curves (over tree size, at a few context lengths) are measured on first use and
@@ -53,8 +53,8 @@ class ValueTreeParams(RetrievalParams):
     recycle_depth: int = option(6, "longest chain of remembered successors", type=int)
     max_auto_capacity: int = option(64, "largest tree an automatic budget may build", type=int)
     match_lengths: int = option(
-        1, "value the next-token chain by how long its occurrence matches the context (value "
-        "policy; 0: by the n-gram order that found it)", type=int, choices=[0, 1])
+        0, "1: value the next-token chain by how long its occurrence matches the context (value "
+        "policy); 0: by the n-gram order that found it", type=int, choices=[0, 1])
 
     def __post_init__(self) -> None:
         if self.match_lengths not in (0, 1):

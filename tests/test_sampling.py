@@ -6,8 +6,8 @@ independent numpy implementation of temperature / top-k / top-p); the speculativ
 empirical distribution over a fixed set of seeds must pass a chi-square goodness-of-fit test at
 ALPHA. Deterministic: fixed seeds, fixed model. A deliberately wrong acceptance rule (greedy
 matching of drafts with a sampled bonus token) must fail the same test (negative control).
-Covered: retrieval drafters, the command-line default (the value tree with recycled chains,
-match lengths and a cost-sized budget, whose drafts must be accepted) and a draft head's tree
+Covered: retrieval drafters, the command-line default (the value tree with recycled chains
+and a cost-sized budget, here with match lengths too; its drafts must be accepted) and a draft head's tree
 beside retrieval, whose deterministic candidates are verified by the same walk.
 """
 
@@ -185,8 +185,8 @@ DRAFTERS = {
     "logitspec": lambda: LogitSpecDrafter(
         LogitSpecConfig(pool=PoolConfig(2, 3), draft_tree_capacity=8, rank_lengths=((2, 3),))
     ),
-    # the command-line default at this scale: value tree, three continuations per n-gram,
-    # recycled chains, match lengths, a budget sized by a (flat) cost curve
+    # the command-line default at this scale (value tree, three continuations per n-gram,
+    # recycled chains, a budget sized by a flat cost curve), with match lengths
     "logitspec-default": lambda: ValueTreeDrafter(
         LogitSpecConfig(pool=PoolConfig(2, 3, 3), draft_tree_capacity=None, tree_policy="value",
                         max_auto_capacity=8, recycle_chains=3, recycle_depth=2, match_lengths=True),
