@@ -211,17 +211,6 @@ class CostSurface:
     def cost(self, n: int) -> float:
         return self.curves[0].cost(n)
 
-    def to_dict(self) -> dict:
-        return {"sizes": list(self.sizes), "seconds": list(self.seconds), "context": self.context,
-                "device": self.device}
-
-    def cost_table(self, n: int) -> tuple[float, ...]:
-        """``cost(0), cost(1), ..., cost(n)`` (made once per curve and ``n``)."""
-        table = self._tables.get(n)
-        if table is None:
-            table = self._tables[n] = tuple(self.cost(i) for i in range(n + 1))
-        return table
-
     def relative(self, n: int) -> float:
         return self.curves[0].relative(n)
 
