@@ -46,6 +46,9 @@ class EagleParams(ValueTreeParams):
     head_depth: int = option(6, "most levels of the head's tree", type=int)
     head_min_value: float = option(
         0.01, "head nodes less likely to be accepted than this are not expanded", type=float)
+    head_full_expansion: bool = option(
+        False, "expand every head candidate, as EAGLE-2 does (default: only those the tree "
+        "could still keep; the same trees, fewer head passes)", action="store_true")
 
     def __post_init__(self) -> None:
         if self.draft_head is not None and not self.draft_head.endswith(".safetensors"):
@@ -56,7 +59,7 @@ class EagleParams(ValueTreeParams):
     def eagle_config(self) -> EagleConfig:
         return EagleConfig(self.logitspec_config(), retrieval=not self.no_retrieval,
                            top_k=self.head_top_k, expand=self.head_expand, depth=self.head_depth,
-                           min_value=self.head_min_value)
+                           min_value=self.head_min_value, prune=not self.head_full_expansion)
 
 
 def find_head(loaded: LoadedModel, path: str | None) -> DraftHead:

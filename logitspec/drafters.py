@@ -297,6 +297,7 @@ class ValueTreeDrafter(_PoolDrafter):
         self.costs = cost_curve if config.draft_tree_capacity is None else None
         self.stats = AcceptanceStats(value_prior)
         self.overhead = 0.0
+        self._cost: Sequence[float] | None = None  # this step's cost table (automatic budget)
         self.successors = successors
         recycled = successors.k if successors is not None and config.recycle_chains else 0
         self.top_k = max(config.candidates + 1, recycled)
@@ -308,12 +309,12 @@ class ValueTreeDrafter(_PoolDrafter):
     def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
         start = time.perf_counter()
         tree = BestFirstTree(root, self.stats.rate, max_depth)
+        self._cost = None
+        if self.costs is not None:
+            self._cost = self.costs.at(len(self.pool)).cost_table(self.tree_capacity)
         if self.tree_capacity > 1 and max_depth > 0:
             self._offer_candidates(tree, root, root_topk, max_depth)
-        cost = None
-        if self.costs is not None:
-            cost = self.costs.at(len(self.pool)).cost_table(self.tree_capacity)
-        draft, self._features = tree.grow(self.tree_capacity, cost, self.overhead)
+        draft, self._features = tree.grow(self.tree_capacity, self._cost, self.overhead)
         self.overhead = 0.9 * self.overhead + 0.1 * (time.perf_counter() - start)
         return draft
 

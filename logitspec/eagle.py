@@ -6,9 +6,9 @@ level by level, as EAGLE-2 (arXiv 2406.16858) does:
 1. the exact pairs up to ``(h_{n-1}, root)`` give the head's distribution after the root; its
    ``top_k`` tokens are the depth-1 candidates;
 2. at each depth, the ``expand`` most valuable candidates of that depth (not end-of-sequence
-   tokens, not below ``min_value``) are expanded together in one forward pass of the head:
-   each gets its ``top_k`` children; at most ``depth`` levels, and never deeper than the step
-   allows.
+   tokens, not below ``min_value``, and only those the tree could still keep) are expanded
+   together in one forward pass of the head: each gets its ``top_k`` children; at most
+   ``depth`` levels, and never deeper than the step allows.
 
 A candidate's value is its estimated probability of being accepted, as everywhere in the value
 tree (:mod:`logitspec.value_tree`): its parent's value times the acceptance rate learned
@@ -35,6 +35,8 @@ the draw-and-match walk (:mod:`logitspec.sampling`, part 1): lossless whatever t
 
 from __future__ import annotations
 
+import heapq
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -46,7 +48,9 @@ from .cost import CostCurve, CostSurface
 from .draft_head import DraftHead, HeadState
 from .drafters import LogitSpecConfig, ValueTreeDrafter, value_prior
 from .tree import DraftTree
-from .value_tree import DEPTH_BUCKETS, AcceptanceStats, BestFirstTree, Candidate, bucket
+from .value_tree import (
+    DEPTH_BUCKETS, AcceptanceStats, BestFirstTree, Candidate, bucket, entry_value,
+)
 
 if TYPE_CHECKING:
     from .decoding import GenerationConfig
@@ -60,7 +64,9 @@ class EagleConfig:
     cost curve; ``retrieval`` off leaves the head alone. Head tree (module docstring):
     ``top_k`` children per expanded node, ``expand`` nodes expanded per depth, ``depth``
     levels at most, nodes below ``min_value`` never expanded (EAGLE-2's settings for 7B
-    models: top-k 10, depth 6, 60 tokens)."""
+    models: top-k 10, depth 6, 60 tokens); ``prune``: expand only candidates that could still
+    be kept (:meth:`EagleDrafter._head_tree`; the same trees with fewer head passes), off for
+    EAGLE-2's full expansion."""
 
     logitspec: LogitSpecConfig = LogitSpecConfig(tree_policy="value")
     retrieval: bool = True
@@ -68,6 +74,7 @@ class EagleConfig:
     expand: int = 10
     depth: int = 6
     min_value: float = 0.01
+    prune: bool = True
 
     def __post_init__(self) -> None:
         if self.logitspec.tree_policy != "value":
@@ -122,6 +129,7 @@ class EagleDrafter(ValueTreeDrafter):
         self.eos: frozenset[int] = frozenset()
         self.max_new_tokens = 0
         self._verified: torch.Tensor | None = None
+        self._entry_values: dict = {}
         self._head_features = tuple(
             tuple(("head", bucket(d, DEPTH_BUCKETS), edge) for edge in PROB_BUCKETS)
             for d in range(config.depth + 1)
@@ -145,12 +153,25 @@ class EagleDrafter(ValueTreeDrafter):
         tree.offer_nodes(self._head_tree(root, max_depth))
 
     def _head_tree(self, root: int, max_depth: int) -> list[Candidate]:
-        """The head's candidate tree under ``root`` (module docstring): its depth-1 nodes."""
+        """The head's candidate tree under ``root`` (module docstring): its depth-1 nodes.
+
+        A candidate is expanded only if it could still be kept, since its children are
+        never more probable than itself: not below the least value the cost curve lets into
+        a tree (:func:`~logitspec.value_tree.entry_value`), and not below ``capacity - 1``
+        head candidates that are more probable (each is a distinct node, popped first). So
+        the kept tree is the one full expansion would give, at a fraction of the head's
+        passes where verification is dear or the tree is full."""
         out = self.state.advance(self.pool.tokens, root)
         (roots,) = self._children(out, 1)
         level = [_Frontier(node, self.stats.rate(node.feature), -1, out[0]) for node in roots]
+        prune = self.eagle.prune
+        floor = max(self.eagle.min_value, self._entry_value() if prune else 0.0)
+        room = self.tree_capacity - 1
+        values = [f.value for f in level]
         for depth in range(2, min(self.eagle.depth, max_depth) + 1):
-            picked = self._pick(level)
+            if prune and len(values) >= room:
+                floor = max(floor, heapq.nlargest(room, values)[-1])
+            picked = self._pick(level, floor)
             if not picked:
                 break
             out, slots = self.state.expand([f.parent_slot for f in picked],
@@ -161,12 +182,30 @@ class EagleDrafter(ValueTreeDrafter):
                 parent.node.children = kids
                 level += [_Frontier(kid, parent.value * self.stats.rate(kid.feature), slot, row)
                           for kid in kids]
+            values += [f.value for f in level]
         self.state.drop_tree()
         return roots
 
-    def _pick(self, level: list[_Frontier]) -> list[_Frontier]:
-        """The ``expand`` most valuable candidates worth expanding (ties: offer order)."""
-        worth = [f for f in level if f.value >= self.eagle.min_value and f.node.token not in self.eos]
+    def _entry_value(self) -> float:
+        """:func:`entry_value` of this step's cost table (0 without one), with the drafting
+        overhead rounded up to a 64th of a one-token pass (a larger overhead gives a smaller,
+        still valid bound) so that it is computed once per table and grid point."""
+        cost = self._cost
+        if cost is None or len(cost) < 3:
+            return 0.0
+        grid = cost[1] / 64 if cost[1] > 0 else 1.0
+        key = (cost, math.ceil(self.overhead / grid))
+        value = self._entry_values.get(key)
+        if value is None:
+            if len(self._entry_values) > 256:
+                self._entry_values.clear()
+            value = self._entry_values[key] = entry_value(cost, key[1] * grid)
+        return value
+
+    def _pick(self, level: list[_Frontier], floor: float) -> list[_Frontier]:
+        """The ``expand`` most valuable candidates worth expanding: not end-of-sequence
+        tokens, not below ``floor`` (ties: offer order)."""
+        worth = [f for f in level if f.value >= floor and f.node.token not in self.eos]
         worth.sort(key=lambda f: -f.value)
         return worth[: self.eagle.expand]
 

@@ -99,6 +99,32 @@ class Candidate:
     children: list["Candidate"] = field(default_factory=list)
 
 
+def entry_value(cost: Sequence[float], overhead: float = 0.0) -> float:
+    """The least probability a node can have and still be kept by :meth:`BestFirstTree.grow`
+    under ``cost`` (``cost[n]`` for ``n`` tree tokens, ``cost[0]`` unused) and ``overhead``:
+    a candidate below it, and so its whole subtree, may be left unvalued.
+
+    Why: nodes are popped in non-increasing probability. Say the node that makes the tree
+    ``a + 1`` tokens has probability ``p`` and is kept in the tree of ``b > a`` tokens. That
+    tree beats the one of ``a`` tokens, whose gain is ``G >= 1 + (a - 1) p`` (the root and
+    ``a - 1`` nodes at least as probable), and gains at most ``p`` per node beyond it:
+    ``(G + (b - a) p) / C(b) >= G / C(a)`` with ``C = cost + overhead``, so ``p >= G s`` for the
+    slope ``s = (C(b) / C(a) - 1) / (b - a)``, i.e. ``p >= s / (1 - (a - 1) s)`` (no ``p`` at all
+    when ``(a - 1) s >= 1``). The bound is the least of these over every ``a < b``. Example:
+    costs 1.0, 1.3, 1.8 for 1..3 tokens: ``a = 1`` gives 0.3 and 0.4, ``a = 2`` gives 0.63:
+    nothing below 0.3 is ever kept."""
+    totals = [c + overhead for c in cost[1:]]
+    least = float("inf")
+    for a, low in enumerate(totals, 1):
+        if low <= 0:
+            return 0.0
+        for span, high in enumerate(totals[a:], 1):
+            slope = (high / low - 1.0) / span
+            if (a - 1) * slope < 1.0:
+                least = min(least, slope / (1.0 - (a - 1) * slope))
+    return max(least, 0.0) if least != float("inf") else 0.0
+
+
 class BestFirstTree:
     """A draft tree grown best-first from lazy candidate chains (module docstring).
 

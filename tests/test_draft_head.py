@@ -14,7 +14,7 @@ import torch
 from logitspec.decoding import Decoder, GenerationConfig
 from logitspec.draft_head import (
     DraftHead, DraftHeadConfig, DraftHeadError, HeadSource, HeadState, default_head_path,
-    load_draft_head, save_draft_head, target_key,
+    head_dtype, load_draft_head, save_draft_head, target_key,
 )
 from logitspec.draft_length import DraftLengthConfig
 from logitspec.draft_model import CombinedDrafter, DraftModelConfig, DraftModelDrafter
@@ -167,11 +167,11 @@ def test_config_validation(target, vocab, message):
 AUTO_CURVE = CostCurve((1, 8, 16, 64), (1.0, 1.05, 1.2, 2.0))
 
 
-def eagle(head, capacity=16, retrieval=True, **kw):
+def eagle(head, capacity=16, retrieval=True, curve=AUTO_CURVE, **kw):
     config = LogitSpecConfig(pool=PoolConfig(3, 8, 2), draft_tree_capacity=capacity,
                              tree_policy="value", recycle_chains=4 if retrieval else 0)
     successors = SuccessorTable(97) if retrieval else None
-    curve = AUTO_CURVE if capacity is None else None
+    curve = curve if capacity is None else None
     return EagleDrafter(head, EagleConfig(config, retrieval=retrieval, **kw), curve, successors)
 
 
@@ -211,6 +211,60 @@ def test_follow_up_turn_equals_vanilla(target, head, method):
     follow_up = PROMPTS[0] + first + [11, 12, 13]
     second = decoder.generate(follow_up, GenerationConfig(max_new_tokens=20)).output_ids
     assert second == vanilla(target, follow_up, 20)
+
+
+PRUNED = {
+    "hybrid-8": dict(capacity=8),
+    "head-alone-6": dict(capacity=6, retrieval=False, top_k=4, expand=4, depth=4, min_value=0.0),
+    "hybrid-auto-steep": dict(capacity=None, curve=CostCurve((1, 2, 4, 64), (1.0, 1.15, 1.5, 9.0))),
+    "hybrid-auto-flat": dict(capacity=None),  # nothing to prune: cheap trees, a large budget
+}
+
+
+@pytest.mark.parametrize("name", list(PRUNED))
+def test_pruned_expansion_drafts_the_same_trees(target, head, name):
+    """Pruning changes what the head computes, never the tree: every step's tree equal to
+    EAGLE-2's full expansion (the drafting overhead pinned, as it is measured), with fewer
+    pairs fed to the head."""
+    kw = dict(PRUNED[name])
+    runs = []
+    for prune in (True, False):
+        drafter = eagle(head, **kw, prune=prune)
+        trees, fed = [], []
+        inner, expand = drafter.draft, drafter.state.expand
+
+        def draft(*args, drafter=drafter, inner=inner, trees=trees):
+            drafter.overhead = 0.002
+            trees.append(inner(*args))
+            return trees[-1]
+
+        drafter.draft = draft
+        drafter.state.expand = lambda p, i, t, fed=fed, expand=expand: fed.append(len(t)) or expand(p, i, t)
+        out = Decoder(target, drafter).generate(PROMPTS[0], GenerationConfig(max_new_tokens=MAX_NEW))
+        runs.append((trees, sum(fed), out.output_ids))
+    (pruned, pruned_fed, out), (full, full_fed, full_out) = runs
+    assert pruned == full and out == full_out
+    assert max(len(t) for t in pruned) > 1
+    if name == "hybrid-auto-flat":
+        assert pruned_fed == full_fed
+    else:
+        assert pruned_fed < full_fed, (pruned_fed, full_fed)
+
+
+def test_head_computes_in_float32_beside_a_half_precision_cpu_target(target):
+    """A bfloat16 target on a CPU gets a float32 head (its features and the embedding rows it
+    reads are cast); a float32 target keeps its dtype; the hybrid decodes with it."""
+    import copy
+
+    half = copy.deepcopy(target).to(torch.bfloat16)
+    head = random_head(half)
+    assert head.fc.weight.dtype == head.vocab_weight.dtype == torch.float32
+    assert head_dtype(target.embed.weight) == torch.float32
+    assert random_head(half).attach(half, torch.bfloat16).fc.weight.dtype == torch.bfloat16
+    drafter = eagle(random_head(half), 16)
+    result = Decoder(half, drafter).generate(PROMPTS[0], GenerationConfig(max_new_tokens=24))
+    assert result.new_tokens == 24 and drafter.state.cache.buffer.dtype == torch.float32
+    assert drafter.state.features.dtype == torch.float32
 
 
 def test_head_alone_trees_come_from_the_head(target, head):
@@ -264,10 +318,11 @@ class StubState:
         pass
 
 
-def stub_drafter(capacity, **kw):
+def stub_drafter(capacity, curve=None, **kw):
     head = random_head_for_stub()
     drafter = EagleDrafter(head, EagleConfig(
-        LogitSpecConfig(draft_tree_capacity=capacity, tree_policy="value"), retrieval=False, **kw))
+        LogitSpecConfig(draft_tree_capacity=capacity, tree_policy="value"), retrieval=False, **kw),
+        curve)
     stub = StubHead()
     drafter.head, drafter.state = stub, StubState(stub)
     drafter.stats.prior = lambda feature: PROB_CENTERS[feature[2]]
@@ -307,6 +362,31 @@ def test_head_tree_expansion_table(kw, fed, nodes):
     tree = drafter.draft(1, np.zeros(0, dtype=np.int64), 16)
     assert stub.fed == fed
     assert sorted(tree.tokens[1:]) == sorted(nodes)
+
+
+def test_pruning_skips_candidates_the_tree_cannot_keep():
+    """Budget 3 (root + 2): after depth 1 (10 .45, 11 .25) two candidates are worth more than
+    any of their children, so full expansion's second pass (and its third) is skipped."""
+    trees, feds = [], []
+    for prune in (True, False):
+        drafter, stub = stub_drafter(3, top_k=2, expand=2, depth=3, prune=prune)
+        trees.append(drafter.draft(1, np.zeros(0, dtype=np.int64), 16))
+        feds.append(stub.fed)
+    assert feds == [[2], [2, 2]]
+    assert trees[0] == trees[1] and trees[0].tokens == (1, 10, 11)
+
+
+def test_pruning_by_the_cost_curve():
+    """Verifying a second token costs 30% more: nothing below .3 can enter any tree, so only
+    10 (.45) is expanded, and none of its children (.2, .11)."""
+    steep = CostCurve((1, 2, 3, 64), (1.0, 1.3, 1.8, 40.0))
+    trees, feds = [], []
+    for prune in (True, False):
+        drafter, stub = stub_drafter(None, top_k=2, expand=2, depth=3, prune=prune, curve=steep)
+        trees.append(drafter.draft(1, np.zeros(0, dtype=np.int64), 16))
+        feds.append(stub.fed)
+    assert feds == [[1], [2, 2]]
+    assert trees[0] == trees[1]
 
 
 def test_head_tree_keeps_the_most_probable_nodes():

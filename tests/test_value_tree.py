@@ -12,7 +12,7 @@ from fakes import MarkovLM
 from logitspec.cost import CostCurve
 from logitspec.decoding import Decoder, GenerationConfig
 from logitspec.drafters import LogitSpecConfig, PoolConfig, ValueTreeDrafter, make_logitspec_drafter
-from logitspec.value_tree import AcceptanceStats, BestFirstTree, bucket
+from logitspec.value_tree import AcceptanceStats, BestFirstTree, bucket, entry_value
 
 
 RATES: dict = {}
@@ -140,10 +140,15 @@ def pop_order_ratio_argmax(chains, capacity, cost):
     return full.tokens[: best + 1]
 
 
+# up to 8 chains of up to 5 tokens (4 distinct: merged prefixes), rates in [0.01, 1]
+RATED_CHAINS = st.lists(st.tuples(st.lists(st.integers(1, 4), min_size=1, max_size=5),
+                                  st.lists(st.floats(0.01, 1.0), min_size=5, max_size=5)),
+                        max_size=8)
+
+
 @settings(deadline=None, max_examples=200)
 @given(
-    chains=st.lists(st.tuples(st.lists(st.integers(1, 4), min_size=1, max_size=5),
-                              st.lists(st.floats(0.01, 1.0), min_size=5, max_size=5)), max_size=8),
+    chains=RATED_CHAINS,
     capacity=st.integers(1, 30),
     steps=st.lists(st.floats(0.0, 0.5), min_size=30, max_size=30),
 )
@@ -157,6 +162,36 @@ def test_early_stop_with_a_cost_equals_the_best_prefix(chains, capacity, steps):
         return curve[n - 1]
 
     assert grown(chains, capacity, cost)[0].tokens == pop_order_ratio_argmax(chains, capacity, cost)
+
+
+def test_entry_value_by_hand():
+    assert entry_value([0.0, 1.0, 1.3, 1.8]) == pytest.approx(0.3)  # the docstring's example
+    assert entry_value([0.0, 1.0, 1.3, 1.8], overhead=1.0) == pytest.approx(0.15)
+    assert entry_value([0.0, 1.0, 1.0, 2.0]) == 0.0  # a free second token: anything may enter
+    assert entry_value([0.0, 1.0]) == 0.0  # no tree larger than the root
+
+
+@settings(deadline=None, max_examples=300)
+@given(
+    chains=RATED_CHAINS,
+    capacity=st.integers(2, 30),
+    steps=st.lists(st.floats(0.0, 0.8), min_size=30, max_size=30),
+    overhead=st.floats(0.0, 2.0),
+)
+def test_no_kept_node_is_below_the_entry_value(chains, capacity, steps, overhead):
+    """Every node of a tree grown under a cost is at least entry_value, so a source may skip
+    valuing candidates below it (the bound's size: test_entry_value_by_hand)."""
+    chains = [(tokens, rates[: len(tokens)]) for tokens, rates in chains]
+    curve = [0.0, 1.0]
+    for step in steps[: capacity - 1]:
+        curve.append(curve[-1] + step)
+    floor = entry_value(curve, overhead)
+    tree = BestFirstTree(0, RATES.__getitem__)
+    for c, (tokens, rates) in enumerate(chains):
+        RATES.update(((c, i), r) for i, r in enumerate(rates))
+        tree.offer(iter([(t, (c, i)) for i, t in enumerate(tokens)]))
+    kept, _ = tree.grow(capacity, curve, overhead)
+    assert all(p >= floor - 1e-12 for p in tree.probs[1: len(kept)])
 
 
 def test_acceptance_stats_learn_and_follow_the_prior():
