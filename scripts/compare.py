@@ -31,8 +31,9 @@ Method specs (``name[:N][,flag=value...]``):
 LogitSpec: ``logitspec:64,tree_policy=reference``; ablations: ``logitspec:64,recycle_chains=0``,
 ``suffix:65,mode=chain`` or ``pld:21,max_ngram_size=4``; on/off flags take 1 or 0
 (``eagle,no_retrieval=1``), list flags their items joined by ``/``
-(``sps,draft_length_bounds=1/8``). A method is built exactly as its ``inference_*`` command
-builds it, from the same params dataclass.
+(``sps,draft_length_bounds=1/8``), or by ``+`` for lists of paths
+(``sps,draft_model_path=/models/a.gguf+/models/b.gguf``). A method is built exactly as its
+``inference_*`` command builds it, from the same params dataclass.
 
 Policies:
 
@@ -208,14 +209,15 @@ def method_params(spec: MethodSpec) -> Any:
 
 def flag_value(metadata: Any, raw: str) -> Any:
     """A spec's ``flag=value`` as the command's parser would read the flag: on/off flags from
-    1/0, list flags from items joined by ``/``, the rest by the flag's type."""
+    1/0, list flags from items joined by ``/`` (``+`` for lists of paths, which hold ``/``),
+    the rest by the flag's type."""
     if metadata.get("action") == "store_true":
         if raw not in ("0", "1"):
             raise ValueError(f"expected 0 or 1, got {raw!r}")
         return raw == "1"
     convert = metadata.get("type", str)
     if metadata.get("nargs") in ("+", 2):
-        return [convert(item) for item in raw.split("/")]
+        return [convert(item) for item in raw.split("+" if convert is str else "/")]
     return convert(raw)
 
 

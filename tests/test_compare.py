@@ -78,6 +78,10 @@ def test_specs_build_the_commands_params():
     assert sps.draft_head == "cached" and sps.draft_layers is None
     assert sps.draft_length_bounds == [2, 6] and sps.length_config().schedule == "heuristic"
     assert sps.draft_tree_capacity == 1 + 6  # one draft of at most 6 tokens
+    paths = compare.method_params(compare.parse_spec(
+        "sps,draft_model_path=/models/small.gguf+/models/tiny.gguf,num_draft_tokens=3"))
+    assert paths.draft_model_path == ["/models/small.gguf", "/models/tiny.gguf"]
+    assert paths.draft_tree_capacity == 1 + 2 * 3  # two drafts of 3 tokens
     samd = compare.method_params(compare.parse_spec("sam")).sam_config()
     assert (samd.draft_size, samd.recycling.draft_tree_capacity, samd.fallback) == (40, 64, True)
     small = compare.method_params(compare.parse_spec("sam:16")).sam_config()
