@@ -21,7 +21,7 @@ methods take turns, one question in four each, so that each still meets every ca
 at budgets 64 and 8, and Token Recycling. A draft head (logitspec/draft_head.py), trained in
 a fixture on vanilla's answers to the first TRAINED_ON questions, drafts in three more methods
 that also take turns, one question in four each besides the questions it was trained on: in
-the value tree beside retrieval (automatic budget), alone (budget 64), and as the draft of SpS
+the value tree beside retrieval (automatic budget), alone (budget 16), and as the draft of SpS
 (three drafts of three tokens). Its quality never matters for losslessness; on the questions it
 was trained on its drafts must be accepted (non-vacuity). The one-shot helpers
 (``generate_pld`` ...) are checked against vanilla on the fake and tiny models in
@@ -119,15 +119,15 @@ METHODS = {  # the reference is "vanilla"; each takes the trained head
     "suffix": lambda head: SuffixDecodingDrafter(SuffixConfig()),  # published settings
     "lookahead": lambda head: LookaheadDrafter(LookaheadConfig()),  # Spec-Bench's N=5, W=7, G=7
     "eagle-auto": lambda head: EagleDrafter(head, EagleConfig(AUTO), CPU_LIKE, SuccessorTable(49152)),
-    "eagle-head-64": lambda head: EagleDrafter(head, EagleConfig(
-        LogitSpecConfig(draft_tree_capacity=64, tree_policy="value"), retrieval=False)),
+    "eagle-head-16": lambda head: EagleDrafter(head, EagleConfig(
+        LogitSpecConfig(draft_tree_capacity=16, tree_policy="value"), retrieval=False)),
     "sps-head-3-drafts": lambda head: DraftModelDrafter(HeadSource(head), DraftModelConfig(
         DraftLengthConfig(num_draft_tokens=3), num_drafts=3)),
 }
 # Checked on one question in four each (in turn), unless LOGITSPEC_LOSSLESS_ALL is set.
 TAKING_TURNS = ("pld", "logitspec", "logitspec-8", "recycling")
 # The head's methods: on the questions it was trained on, then one question in four each.
-HEAD_TURNS = ("eagle-auto", "eagle-head-64", "sps-head-3-drafts")
+HEAD_TURNS = ("eagle-auto", "eagle-head-16", "sps-head-3-drafts")
 HEAD_EVERY = 4
 TRAINED_ON = 2  # the head's training text: vanilla answers to the first turns of these questions
 LOOKAHEAD_ACCEPTED: dict[int, int] = {}  # question id -> drafts Lookahead accepted on it

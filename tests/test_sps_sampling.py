@@ -98,10 +98,8 @@ CASES = [
     ("two-models", "t1.3-topp0.8"),
     ("mixed", "t1.0"),
     ("mixed", "t1.0-topk2-topp0.9"),
-    ("head-chain", "t1.0"),
-    ("head-chain", "t0.7-topk3"),
+    ("head-chain", "t1.0"),  # the head's drafters, each at one of the settings above
     ("head-confidence", "t1.3-topp0.8"),
-    ("head-multi-draft", "t1.0"),
     ("head-multi-draft", "t0.7-topk3"),
     ("head-mixed", "t1.0-topk2-topp0.9"),
 ]
