@@ -143,7 +143,7 @@ class DraftHead(nn.Module):
         self.to(device=embed.device, dtype=dtype)
         self.draft_ids = self.draft_ids.to(embed.device)
         self.embed_weight = embed.detach()
-        self.vocab_weight = lm_head.detach()[self.draft_ids].to(dtype).clone()
+        self.vocab_weight = lm_head.detach()[self.draft_ids].to(dtype)  # indexing copies
         return self
 
     @property
