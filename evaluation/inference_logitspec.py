@@ -3,8 +3,11 @@ as one tree. ``python -m evaluation.inference_logitspec --help`` lists the flags
 
 Defaults: the value-ranked tree sized by the measured verification cost (``auto``), with three
 stored continuations per n-gram and chains through the target's remembered successors.
-``--match-lengths 1`` values the next-token chain by the length of its match with the context. The
-public code's behaviour is ``--tree-policy reference --draft_tree_capacity 64``.
+``--match-lengths 1`` values the next-token chain by the length of its match with the context.
+Suffix trees over the question and over the run's earlier answers (SuffixDecoding's) add their
+drafts, each node valued by its match length and how often it followed (``--suffix-trees 0``
+turns them off). The public code's behaviour is ``--tree-policy reference
+--draft_tree_capacity 64``.
 
 The cost curves (over tree size, at a few context lengths) are measured on first use and
 cached per model, dtype, device and torch version (and thread count on the CPU);
@@ -55,10 +58,16 @@ class ValueTreeParams(RetrievalParams):
     match_lengths: int = option(
         0, "1: value the next-token chain by how long its occurrence matches the context (value "
         "policy); 0: by the n-gram order that found it", type=int, choices=[0, 1])
+    suffix_trees: int = option(
+        1, "1: also offer the drafts of suffix trees over the question and over the run's earlier "
+        "answers, valued by match length and frequency (value policy); 0: off", type=int,
+        choices=[0, 1])
+    suffix_tokens: int = option(32, "most tokens of one suffix-tree draft", type=int)
 
     def __post_init__(self) -> None:
-        if self.match_lengths not in (0, 1):
-            raise ValueError(f"match_lengths must be 0 or 1, got {self.match_lengths}")
+        for name in ("match_lengths", "suffix_trees"):
+            if getattr(self, name) not in (0, 1):
+                raise ValueError(f"{name} must be 0 or 1, got {getattr(self, name)}")
         self.logitspec_config()  # validates
 
     def logitspec_config(self, tree_policy: str = "value") -> LogitSpecConfig:
@@ -72,6 +81,8 @@ class ValueTreeParams(RetrievalParams):
             recycle_chains=self.recycle_chains if value else 0,
             recycle_depth=self.recycle_depth,
             match_lengths=bool(self.match_lengths) and value,
+            suffix_trees=bool(self.suffix_trees) and value,
+            suffix_tokens=self.suffix_tokens,
         )
 
 

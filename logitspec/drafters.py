@@ -18,6 +18,7 @@ PLD is step 1 alone: LogitSpec without the next-next chains.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -30,11 +31,16 @@ from .acceptance import TargetOutput
 from .cost import CostCurve, CostSurface
 from .pool import NGramPool
 from .tree import DraftTree, build_tree
-from .value_tree import DEPTH_BUCKETS, RANK_BUCKETS, AcceptanceStats, BestFirstTree, Chain, bucket
+from .suffix_decoding import SuffixCache, SuffixConfig
+from .suffix_tree import SuffixDraft
+from .value_tree import (DEPTH_BUCKETS, RANK_BUCKETS, AcceptanceStats, BestFirstTree, Candidate, Chain,
+                         bucket, entry_value)
 
 # Match lengths of a next-token chain's occurrence, bucketed (``match_lengths``); the last edge
 # is as far as a match is measured.
 MATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+# A suffix-tree continuation's share of its parent's occurrences, bucketed (``suffix_trees``).
+SHARE_BUCKETS = (0.25, 0.5, 0.75, 0.99, 1.0)
 
 if TYPE_CHECKING:
     from .decoding import GenerationConfig
@@ -126,6 +132,8 @@ class LogitSpecConfig:
     recycle_chains: int = 0
     recycle_depth: int = 4
     match_lengths: bool = False
+    suffix_trees: bool = False
+    suffix_tokens: int = 16
 
     def __post_init__(self) -> None:
         if self.tree_policy not in ("reference", "value"):
@@ -142,6 +150,10 @@ class LogitSpecConfig:
             raise ValueError("recycled chains need tree_policy='value'")
         if self.match_lengths and self.tree_policy != "value":
             raise ValueError("match-length features need tree_policy='value'")
+        if self.suffix_trees and self.tree_policy != "value":
+            raise ValueError("suffix-tree candidates need tree_policy='value'")
+        if self.suffix_tokens < 1:
+            raise ValueError(f"suffix_tokens must be >= 1, got {self.suffix_tokens}")
         if self.num_next_next is not None and self.num_next_next < 0:
             raise ValueError(f"num_next_next must be >= 0, got {self.num_next_next}")
         if self.beyond_length < 1 or any(n < 1 for _, n in self.rank_lengths):
@@ -261,6 +273,8 @@ def value_prior(feature: tuple) -> float:
         return 0.3 / feature[1] if feature[1] else 0.5
     if kind == "match":  # a match of m tokens: m / (m + 1), as if each had been a trial
         return feature[1] / (feature[1] + 1.0)
+    if kind == "suf":  # its share of the occurrences, discounted by the match length as above
+        return feature[3] * feature[2] / (feature[2] + 1.0)
     return 0.5 if feature[-1] == 1 else 0.7
 
 
@@ -280,6 +294,17 @@ class ValueTreeDrafter(_PoolDrafter):
     was observed);
     ``("first", rank)`` for a next-next token of that rank, ``("cont", n, depth)`` for its
     retrieved continuation (depth buckets :data:`DEPTH_BUCKETS`, ranks :data:`RANK_BUCKETS`).
+
+    With ``suffix_trees``, two more sources: the best drafts of SuffixDecoding's suffix trees
+    (:class:`~logitspec.suffix_decoding.SuffixCache`, alpha 1: a match of ``m`` tokens drafts
+    at most ``m``, here at most ``suffix_tokens``), one over the question (prompt and output so
+    far) and one over the run's earlier answers, each node with the feature
+    ``("suf", source, m, share)`` of :func:`suffix_candidates`: how long the match is and what
+    share of its occurrences went on with the node's token, so that a long verbatim repeat is
+    drafted at length where verification is dear and a weak pattern is not.
+
+    With an automatic budget, candidates that no tree under this step's cost could keep
+    (:func:`~logitspec.value_tree.entry_value`) are dropped as they are offered.
     """
 
     name = "logitspec-value"
@@ -303,20 +328,50 @@ class ValueTreeDrafter(_PoolDrafter):
         self.top_k = max(config.candidates + 1, recycled)
         self._features: list = []
         self._feature_cache: dict = {}
+        self._entry_values: dict = {}
         self._rank_features = [None] + [("first", bucket(rank, RANK_BUCKETS))
                                         for rank in range(1, self.config.candidates + 1)]
+        self.suffixes = (SuffixCache(SuffixConfig(draft_tree_capacity=config.suffix_tokens + 1))
+                         if config.suffix_trees else None)
+        self._root_indexed = False
+
+    def begin(self, context: Sequence[int], reused: int, hidden: torch.Tensor | None = None) -> None:
+        super().begin(context, reused, hidden)
+        if self.suffixes is not None:
+            self.suffixes.start_request([int(t) for t in context], reused)
+            self._root_indexed = False
 
     def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
         start = time.perf_counter()
-        tree = BestFirstTree(root, self.stats.rate, max_depth)
+        if self.suffixes is not None:
+            self.suffixes.append(root)  # the context's last token now
+            self._root_indexed = True
         self._cost = None
         if self.costs is not None:
             self._cost = self.costs.at(len(self.pool)).cost_table(self.tree_capacity)
+        # candidates below the entry value could never be kept: they are dropped when offered
+        tree = BestFirstTree(root, self.stats.rate, max_depth, self._entry_value())
         if self.tree_capacity > 1 and max_depth > 0:
             self._offer_candidates(tree, root, root_topk, max_depth)
         draft, self._features = tree.grow(self.tree_capacity, self._cost, self.overhead)
         self.overhead = 0.9 * self.overhead + 0.1 * (time.perf_counter() - start)
         return draft
+
+    def _entry_value(self) -> float:
+        """:func:`entry_value` of this step's cost table (0 without one), with the drafting
+        overhead rounded up to a 64th of a one-token pass (a larger overhead gives a smaller,
+        still valid bound) so that it is computed once per table and grid point."""
+        cost = self._cost
+        if cost is None or len(cost) < 3:
+            return 0.0
+        grid = cost[1] / 64 if cost[1] > 0 else 1.0
+        key = (cost, math.ceil(self.overhead / grid))
+        value = self._entry_values.get(key)
+        if value is None:
+            if len(self._entry_values) > 256:
+                self._entry_values.clear()
+            value = self._entry_values[key] = entry_value(cost, key[1] * grid)
+        return value
 
     def _offer_candidates(self, tree: BestFirstTree, root: int, root_topk: np.ndarray,
                           max_depth: int) -> None:
@@ -325,6 +380,10 @@ class ValueTreeDrafter(_PoolDrafter):
         self._offer_next_next_chains(tree, root, root_topk[: self.config.candidates + 1].tolist())
         if self.successors is not None and self.config.recycle_chains:
             self._offer_recycled_chains(tree, root)
+        if self.suffixes is not None:
+            local, answers = self.suffixes.drafts(max_depth)
+            tree.offer_nodes(suffix_candidates(local, "local"))
+            tree.offer_nodes(suffix_candidates(answers, "answers"))
 
     def _depth_features(self, kind: str, order: int, first_depth: int) -> tuple:
         """``(kind, order, depth bucket)`` for depths ``first_depth, first_depth + 1, ...``
@@ -388,6 +447,32 @@ class ValueTreeDrafter(_PoolDrafter):
     def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
         self.stats.update(self._features, tree.parents, set(path))
         self.pool.extend(tokens)
+        if self.suffixes is not None:
+            for token in tokens[1 if self._root_indexed else 0:]:
+                self.suffixes.append(int(token))
+            self._root_indexed = False
+
+
+def suffix_candidates(draft: SuffixDraft, source: str) -> list[Candidate]:
+    """A suffix tree's draft as value-tree candidates (the draft's first tokens, each with its
+    subtree). Feature ``("suf", source, m, share)``: ``m`` the bucketed match length
+    (:data:`MATCH_BUCKETS`), ``share`` the bucketed fraction of the parent's occurrences that
+    go on with this token (:data:`SHARE_BUCKETS`); for the first tokens, of the matched
+    string's earlier occurrences (the draft's denominator counts the context's own, which has
+    no continuation yet). Example: matched string seen 5 times (now included), 3 times
+    followed by token 7, then twice by 8: ``7`` has share 3/4, ``8`` 2/3 (bucket 0.75).
+    """
+    match = bucket(draft.match_len, MATCH_BUCKETS)
+    nodes: list[Candidate] = []
+    top: list[Candidate] = []
+    counts = draft.counts
+    earlier = max(draft.denominator - 1, 1)  # the context's own occurrence has no continuation
+    for token, parent, count in zip(draft.tokens, draft.parents, counts):
+        base = earlier if parent < 0 else counts[parent]
+        node = Candidate(int(token), ("suf", source, match, bucket(count / base, SHARE_BUCKETS)))
+        nodes.append(node)
+        (top if parent < 0 else nodes[parent].children).append(node)
+    return top
 
 
 def make_logitspec_drafter(

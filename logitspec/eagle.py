@@ -36,7 +36,6 @@ the draw-and-match walk (:mod:`logitspec.sampling`, part 1): lossless whatever t
 from __future__ import annotations
 
 import heapq
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -49,7 +48,7 @@ from .draft_head import DraftHead, HeadState
 from .drafters import LogitSpecConfig, ValueTreeDrafter, value_prior
 from .tree import DraftTree
 from .value_tree import (
-    DEPTH_BUCKETS, AcceptanceStats, BestFirstTree, Candidate, bucket, entry_value,
+    DEPTH_BUCKETS, AcceptanceStats, BestFirstTree, Candidate, bucket,
 )
 
 if TYPE_CHECKING:
@@ -129,7 +128,6 @@ class EagleDrafter(ValueTreeDrafter):
         self.eos: frozenset[int] = frozenset()
         self.max_new_tokens = 0
         self._verified: torch.Tensor | None = None
-        self._entry_values: dict = {}
         self._head_features = tuple(
             tuple(("head", bucket(d, DEPTH_BUCKETS), edge) for edge in PROB_BUCKETS)
             for d in range(config.depth + 1)
@@ -185,22 +183,6 @@ class EagleDrafter(ValueTreeDrafter):
             values += [f.value for f in level]
         self.state.drop_tree()
         return roots
-
-    def _entry_value(self) -> float:
-        """:func:`entry_value` of this step's cost table (0 without one), with the drafting
-        overhead rounded up to a 64th of a one-token pass (a larger overhead gives a smaller,
-        still valid bound) so that it is computed once per table and grid point."""
-        cost = self._cost
-        if cost is None or len(cost) < 3:
-            return 0.0
-        grid = cost[1] / 64 if cost[1] > 0 else 1.0
-        key = (cost, math.ceil(self.overhead / grid))
-        value = self._entry_values.get(key)
-        if value is None:
-            if len(self._entry_values) > 256:
-                self._entry_values.clear()
-            value = self._entry_values[key] = entry_value(cost, key[1] * grid)
-        return value
 
     def _pick(self, level: list[_Frontier], floor: float) -> list[_Frontier]:
         """The ``expand`` most valuable candidates worth expanding: not end-of-sequence

@@ -167,6 +167,15 @@ class SuffixCache:
         matches = chain(reversed(self._long), self.answers.loci)
         return self._best(self.answers, matches, best, max_depth)
 
+    def drafts(self, max_depth: int | None = None) -> tuple[SuffixDraft, SuffixDraft]:
+        """Each tree's own best draft after the context: ``(per-request, global)`` (an empty
+        draft for a disabled global tree), for callers that weigh the two sources apart."""
+        local = self._best(self.local, self.local.loci, SuffixDraft(), max_depth)
+        if not self.config.max_cached_answers:
+            return local, SuffixDraft()
+        matches = chain(reversed(self._long), self.answers.loci)
+        return local, self._best(self.answers, matches, SuffixDraft(), max_depth)
+
     def _best(
         self, tree: SuffixTree, matches: Iterable, best: SuffixDraft, max_depth: int | None
     ) -> SuffixDraft:

@@ -129,8 +129,11 @@ class BestFirstTree:
     """A draft tree grown best-first from lazy candidate chains (module docstring).
 
     ``rate(feature)`` values a node relative to its parent; ``max_depth`` bounds every path
-    (deeper chain nodes are never asked for). Offer chains with :meth:`offer`, then
-    :meth:`grow` once.
+    (deeper chain nodes are never asked for). ``floor``: candidates less probable than it are
+    dropped when offered, and their chains are not asked for more (rates are at most 1, so
+    nothing below them is more probable); with ``floor <= entry_value(cost, overhead)`` of the
+    cost that :meth:`grow` then gets, the grown tree is the same. Offer chains with
+    :meth:`offer`, then :meth:`grow` once.
 
     Example: chains [(1, "a"), (2, "b")] and [(1, "c"), (3, "d")] under the root, rates
     a .9, b .5, c .6, d .8. Pops: token 1 from the first chain (P .9: node 1), token 1 from
@@ -138,7 +141,9 @@ class BestFirstTree:
     chain's own probability) before token 2 (.9 x .5 = .45). Nodes: 1, 3, 2.
     """
 
-    def __init__(self, root: int, rate: Callable[[Feature], float], max_depth: int | None = None) -> None:
+    def __init__(self, root: int, rate: Callable[[Feature], float], max_depth: int | None = None,
+                 floor: float = 0.0) -> None:
+        self.floor = floor
         self.tokens = [root]
         self.parents = [-1]
         self.depths = [0]
@@ -158,18 +163,22 @@ class BestFirstTree:
         item = next(chain, None)
         if item is not None:
             token, feature = item
-            heapq.heappush(self._heap, (-prob * self.rate(feature), self._order, parent,
-                                        token, feature, chain, ()))
-            self._order += 1
+            value = prob * self.rate(feature)
+            if value >= self.floor:
+                heapq.heappush(self._heap, (-value, self._order, parent, token, feature, chain, ()))
+                self._order += 1
 
     def offer_nodes(self, nodes: Sequence[Candidate], parent: int = 0, prob: float = 1.0) -> None:
         """Hangs ``nodes`` (with their subtrees) under node ``parent`` of probability ``prob``."""
         if self.max_depth is not None and self.depths[parent] >= self.max_depth:
             return
+        floor = self.floor
         for node in nodes:
-            heapq.heappush(self._heap, (-prob * self.rate(node.feature), self._order, parent,
-                                        node.token, node.feature, None, node.children))
-            self._order += 1
+            value = prob * self.rate(node.feature)
+            if value >= floor:
+                heapq.heappush(self._heap, (-value, self._order, parent, node.token, node.feature,
+                                            None, node.children))
+                self._order += 1
 
     def offer_heads(self, heads: Iterable[tuple[int, Feature, Tail]]) -> None:
         """Offers many first nodes under the root at once: ``(token, feature, tail)`` where
@@ -177,10 +186,14 @@ class BestFirstTree:
         Equivalent to one :meth:`offer` per head, without building a chain per candidate."""
         if self.max_depth is not None and self.max_depth <= 0:
             return
-        rate, order = self.rate, self._order
-        entries = [(-rate(feature), order + i, 0, token, feature, tail, ())
-                   for i, (token, feature, tail) in enumerate(heads)]
-        self._order += len(entries)
+        rate, order, floor = self.rate, self._order, self.floor
+        entries = []
+        for token, feature, tail in heads:
+            value = rate(feature)
+            if value >= floor:
+                entries.append((-value, order, 0, token, feature, tail, ()))
+                order += 1
+        self._order = order
         self._heap.extend(entries)
         heapq.heapify(self._heap)
 
@@ -199,7 +212,7 @@ class BestFirstTree:
             cost = [0.0] + [cost(n) for n in range(1, capacity + 1)]
         tokens, parents, depths, probs, features = (
             self.tokens, self.parents, self.depths, self.probs, self.features)
-        children, rate, heap = self._children, self.rate, self._heap
+        children, rate, heap, floor = self._children, self.rate, self._heap, self.floor
         max_depth = capacity if self.max_depth is None else self.max_depth
         pushpop, pop = heapq.heappushpop, heapq.heappop
         size = len(tokens)
@@ -234,8 +247,8 @@ class BestFirstTree:
                     if not hasattr(chain, "__next__"):
                         chain = chain()
                     nxt = next(chain, None)
-                    if nxt is not None:
-                        item = (-prob * rate(nxt[1]), self._order, node, nxt[0], nxt[1], chain, ())
+                    if nxt is not None and (value := prob * rate(nxt[1])) >= floor:
+                        item = (-value, self._order, node, nxt[0], nxt[1], chain, ())
                         self._order += 1
                 if known:
                     self.offer_nodes(known, node, prob)

@@ -14,8 +14,10 @@ of ``simulate_drafters.make_drafter`` with ``{n}`` standing for the budget; the 
     pld         pld:{n}                                  prompt lookup, a chain of n - 1
     recycling   recycling:{n}                            Token Recycling, n-node template
     reference   logitspec:{n}                            LogitSpec, the public code's policy
-    value       logitspec:{n},value,conts=3,rec=8,recd=6 the value tree at a fixed budget
-    value-auto  logitspec:auto,max={n},conts=3,rec=8,recd=6   the automatic budget, at most n
+    value       logitspec:{n},value,conts=3,rec=8,recd=6,suf,suftok=32
+                                                         the value tree at a fixed budget
+    value-auto  logitspec:auto,max={n},conts=3,rec=8,recd=6,suf,suftok=32
+                                                         the automatic budget, at most n
     racer       racer:{n}                                RACER, n-node trees
 
 The automatic budget reads a cost curve: ``--cost-curve`` (a JSON file as stored under
@@ -49,8 +51,8 @@ FAMILIES = {
     "pld": "pld:{n}",
     "recycling": "recycling:{n}",
     "reference": "logitspec:{n}",
-    "value": "logitspec:{n},value,conts=3,rec=8,recd=6",
-    "value-auto": "logitspec:auto,max={n},conts=3,rec=8,recd=6",
+    "value": "logitspec:{n},value,conts=3,rec=8,recd=6,suf,suftok=32",
+    "value-auto": "logitspec:auto,max={n},conts=3,rec=8,recd=6,suf,suftok=32",
     "racer": "racer:{n}",
 }
 # Relative verification cost of N tokens, shaped like a 2-core CPU's in bfloat16 (seconds per

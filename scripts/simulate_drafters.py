@@ -195,7 +195,8 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
     ``logitspec:auto``, options after commas: ``ngram=3,pred=20,conts=1`` (pool), ``nomerge``,
     ``value`` (value-ranked tree), ``k=32`` (next-next candidates), ``max=64`` (auto's largest
     tree), ``len=8`` (value chain length), ``rec=8,recd=6`` (recycled chains and their depth),
-    ``match`` (next-token chains valued by their match length).
+    ``match`` (next-token chains valued by their match length), ``suf`` (suffix trees' drafts),
+    ``suftok=32`` (most tokens per suffix-tree draft).
     ``sam:<capacity>``: SAMD[T] as ``inference_sam`` builds it (automaton drafts of
     ``min(40, capacity)`` tokens, Token Recycling on ``capacity`` nodes), options ``size=40``
     (automaton draft), ``thr=5``, ``bias=5``, ``alone`` (no fallback), ``scale=4`` (drafts sized
@@ -243,6 +244,8 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
             recycle_chains=int(options.get("rec", 0)),
             recycle_depth=int(options.get("recd", 4)),
             match_lengths="match" in options,
+            suffix_trees="suf" in options,
+            suffix_tokens=int(options.get("suftok", 16)),
         )
         successors = SuccessorTable(vocab_size) if config.recycle_chains else None
         return make_logitspec_drafter(config, curve, successors)

@@ -100,7 +100,8 @@ def test_three_methods_on_two_demo_questions(
     assert meta["params"] == {"max_ngram_size": 3, "num_pred_tokens": 20,
                               "draft_tree_capacity": "auto", "tree_policy": "value",
                               "num_continuations": 3, "recycle_chains": 8, "recycle_depth": 6,
-                              "max_auto_capacity": 64, "match_lengths": 0}
+                              "max_auto_capacity": 64, "match_lengths": 0, "suffix_trees": 1,
+                              "suffix_tokens": 32}
     assert len(list((tmp_path / "cache" / "costs").glob("*.json"))) == 1
     assert meta["dtype"] == "float32" and meta["template"] == "chat_template"
     assert meta["attention"]["decode"] == "flash, folded, no mask"  # the CPU's flash kernel

@@ -104,7 +104,8 @@ def test_tree_attention_matches_each_path_alone(tiny_model):
 
 def _drafters(vocab: int) -> dict:
     value = LogitSpecConfig(pool=PoolConfig(3, 20, 3), draft_tree_capacity=16, tree_policy="value",
-                            recycle_chains=8, recycle_depth=6, match_lengths=True)
+                            recycle_chains=8, recycle_depth=6, match_lengths=True,
+                            suffix_trees=True)
     return {
         "pld": lambda: PromptLookupDrafter(PoolConfig(), 21),
         "logitspec-reference": lambda: LogitSpecDrafter(LogitSpecConfig(draft_tree_capacity=16)),

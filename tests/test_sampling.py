@@ -6,8 +6,9 @@ independent numpy implementation of temperature / top-k / top-p); the speculativ
 empirical distribution over a fixed set of seeds must pass a chi-square goodness-of-fit test at
 ALPHA. Deterministic: fixed seeds, fixed model. A deliberately wrong acceptance rule (greedy
 matching of drafts with a sampled bonus token) must fail the same test (negative control).
-Covered: retrieval drafters, the command-line default (the value tree with recycled chains
-and a cost-sized budget, here with match lengths too; its drafts must be accepted) and a draft head's tree
+Covered: retrieval drafters, the command-line default (the value tree with recycled chains,
+suffix trees and a cost-sized budget, here with match lengths too; its drafts, the suffix
+trees' among them, must be accepted) and a draft head's tree
 beside retrieval, whose deterministic candidates are verified by the same walk.
 """
 
@@ -186,10 +187,11 @@ DRAFTERS = {
         LogitSpecConfig(pool=PoolConfig(2, 3), draft_tree_capacity=8, rank_lengths=((2, 3),))
     ),
     # the command-line default at this scale (value tree, three continuations per n-gram,
-    # recycled chains, a budget sized by a flat cost curve), with match lengths
+    # recycled chains, suffix trees, a budget sized by a flat cost curve), with match lengths
     "logitspec-default": lambda: ValueTreeDrafter(
         LogitSpecConfig(pool=PoolConfig(2, 3, 3), draft_tree_capacity=None, tree_policy="value",
-                        max_auto_capacity=8, recycle_chains=3, recycle_depth=2, match_lengths=True),
+                        max_auto_capacity=8, recycle_chains=3, recycle_depth=2, match_lengths=True,
+                        suffix_trees=True, suffix_tokens=4),
         CostCurve((1, 8), (1.0, 1.0)), SuccessorTable(VOCAB, 3)),
     "eagle": lambda: EagleDrafter(
         markov_head(MarkovLM(VOCAB), seed=2),
@@ -257,8 +259,10 @@ def test_speculative_sampling_matches_exact_distribution(model, drafter, setting
     expected = exact_distribution(model, settings, prompt, max_new)
     pvalue = chi_square_pvalue(counts, expected, NUM_SAMPLES)
     assert pvalue > ALPHA, f"p = {pvalue:.2e}: output distribution differs from vanilla sampling"
-    if drafter == "logitspec-default":  # not vacuous: the value tree's drafts were accepted
-        assert sum(success for success, _ in decoder.drafter.stats.counts.values()) > 0
+    if drafter == "logitspec-default":  # not vacuous: the value tree's drafts were accepted,
+        counts = decoder.drafter.stats.counts  # the suffix trees' among them
+        assert sum(success for success, _ in counts.values()) > 0
+        assert sum(success for feature, (success, _) in counts.items() if feature[0] == "suf") > 0
 
 
 @pytest.mark.parametrize("drafter", ["full-tree", "logitspec", "racer", "sam", "suffix", "rest",

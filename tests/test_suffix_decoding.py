@@ -220,6 +220,10 @@ def test_speculate_matches_brute_force(requests, capacity, max_depth, alpha, off
             assert Fraction(sum(draft.counts), draft.denominator) == expected[0]
             if expected[0]:
                 assert draft.match_len == expected[1]
+            # each tree's own best, as the value tree takes them
+            own, theirs = cache.drafts(step_depth)
+            assert Fraction(sum(own.counts), own.denominator) == local[0]
+            assert Fraction(sum(theirs.counts), theirs.denominator) == remote[0]
 
 
 # --------------------------------------------------------------------------- in the decoding loop

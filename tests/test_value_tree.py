@@ -11,7 +11,10 @@ from hypothesis import strategies as st
 from fakes import MarkovLM
 from logitspec.cost import CostCurve
 from logitspec.decoding import Decoder, GenerationConfig
-from logitspec.drafters import LogitSpecConfig, PoolConfig, ValueTreeDrafter, make_logitspec_drafter
+from logitspec.drafters import (
+    LogitSpecConfig, PoolConfig, ValueTreeDrafter, make_logitspec_drafter, suffix_candidates,
+)
+from logitspec.suffix_tree import SuffixDraft
 from logitspec.value_tree import AcceptanceStats, BestFirstTree, bucket, entry_value
 
 
@@ -67,18 +70,20 @@ def test_flat_cost_takes_everything_steep_cost_takes_nothing():
     assert grown(chains, cost=lambda n: float(n))[0].tokens == (0,)
 
 
+def logged_chain(asked: list, name: str, rates: list[float]):
+    """A lazy chain whose node ``i`` (token 10 x the nodes asked for so far, feature
+    ``(name, i)``, rate ``rates[i]``) is logged in ``asked`` when it is asked for."""
+    for i, rate in enumerate(rates):
+        asked.append((name, i))
+        RATES[(name, i)] = rate
+        yield 10 * len(asked), (name, i)
+
+
 def test_a_chain_is_asked_for_its_next_node_only_once_its_last_one_is_in():
-    asked = []
-
-    def chain(name, rates):
-        for i, rate in enumerate(rates):
-            asked.append((name, i))
-            RATES[(name, i)] = rate
-            yield 10 * len(asked), (name, i)
-
+    asked: list = []
     tree = BestFirstTree(0, RATES.__getitem__)
-    tree.offer(chain("a", [0.9, 0.9, 0.9]))
-    tree.offer(chain("b", [0.1, 0.9]))
+    tree.offer(logged_chain(asked, "a", [0.9, 0.9, 0.9]))
+    tree.offer(logged_chain(asked, "b", [0.1, 0.9]))
     grown_tree, _ = tree.grow(3)
     assert len(grown_tree) == 3 and asked == [("a", 0), ("b", 0), ("a", 1), ("a", 2)]
 
@@ -177,21 +182,46 @@ def test_entry_value_by_hand():
     capacity=st.integers(2, 30),
     steps=st.lists(st.floats(0.0, 0.8), min_size=30, max_size=30),
     overhead=st.floats(0.0, 2.0),
+    as_heads=st.lists(st.booleans(), min_size=8, max_size=8),
 )
-def test_no_kept_node_is_below_the_entry_value(chains, capacity, steps, overhead):
-    """Every node of a tree grown under a cost is at least entry_value, so a source may skip
-    valuing candidates below it (the bound's size: test_entry_value_by_hand)."""
+def test_no_kept_node_is_below_the_entry_value(chains, capacity, steps, overhead, as_heads):
+    """Every node of a tree grown under a cost is at least entry_value (the bound's size:
+    test_entry_value_by_hand), so candidates below it may be dropped when offered (chains, and
+    heads whose tails are made on demand): the tree grown with that floor is the same."""
     chains = [(tokens, rates[: len(tokens)]) for tokens, rates in chains]
     curve = [0.0, 1.0]
     for step in steps[: capacity - 1]:
         curve.append(curve[-1] + step)
     floor = entry_value(curve, overhead)
-    tree = BestFirstTree(0, RATES.__getitem__)
-    for c, (tokens, rates) in enumerate(chains):
-        RATES.update(((c, i), r) for i, r in enumerate(rates))
-        tree.offer(iter([(t, (c, i)) for i, t in enumerate(tokens)]))
-    kept, _ = tree.grow(capacity, curve, overhead)
+
+    def grow(floor):
+        tree = BestFirstTree(0, RATES.__getitem__, floor=floor)
+        heads = []
+        for c, (tokens, rates) in enumerate(chains):
+            RATES.update(((c, i), r) for i, r in enumerate(rates))
+            chain = [(t, (c, i)) for i, t in enumerate(tokens)]
+            if as_heads[c]:
+                heads.append((chain[0][0], chain[0][1], lambda rest=chain[1:]: iter(rest)))
+            else:
+                tree.offer(iter(chain))
+        tree.offer_heads(heads)
+        return tree, tree.grow(capacity, curve, overhead)
+
+    tree, (kept, features) = grow(0.0)
     assert all(p >= floor - 1e-12 for p in tree.probs[1: len(kept)])
+    assert grow(floor)[1] == (kept, features)
+
+
+def test_the_floor_drops_candidates_and_asks_no_chain_past_it():
+    asked: list = []
+    tree = BestFirstTree(0, RATES.__getitem__, floor=0.5)
+    tree.offer(logged_chain(asked, "a", [0.9, 0.5, 0.9]))  # 0.9, then 0.45: no further asking
+    tree.offer(logged_chain(asked, "b", [0.4, 0.9]))  # below the floor at once
+    RATES["h"] = 0.3
+    tree.offer_heads([(7, "h", None)])
+    kept, _ = tree.grow(8)
+    assert kept.tokens == (0, 10)
+    assert asked == [("a", 0), ("b", 0), ("a", 1)]
 
 
 def test_acceptance_stats_learn_and_follow_the_prior():
@@ -220,6 +250,10 @@ def test_config_validation():
         ValueTreeDrafter(LogitSpecConfig(draft_tree_capacity=None, tree_policy="value"))
     with pytest.raises(ValueError, match="match-length"):
         LogitSpecConfig(match_lengths=True)  # the reference policy has no features
+    with pytest.raises(ValueError, match="suffix-tree"):
+        LogitSpecConfig(suffix_trees=True)
+    with pytest.raises(ValueError, match="suffix_tokens"):
+        LogitSpecConfig(tree_policy="value", suffix_trees=True, suffix_tokens=0)
 
 
 CURVE = CostCurve((1, 8, 64), (1.0, 1.1, 2.0))
@@ -232,18 +266,58 @@ CURVE = CostCurve((1, 8, 64), (1.0, 1.1, 2.0))
     max_new=st.integers(1, 40),
     seed=st.integers(0, 3),
     match=st.booleans(),
+    suffix=st.booleans(),
 )
-def test_value_trees_are_lossless(prompt, capacity, max_new, seed, match):
+def test_value_trees_are_lossless(prompt, capacity, max_new, seed, match, suffix):
     model = MarkovLM(8, seed=seed, scale=4.0)
     config = GenerationConfig(max_new_tokens=max_new, eos_token_ids=(7,))
     vanilla = Decoder(model).generate(prompt, config)
     drafter = make_logitspec_drafter(
         LogitSpecConfig(pool=PoolConfig(2, 6, 2), draft_tree_capacity=capacity,
-                        tree_policy="value", max_auto_capacity=16, match_lengths=match), CURVE)
+                        tree_policy="value", max_auto_capacity=16, match_lengths=match,
+                        suffix_trees=suffix, suffix_tokens=5), CURVE)
     result = Decoder(model, drafter).generate(prompt, config)
     assert result.output_ids == vanilla.output_ids
     assert all(1 <= n <= drafter.tree_capacity for n in result.accept_lengths)
     assert sum(result.accept_lengths) == result.new_tokens
+    # the same drafter answers a second request: its suffix trees carry the first answer
+    again = Decoder(model, drafter).generate(prompt, config)
+    assert again.output_ids == vanilla.output_ids
+
+
+def test_suffix_candidates_by_hand():
+    """The matched string (5 tokens) occurred 4 times before the context's own occurrence: 3
+    times followed by 7 (then twice by 8), once by 9."""
+    draft = SuffixDraft(tokens=(7, 9, 8), parents=(-1, -1, 0), counts=(3, 1, 2), denominator=5,
+                        match_len=5)
+    top = suffix_candidates(draft, "local")
+    assert [(c.token, c.feature) for c in top] == [
+        (7, ("suf", "local", 6, 0.75)), (9, ("suf", "local", 6, 0.25))]
+    assert [(c.token, c.feature) for c in top[0].children] == [(8, ("suf", "local", 6, 0.75))]
+    assert top[1].children == [] and suffix_candidates(SuffixDraft(), "answers") == []
+
+
+def test_a_verbatim_repeat_is_drafted_long_from_the_suffix_tree():
+    """Context ``10..49, 10..29`` and root 30: the question's suffix tree matches ``10..30``
+    (21 tokens, bucket 24) and continues ``31, 32, ...`` every time it occurred, so its prior
+    (24 / 25 per node) pays for a long copy on a steep cost curve, where the n-gram chain alone
+    drafts a token or two (the test above). A second answer that starts like the first is drafted
+    from the tree of earlier answers."""
+    config = LogitSpecConfig(pool=PoolConfig(3, 20), draft_tree_capacity=None, tree_policy="value",
+                             max_auto_capacity=16, suffix_trees=True)
+    drafter = ValueTreeDrafter(config, STEEP)
+    drafter.begin(list(range(10, 50)) + list(range(10, 30)), 0)
+    tree = drafter.draft(30, np.array([30]), 64)
+    assert len(tree.tokens) >= 6 and tree.tokens[1:] == tuple(range(31, 30 + len(tree.tokens)))
+    assert drafter._features[1] == ("suf", "local", 24, 1.0)
+    # a new request over another prompt: the first answer (30, 31, ...) is in the global tree
+    drafter.extend(list(range(30, 36)), tree, list(range(6)))
+    drafter.begin([3, 4, 5, 6], 0)
+    for token in (30, 31):
+        step = drafter.draft(token, np.array([token]), 64)
+        drafter.extend([token], step, [0])
+    assert drafter.draft(32, np.array([32]), 64).tokens[:2] == (32, 33)
+    assert drafter._features[1] == ("suf", "answers", 3, 1.0)
 
 
 # shaped like a 2-core CPU's bfloat16 verification: each drafted token costs over half a step
