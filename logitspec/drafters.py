@@ -133,7 +133,7 @@ class LogitSpecConfig:
     recycle_depth: int = 4
     match_lengths: bool = False
     suffix_trees: bool = False
-    suffix_tokens: int = 16
+    suffix_tokens: int = 32
 
     def __post_init__(self) -> None:
         if self.tree_policy not in ("reference", "value"):
@@ -449,7 +449,7 @@ class ValueTreeDrafter(_PoolDrafter):
         self.pool.extend(tokens)
         if self.suffixes is not None:
             for token in tokens[1 if self._root_indexed else 0:]:
-                self.suffixes.append(int(token))
+                self.suffixes.append(token)
             self._root_indexed = False
 
 

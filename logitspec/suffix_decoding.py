@@ -162,19 +162,20 @@ class SuffixCache:
     def speculate(self, max_depth: int | None = None) -> SuffixDraft:
         """The best draft after the context (module docstring), no deeper than ``max_depth``."""
         best = self._best(self.local, self.local.loci, SuffixDraft(), max_depth)
-        if not self.config.max_cached_answers:
-            return best
-        matches = chain(reversed(self._long), self.answers.loci)
-        return self._best(self.answers, matches, best, max_depth)
+        return self._best_answer(best, max_depth)
 
     def drafts(self, max_depth: int | None = None) -> tuple[SuffixDraft, SuffixDraft]:
         """Each tree's own best draft after the context: ``(per-request, global)`` (an empty
         draft for a disabled global tree), for callers that weigh the two sources apart."""
         local = self._best(self.local, self.local.loci, SuffixDraft(), max_depth)
+        return local, self._best_answer(SuffixDraft(), max_depth)
+
+    def _best_answer(self, best: SuffixDraft, max_depth: int | None) -> SuffixDraft:
+        """``best`` or a draft of the global tree that beats it."""
         if not self.config.max_cached_answers:
-            return local, SuffixDraft()
+            return best
         matches = chain(reversed(self._long), self.answers.loci)
-        return local, self._best(self.answers, matches, SuffixDraft(), max_depth)
+        return self._best(self.answers, matches, best, max_depth)
 
     def _best(
         self, tree: SuffixTree, matches: Iterable, best: SuffixDraft, max_depth: int | None

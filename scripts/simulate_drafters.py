@@ -245,7 +245,7 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
             recycle_depth=int(options.get("recd", 4)),
             match_lengths="match" in options,
             suffix_trees="suf" in options,
-            suffix_tokens=int(options.get("suftok", 16)),
+            suffix_tokens=int(options.get("suftok", LogitSpecConfig.suffix_tokens)),
         )
         successors = SuccessorTable(vocab_size) if config.recycle_chains else None
         return make_logitspec_drafter(config, curve, successors)
