@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -62,7 +61,7 @@ from tqdm import tqdm
 from logitspec.decoding import GenerationConfig, GenerationResult, PromptError
 from logitspec.loading import LoadedModel, ModelLoadError, load
 from logitspec.runtime import (
-    is_device_error, peak_memory, release_memory, reset_peak_memory, runtime_meta,
+    cpu_name, is_device_error, peak_memory, release_memory, reset_peak_memory, runtime_meta,
 )
 
 from .answer_file import (
@@ -159,14 +158,7 @@ def run_meta(run: RunConfig, template_name: str, loaded: LoadedModel) -> dict[st
 
 def hardware_description(device: str) -> str:
     """``"<CPU model>, <N> threads"``, plus ``"; <GPU name>"`` on cuda."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    text = f"{cpu}, {torch.get_num_threads()} threads"
+    text = f"{cpu_name()}, {torch.get_num_threads()} threads"
     if device.startswith("cuda"):
         text += f"; {torch.cuda.get_device_name(torch.device(device))}"
     return text

@@ -11,9 +11,10 @@ of a few context lengths (:data:`DEFAULT_CONTEXTS`, those the model's context al
 CPU only the first two, as filling an 8,192-token cache there takes minutes, and the curve is
 extrapolated along them);
 :class:`CostSurface` interpolates between them. :func:`cost_surface_for` caches the result
-per model, dtype, device and torch version (plus the thread count on the CPU; threads do not
-change a CUDA measurement) as JSON in the cache directory, and measures it on first use (or
-when ``refresh`` is set).
+per model, dtype, device and torch version (plus, on the CPU, its model name, the instruction
+set torch dispatches to and the thread count, as a cache directory may outlive the machine it
+was measured on; none of them changes a CUDA measurement) as JSON in the cache directory, and
+measures it on first use (or when ``refresh`` is set).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 
 from .kv_cache import KVCache
 from .model import Transformer
+from .runtime import cpu_name
 from .timing import synchronize
 
 DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
@@ -301,5 +303,6 @@ def _surface_key(model: Transformer, model_key: str) -> str:
     if device.type == "cuda":
         parts.append(torch.cuda.get_device_name(device))
     else:
-        parts += ["cpu", str(torch.get_num_threads())]
+        parts += ["cpu", cpu_name(), torch.backends.cpu.get_cpu_capability(),
+                  str(torch.get_num_threads())]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]

@@ -1,7 +1,9 @@
 """What a measurement depends on beyond its settings, and the device errors a run survives.
 
 - :func:`runtime_meta`: the attention kernel each shape of forward pass gets, the float32
-  matmul precision and, on CUDA, the CUDA, cuDNN and driver versions.
+  matmul precision, the CPU's instruction set as torch dispatches to it (``AVX2``,
+  ``AVX512``, ...) and, on CUDA, the CUDA, cuDNN and driver versions.
+- :func:`cpu_name`: the CPU's model name (``/proc/cpuinfo``, else :mod:`platform`).
 - :func:`reset_peak_memory` / :func:`peak_memory`: peak device memory over a span (CUDA:
   bytes allocated by tensors; CPU: the process's peak resident set, which never goes down).
 - :func:`is_device_error`: a CUDA error other than out-of-memory (a device-side assert, an
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import gc
+import platform
 import resource
 import subprocess
 from typing import Any
@@ -65,11 +68,25 @@ def runtime_meta(model: Any) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "attention": describe_attention(model),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     if model.device.type == "cuda":
         meta.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
                     driver=cuda_driver_version())
     return meta
+
+
+def cpu_name() -> str:
+    """The CPU's model name, e.g. ``"AMD EPYC"`` (the first ``model name`` of
+    ``/proc/cpuinfo``; :func:`platform.processor` or the architecture where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def cuda_driver_version() -> str | None:

@@ -46,6 +46,7 @@ from simulate_drafters import TurnTrace, load_traces, make_drafter, trace_output
 from logitspec.acceptance import TargetOutput, greedy_accept  # noqa: E402
 from logitspec.cost import CostCurve  # noqa: E402
 from logitspec.decoding import _cut_path, verification_inputs  # noqa: E402
+from logitspec.runtime import cpu_name  # noqa: E402
 
 FAMILIES = {
     "pld": "pld:{n}",
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             report[name][str(budget)] = best
             print(f"{name:<12} {budget:>3}  p50 {best['p50_us']:8.1f} us  p90 {best['p90_us']:8.1f} us"
                   f"  ({best['steps']} steps)", flush=True)
-    print(f"(host: {platform.processor() or platform.machine()}, python {platform.python_version()}, "
+    print(f"(host: {cpu_name()}, python {platform.python_version()}, "
           f"trace {args.trace}: {len(traces)} turns, {header.get('model')} {header.get('dtype')})")
     print(json.dumps(report))
     return 0

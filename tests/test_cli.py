@@ -39,7 +39,7 @@ CHOICE_KEYS = {"index", "turns", "decoding_steps", "new_tokens", "prompt_tokens"
 META_KEYS = {"method", "params", "model_path", "dtype", "device", "template", "max_new_tokens",
              "temperature", "top_p", "top_k", "seed", "num_choices", "torch", "transformers",
              "hardware", "threads", "load_average", "attention", "float32_matmul_precision",
-             "peak_memory_bytes"}
+             "cpu_capability", "peak_memory_bytes"}
 Capsys = pytest.CaptureFixture[str]
 
 
@@ -106,6 +106,7 @@ def test_three_methods_on_two_demo_questions(
     assert meta["dtype"] == "float32" and meta["template"] == "chat_template"
     assert meta["attention"]["decode"] == "flash, folded, no mask"  # the CPU's flash kernel
     assert meta["float32_matmul_precision"] == "highest" and meta["peak_memory_bytes"] > 0
+    assert meta["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert read_lines(files["pld"])[0]["meta"]["params"]["draft_tree_capacity"] == 21
     for method in ("logitspec", "pld"):
         code = speed.main(["--file-path", str(files[method]), "--base-path", str(files["vanilla"])])

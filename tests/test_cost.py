@@ -141,11 +141,18 @@ def test_cached_per_model_key_and_dtype(tmp_path, monkeypatch):
     assert len(calls) == 4
 
 
-def test_threads_are_part_of_the_key_on_the_cpu(monkeypatch):
+def test_the_cpu_and_its_threads_are_part_of_the_key(monkeypatch):
+    """A cache directory that outlives its machine (another CPU, another instruction set,
+    another thread count) is measured again, not read."""
     model = tiny_model()
-    key = cost_module._surface_key(model, "m")
+    keys = {cost_module._surface_key(model, "m")}
     monkeypatch.setattr(torch, "get_num_threads", lambda: 97)
-    assert cost_module._surface_key(model, "m") != key
+    keys.add(cost_module._surface_key(model, "m"))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AMX-like")
+    keys.add(cost_module._surface_key(model, "m"))
+    monkeypatch.setattr(cost_module, "cpu_name", lambda: "Another CPU")
+    keys.add(cost_module._surface_key(model, "m"))
+    assert len(keys) == 4
 
 
 def test_store_replaces_the_cached_surface(tmp_path):
@@ -170,3 +177,4 @@ def test_default_contexts_follow_the_device(monkeypatch):
     assert measure_cost_surface(model, (1, 2)).contexts == (512, 2048)
     model.device = torch.device("meta")
     assert measure_cost_surface(model, (1, 2)).contexts == (512, 2048, 8192)
+
