@@ -51,8 +51,9 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import shortuuid
 import torch
@@ -100,7 +101,8 @@ class DeviceContextLost(Exception):
 
 @dataclass
 class EvalContext:
-    """Everything a worker needs to answer questions."""
+    """Everything a worker needs to answer questions. ``make_generator`` builds the method's
+    generator afresh (:meth:`renew_generator`)."""
 
     model_id: str
     loaded: LoadedModel
@@ -109,6 +111,19 @@ class EvalContext:
     generation: GenerationConfig
     num_choices: int
     meta: dict[str, Any]
+    make_generator: Callable[[], TurnGenerator] | None = None
+
+    def renew_generator(self) -> None:
+        """Replaces the generator by a fresh one, which has learned nothing yet (a drafter's
+        pool, suffix trees over earlier answers, successor table and acceptance statistics
+        start empty): after the warm-up, whose answer the run will give again, and wherever a
+        measurement must not meet text the method already answered (a repeated pass). The
+        old generator, its cache included, is released before the new one is built."""
+        if self.make_generator is None:
+            return
+        self.generator = None  # type: ignore[assignment]
+        release_memory(self.loaded.model.device)
+        self.generator = self.make_generator()
 
 
 def build_context(run: RunConfig) -> EvalContext:
@@ -127,14 +142,16 @@ def build_context(run: RunConfig) -> EvalContext:
                        f"in the model's context of {context} tokens")
     template = resolve_template(loaded.tokenizer, settings.model_name, settings.template)
     eos = tuple(dict.fromkeys(loaded.eos_token_ids + template.stop_token_ids))
+    make = partial(run.method.make_generator, loaded, run.params)
     return EvalContext(
         model_id=run.model_id,
         loaded=loaded,
-        generator=run.method.make_generator(loaded, run.params),
+        generator=make(),
         template=template,
         generation=settings.generation_config(eos),
         num_choices=settings.num_choices,
         meta=run_meta(run, template.name, loaded),
+        make_generator=make,
     )
 
 
@@ -262,7 +279,9 @@ def error_entry(question: Question, model_id: str, meta: dict[str, Any],
 
 
 def warm_up(ctx: EvalContext, questions: Sequence[Question], count: int) -> None:
-    """``count`` discarded short generations on the first question whose first turn fits."""
+    """``count`` discarded short generations on the first question whose first turn fits;
+    then the generator is renewed (:meth:`EvalContext.renew_generator`), so that no drafter
+    meets the warm-up's answer again when that question is answered for real."""
     if count == 0:
         return
     config = replace(
@@ -276,11 +295,12 @@ def warm_up(ctx: EvalContext, questions: Sequence[Question], count: int) -> None
             for _ in range(count):
                 ctx.generator.reset()
                 ctx.generator.generate(prompt, config)
-            return
+            break
         except PromptError:
             continue
         finally:
             ctx.generator.reset()
+    ctx.renew_generator()
 
 
 @dataclass

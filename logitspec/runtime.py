@@ -116,8 +116,9 @@ def peak_memory(device: torch.device) -> int:
 
 
 def release_memory(device: torch.device) -> None:
-    """After an out-of-memory error (and once its traceback is gone): frees what the failed
-    work still held and returns the allocator's cached blocks to the device."""
+    """Frees what dropped objects still hold (the failed work after an out-of-memory error,
+    once its traceback is gone; a replaced generator's cache) and returns the allocator's
+    cached blocks to the device."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

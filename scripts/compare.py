@@ -43,6 +43,12 @@ Policies:
   (:func:`rotation`), so drift of the machine (other load, clocks, caches) hits all alike.
   ``--repeats R`` makes R whole passes over the questions, pass ``k`` (0-based) rotating
   question ``j`` by ``j + k``, so each method takes other slots in each pass.
+- Fresh state: every pass starts each method with a new generator (drafter state included),
+  and so does the timed run after the warm-up and every re-run: a drafter that learns across
+  questions (a pool, suffix trees over earlier answers, successor tables, acceptance rates)
+  learns from the questions before this one in this pass, never from its own earlier answer
+  to the same question. A re-run thus starts with less learned than the measurement it
+  replaces had, so keeping the faster one never flatters a method.
 - Prompts, warm-up (``--warmup`` per method, before anything is timed), timing, token counting
   and answer lines are the harness's own (:mod:`evaluation.eval_loop`); greedy decoding.
 - Figures per row (speed.py's rows: the eight MT-bench categories are one) and overall, over
@@ -81,6 +87,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Collection, Sequence
 
@@ -513,6 +520,12 @@ def answer_file_name(run_id: str, run_pass: int, repeats: int) -> str:
     return f"{run_id}.jsonl" if repeats == 1 else f"{run_id}.pass-{run_pass}.jsonl"
 
 
+def recorded_generator(spec: MethodSpec, models: Models) -> RecordingGenerator:
+    """A fresh generator for ``spec``, recording its output ids (module function: compare's
+    tests replace :func:`make_generator`)."""
+    return RecordingGenerator(make_generator(spec, models))
+
+
 def build_contenders(specs: Sequence[MethodSpec], models: Models, settings: EvalConfig,
                      out_dir: Path, repeats: int) -> list[Contender]:
     loaded = models.loaded
@@ -522,11 +535,12 @@ def build_contenders(specs: Sequence[MethodSpec], models: Models, settings: Eval
     runtime = runtime_meta(loaded.model)
     contenders = []
     for spec in specs:
+        make = partial(recorded_generator, spec, models)
         ctx = EvalContext(
-            model_id=model_id(spec, settings), loaded=loaded,
-            generator=RecordingGenerator(make_generator(spec, models)), template=template,
+            model_id=model_id(spec, settings), loaded=loaded, generator=make(), template=template,
             generation=settings.generation_config(eos), num_choices=1,
             meta=method_meta(spec, specs, settings, template.name, hardware, runtime),
+            make_generator=make,
         )
         paths = tuple(out_dir / answer_file_name(ctx.model_id, r, repeats)
                       for r in range(1, repeats + 1))
@@ -585,6 +599,9 @@ def run_passes(contenders: Sequence[Contender], questions: Sequence[Question],
     """``repeats`` whole passes over the questions, each into its own answer files."""
     passes, orders = [], []
     for run_pass in range(repeats):
+        if run_pass:  # a method that learns across questions must not meet its own answers
+            for contender in contenders:
+                contender.ctx.renew_generator()
         with ExitStack() as stack:
             writers = {c.spec.text: stack.enter_context(AnswerWriter(c.paths[run_pass]))
                        for c in contenders}
@@ -622,6 +639,7 @@ def rerun_disturbed(contenders: Sequence[Contender], questions: Sequence[Questio
     reruns, replaced = [], {}
     for index, ((run_pass, key), labels) in enumerate(groups.items()):
         for label in rotation(labels, index):
+            by_label[label].ctx.renew_generator()  # it answered this question already
             line, new = answer(by_label[label], by_key[key])
             old = passes[run_pass][label][key]
             assert old is not None  # only measured outcomes are flagged

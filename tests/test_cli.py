@@ -553,3 +553,47 @@ def test_embedded_default_model(tmp_path: Path, capsys: Capsys) -> None:
     assert speed.main(["--file-path", str(method), "--base-path", str(base)]) == 0
     overall = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][-1]
     assert overall["baseline"]["mat"] == 1.0 and overall["method"]["mat"] >= 1.0
+
+
+def test_the_warm_up_leaves_the_run_a_fresh_generator():
+    """The warm-up answers the first question whose prompt fits (here the second), its
+    generator is then replaced by a new one: a drafter that learns across questions must not
+    meet the warm-up's answer again when that question is answered for real."""
+    from types import SimpleNamespace
+
+    from logitspec.decoding import GenerationConfig, PromptError
+
+    built = []
+
+    class Generator:
+        def __init__(self):
+            self.prompts = []
+            built.append(self)
+
+        def reset(self):
+            pass
+
+        def generate(self, prompt, config):
+            if prompt == [3]:
+                raise PromptError("too long")
+            self.prompts.append((prompt, config.max_new_tokens))
+
+    class Conversation:
+        def __init__(self):
+            self.users = []
+
+        def add_user(self, text):
+            self.users.append(text)
+
+        def prompt_ids(self):
+            return [len(text) for text in self.users]
+
+    loaded = SimpleNamespace(model=SimpleNamespace(device=torch.device("cpu")))
+    ctx = eval_loop.EvalContext("m", loaded, Generator(), SimpleNamespace(start=Conversation),
+                                GenerationConfig(max_new_tokens=64), 1, {},
+                                make_generator=Generator)
+    questions = [Question(1, "qa", ("abc",)), Question(2, "qa", ("abcd",))]
+    eval_loop.warm_up(ctx, questions, 2)
+    warm = min(eval_loop.WARMUP_MAX_NEW_TOKENS, 64)
+    assert len(built) == 2 and built[0].prompts == [([4], warm), ([4], warm)]
+    assert ctx.generator is built[1] and built[1].prompts == []

@@ -263,29 +263,44 @@ def test_compare_run(tiny, tmp_path, capsys, monkeypatch):
 
 class SyntheticClock:
     """A generator whose ``wall_time`` is 10 ms per decoding step, times ``slowdown`` on the
-    calls numbered in ``slow_calls`` (0-based): a planted disturbance, free of the machine's."""
+    calls numbered in ``slow_calls`` (0-based, counted in ``calls``, which the generators of
+    one method share): a planted disturbance, free of the machine's. ``prompts``: the prompts
+    this instance answered."""
 
-    def __init__(self, inner, slow_calls=(), slowdown=3.0):
-        self.inner, self.slow_calls, self.slowdown, self.calls = inner, set(slow_calls), slowdown, 0
+    def __init__(self, inner, calls, slow_calls=(), slowdown=3.0):
+        self.inner, self.slow_calls, self.slowdown, self.calls = inner, set(slow_calls), slowdown, calls
+        self.prompts = []
 
     def reset(self):
         self.inner.reset()
 
     def generate(self, prompt_ids, config):
+        self.prompts.append(tuple(prompt_ids))
         result = self.inner.generate(prompt_ids, config)
-        factor = self.slowdown if self.calls in self.slow_calls else 1.0
-        self.calls += 1
+        factor = self.slowdown if self.calls[0] in self.slow_calls else 1.0
+        self.calls[0] += 1
         return dataclasses.replace(result, wall_time=0.01 * result.decoding_steps * factor)
 
 
 def test_repeats_and_rerun_disturbed(tiny, tmp_path, capsys, monkeypatch):
-    """Two passes over 4 one-turn questions; pld:8's answer to the second question of pass 2
-    is planted 3x slow: it is flagged, re-run at the end, and the faster re-run is kept."""
+    """Two passes over 4 one-turn questions after one warm-up; pld:8's answer to the second
+    question of pass 2 is planted 3x slow: it is flagged, re-run at the end, and the faster
+    re-run is kept. No generator answers a prompt twice: the warm-up's, each pass's and the
+    re-run's are fresh ones (a drafter that learns across questions would meet its own
+    answers)."""
     make_generator = compare.make_generator
-    monkeypatch.setattr(compare, "make_generator", lambda spec, models: SyntheticClock(
-        make_generator(spec, models), slow_calls={5} if spec.text == "pld:8" else ()))
+    built: dict[str, list[SyntheticClock]] = {}
+    calls: dict[str, list[int]] = {}
+
+    def clocked(spec, models):
+        clock = SyntheticClock(make_generator(spec, models), calls.setdefault(spec.text, [0]),
+                               slow_calls={6} if spec.text == "pld:8" else ())
+        built.setdefault(spec.text, []).append(clock)
+        return clock
+
+    monkeypatch.setattr(compare, "make_generator", clocked)
     out_dir = tmp_path / "out"
-    argv = argv_for(tiny, out_dir, "--methods", "vanilla", "pld:8", "--warmup", "0",
+    argv = argv_for(tiny, out_dir, "--methods", "vanilla", "pld:8", "--warmup", "1",
                     "--repeats", "2", "--rerun-disturbed")
     argv[argv.index("--question-begin") + 1], argv[argv.index("--question-end") + 1] = "4", "8"
     assert compare.main(argv) == 0
@@ -310,6 +325,12 @@ def test_repeats_and_rerun_disturbed(tiny, tmp_path, capsys, monkeypatch):
     report = (out_dir / "report.md").read_text()
     assert "## re-runs (--rerun-disturbed)" in report and "speedup over passes" in report
     assert "## overall before the re-runs" in report
+    # built: the warm-up's, pass 1's, pass 2's and the re-run's (pld:8 only)
+    assert [len(clock.prompts) for clock in built["pld:8"]] == [1, 4, 4, 1]
+    assert [len(clock.prompts) for clock in built["vanilla"]] == [1, 4, 4]
+    assert built["pld:8"][0].prompts[0] == built["pld:8"][1].prompts[0]  # the warm-up's question
+    for clock in built["pld:8"] + built["vanilla"]:
+        assert len(set(clock.prompts)) == len(clock.prompts)
 
 
 def check_files(result: dict, out_dir: Path) -> None:
