@@ -63,9 +63,12 @@ class ValueTreeParams(RetrievalParams):
         "answers, valued by match length and frequency (value policy); 0: off", type=int,
         choices=[0, 1])
     suffix_tokens: int = option(32, "most tokens of one suffix-tree draft", type=int)
+    live_costs: int = option(
+        0, "1: correct the measured cost curve by the verification times seen during the run "
+        "(automatic budget); 0: use it as measured", type=int, choices=[0, 1])
 
     def __post_init__(self) -> None:
-        for name in ("match_lengths", "suffix_trees"):
+        for name in ("match_lengths", "suffix_trees", "live_costs"):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"{name} must be 0 or 1, got {getattr(self, name)}")
         self.logitspec_config()  # validates
@@ -83,6 +86,7 @@ class ValueTreeParams(RetrievalParams):
             match_lengths=bool(self.match_lengths) and value,
             suffix_trees=bool(self.suffix_trees) and value,
             suffix_tokens=self.suffix_tokens,
+            live_costs=bool(self.live_costs) and value and self.draft_tree_capacity == "auto",
         )
 
 

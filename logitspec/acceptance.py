@@ -52,12 +52,15 @@ class TargetOutput:
     device; ``topk`` (N, k) int64 is on the host: each input's top-k token ids, best first
     (``topk[:, 0]`` is its greedy token, ties aside), read back with the verifier's own tokens
     in one device-to-host transfer (:func:`read_back`). N counts tree nodes, then aux inputs.
-    A row of -1 marks an input whose top-k is unknown (trace replay).
+    A row of -1 marks an input whose top-k is unknown (trace replay). ``seconds``: how long
+    the verification pass took, from its inputs' transfer to the read-back (None when not
+    timed, as in trace replay); drafters that size trees by cost learn from it.
     """
 
     logits: torch.Tensor | None
     topk: np.ndarray
     hidden: torch.Tensor | None = None
+    seconds: float | None = None
 
 
 class Verifier(Protocol):

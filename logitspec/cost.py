@@ -10,11 +10,14 @@ this surface stay profitable on both.
 of a few context lengths (:data:`DEFAULT_CONTEXTS`, those the model's context allows; on the
 CPU only the first two, as filling an 8,192-token cache there takes minutes, and the curve is
 extrapolated along them);
-:class:`CostSurface` interpolates between them. :func:`cost_surface_for` caches the result
-per model, dtype, device and torch version (plus, on the CPU, its model name, the instruction
-set torch dispatches to and the thread count, as a cache directory may outlive the machine it
-was measured on; none of them changes a CUDA measurement) as JSON in the cache directory, and
-measures it on first use (or when ``refresh`` is set).
+:class:`CostSurface` interpolates between them. :class:`LiveCosts` corrects a surface by the
+verification times a decoder really sees (the fastest of a few isolated passes is not what a
+step costs once its inputs, its read-back and the rest of the loop are around it).
+:func:`cost_surface_for` caches the result per model, dtype, device and torch version (plus,
+on the CPU, its model name, the instruction set torch dispatches to and the thread count, as a
+cache directory may outlive the machine it was measured on; none of them changes a CUDA
+measurement) as JSON in the cache directory, and measures it on first use (or when
+``refresh`` is set).
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import bisect
 import hashlib
 import json
 import os
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -229,6 +234,85 @@ class CostSurface:
             for c in data["curves"]
         )
         return cls(curves, data["bucket"])
+
+
+class LiveCosts:
+    """A cost surface (or curve) corrected by observed verification times.
+
+    Every :meth:`record` compares a verification pass of ``n`` tokens with the surface's
+    prediction at its context; per size of the surface (``n`` counts toward the first size
+    ``>= n``) the median ratio of the last ``window`` passes is that size's factor, once it
+    has ``min_samples`` of them. A size not yet seen takes the factor of the nearest seen
+    size below it (above it when none is below; 1 when nothing was seen): a size that is
+    never drafted keeps a plausible correction. :meth:`at` gives the corrected curve (the
+    surface's seconds times the factors, made non-decreasing in ``n``). Factors change only
+    every ``refresh`` records and are rounded to ``1 / 64``, so that the corrected curves and
+    the cost tables made from them repeat (drafters memoize per table).
+
+    Example: the surface says 40 ms for 1 token and 48 ms for 2; passes of 1 token take 38 ms
+    and of 2 tokens 56 ms: factors 0.95 and 1.17 (rounded), corrected costs 38 and 56 ms, and
+    every larger size takes 2 tokens' factor until it is seen itself.
+    """
+
+    def __init__(self, surface: "CostSurface | CostCurve", *, window: int = 16,
+                 min_samples: int = 4, refresh: int = 16, resolution: float = 1 / 64) -> None:
+        if window < 1 or not 1 <= min_samples <= window or refresh < 1 or resolution <= 0:
+            raise ValueError("window >= min_samples >= 1, refresh >= 1 and resolution > 0 needed")
+        self.surface = surface
+        self.sizes = surface.curves[0].sizes if isinstance(surface, CostSurface) else surface.sizes
+        self.min_samples = min_samples
+        self.refresh = refresh
+        self.resolution = resolution
+        self._ratios = [deque(maxlen=window) for _ in self.sizes]
+        self._factors = (1.0,) * len(self.sizes)
+        self._pending = 0
+        self._memo: dict[int, tuple[CostCurve, CostCurve]] = {}
+
+    @property
+    def factors(self) -> tuple[float, ...]:
+        """The correction per size of :attr:`sizes` (1.0: the surface as measured)."""
+        return self._factors
+
+    def record(self, tokens: int, context: int, seconds: float) -> None:
+        """A verification pass of ``tokens`` inputs over ``context`` cached tokens took
+        ``seconds``."""
+        predicted = self.surface.at(context).cost(tokens)
+        if predicted <= 0 or not seconds > 0:
+            return
+        index = min(bisect.bisect_left(self.sizes, tokens), len(self.sizes) - 1)
+        self._ratios[index].append(seconds / predicted)
+        self._pending += 1
+        if self._pending >= self.refresh:
+            self._pending = 0
+            self._refresh()
+
+    def _refresh(self) -> None:
+        measured = [statistics.median(r) if len(r) >= self.min_samples else None
+                    for r in self._ratios]
+        seen = [m for m in measured if m is not None]
+        if not seen:
+            return
+        factors, last = [], seen[0]
+        for ratio in measured:
+            last = ratio if ratio is not None else last
+            factors.append(max(round(last / self.resolution), 1) * self.resolution)
+        if tuple(factors) != self._factors:
+            self._factors = tuple(factors)
+            self._memo.clear()
+
+    def at(self, context: int) -> CostCurve:
+        """The corrected curve at ``context`` (equal to the surface's while nothing was seen)."""
+        curve = self.surface.at(context)
+        memo = self._memo.get(id(curve))
+        if memo is not None and memo[0] is curve:
+            return memo[1]
+        seconds, floor = [], 0.0
+        for size, factor in zip(curve.sizes, self._factors):
+            floor = max(floor, curve.cost(size) * factor)
+            seconds.append(floor)
+        corrected = CostCurve(curve.sizes, tuple(seconds), curve.context, curve.device)
+        self._memo[id(curve)] = (curve, corrected)
+        return corrected
 
 
 def usable_contexts(model: Transformer, contexts: Sequence[int], largest_size: int) -> list[int]:

@@ -274,7 +274,7 @@ class Decoder:
             path = _cut_path(tree, path, eos, config.max_new_tokens - len(output))
             t3 = time.perf_counter()
             accepted = [tree.tokens[i] for i in path[1:]]
-            self._update(tree, path, TargetOutput(logits, topk, hidden))
+            self._update(tree, path, TargetOutput(logits, topk, hidden, t2 - t1))
             output.extend(accepted)
             result.accept_lengths.append(len(path))
             result.draft_lengths.append(tree.num_draft_tokens)

@@ -22,19 +22,19 @@ import math
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from .acceptance import TargetOutput
-from .cost import CostCurve, CostSurface
+from .cost import CostCurve, CostSurface, LiveCosts
 from .pool import NGramPool
 from .tree import DraftTree, build_tree
 from .suffix_decoding import SuffixCache, SuffixConfig
 from .suffix_tree import SuffixDraft
 from .value_tree import (DEPTH_BUCKETS, RANK_BUCKETS, AcceptanceStats, BestFirstTree, Candidate, Chain,
-                         bucket, entry_value)
+                         Feature, bucket, entry_value)
 
 # Match lengths of a next-token chain's occurrence, bucketed (``match_lengths``); the last edge
 # is as far as a match is measured.
@@ -117,7 +117,9 @@ class LogitSpecConfig:
     value policy only) sizes each tree by the verification cost curve, up to
     ``max_auto_capacity`` nodes. ``match_lengths`` (value policy): next-token chains are
     valued by how long their occurrence's match with the context is, not by the n-gram order
-    that found it (:class:`ValueTreeDrafter`).
+    that found it (:class:`ValueTreeDrafter`). ``live_costs`` (automatic budget): the cost
+    curve is corrected by the verification times the decoder observes
+    (:class:`~logitspec.cost.LiveCosts`).
     """
 
     pool: PoolConfig = PoolConfig()
@@ -134,6 +136,7 @@ class LogitSpecConfig:
     match_lengths: bool = False
     suffix_trees: bool = False
     suffix_tokens: int = 32
+    live_costs: bool = False
 
     def __post_init__(self) -> None:
         if self.tree_policy not in ("reference", "value"):
@@ -154,6 +157,8 @@ class LogitSpecConfig:
             raise ValueError("suffix-tree candidates need tree_policy='value'")
         if self.suffix_tokens < 1:
             raise ValueError(f"suffix_tokens must be >= 1, got {self.suffix_tokens}")
+        if self.live_costs and self.draft_tree_capacity is not None:
+            raise ValueError("live_costs corrects the cost of an automatic draft_tree_capacity")
         if self.num_next_next is not None and self.num_next_next < 0:
             raise ValueError(f"num_next_next must be >= 0, got {self.num_next_next}")
         if self.beyond_length < 1 or any(n < 1 for _, n in self.rank_lengths):
@@ -304,7 +309,8 @@ class ValueTreeDrafter(_PoolDrafter):
     drafted at length where verification is dear and a weak pattern is not.
 
     With an automatic budget, candidates that no tree under this step's cost could keep
-    (:func:`~logitspec.value_tree.entry_value`) are dropped as they are offered.
+    (:func:`~logitspec.value_tree.entry_value`) are dropped as they are offered; with
+    ``live_costs`` the cost is corrected by the verification times seen so far.
     """
 
     name = "logitspec-value"
@@ -320,6 +326,10 @@ class ValueTreeDrafter(_PoolDrafter):
         super().__init__(config.pool, config.capacity)
         self.config = config
         self.costs = cost_curve if config.draft_tree_capacity is None else None
+        self.live = LiveCosts(cost_curve) if self.costs is not None and config.live_costs else None
+        if self.live is not None:
+            self.costs = self.live
+        self._context = 0  # the context length of the last draft
         self.stats = AcceptanceStats(value_prior)
         self.overhead = 0.0
         self._cost: Sequence[float] | None = None  # this step's cost table (automatic budget)
@@ -347,8 +357,9 @@ class ValueTreeDrafter(_PoolDrafter):
             self.suffixes.append(root)  # the context's last token now
             self._root_indexed = True
         self._cost = None
+        self._context = len(self.pool)
         if self.costs is not None:
-            self._cost = self.costs.at(len(self.pool)).cost_table(self.tree_capacity)
+            self._cost = self.costs.at(self._context).cost_table(self.tree_capacity)
         # candidates below the entry value could never be kept: they are dropped when offered
         tree = BestFirstTree(root, self.stats.rate, max_depth, self._entry_value())
         if self.tree_capacity > 1 and max_depth > 0:
@@ -382,8 +393,9 @@ class ValueTreeDrafter(_PoolDrafter):
             self._offer_recycled_chains(tree, root)
         if self.suffixes is not None:
             local, answers = self.suffixes.drafts(max_depth)
-            tree.offer_nodes(suffix_candidates(local, "local"))
-            tree.offer_nodes(suffix_candidates(answers, "answers"))
+            rate, floor = self.stats.rate, tree.floor
+            tree.offer_nodes(suffix_candidates(local, "local", rate, floor))
+            tree.offer_nodes(suffix_candidates(answers, "answers", rate, floor))
 
     def _depth_features(self, kind: str, order: int, first_depth: int) -> tuple:
         """``(kind, order, depth bucket)`` for depths ``first_depth, first_depth + 1, ...``
@@ -443,6 +455,8 @@ class ValueTreeDrafter(_PoolDrafter):
     def observe(self, tree: DraftTree, out: TargetOutput) -> None:
         if self.successors is not None and self.config.recycle_chains:
             self.successors.observe(tree, out)
+        if self.live is not None and out.seconds is not None:
+            self.live.record(tree.num_inputs, self._context, out.seconds)
 
     def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
         self.stats.update(self._features, tree.parents, set(path))
@@ -453,7 +467,9 @@ class ValueTreeDrafter(_PoolDrafter):
             self._root_indexed = False
 
 
-def suffix_candidates(draft: SuffixDraft, source: str) -> list[Candidate]:
+def suffix_candidates(draft: SuffixDraft, source: str,
+                      rate: Callable[[Feature], float] | None = None,
+                      floor: float = 0.0) -> list[Candidate]:
     """A suffix tree's draft as value-tree candidates (the draft's first tokens, each with its
     subtree). Feature ``("suf", source, m, share)``: ``m`` the bucketed match length
     (:data:`MATCH_BUCKETS`), ``share`` the bucketed fraction of the parent's occurrences that
@@ -461,17 +477,37 @@ def suffix_candidates(draft: SuffixDraft, source: str) -> list[Candidate]:
     string's earlier occurrences (the draft's denominator counts the context's own, which has
     no continuation yet). Example: matched string seen 5 times (now included), 3 times
     followed by token 7, then twice by 8: ``7`` has share 3/4, ``8`` 2/3 (bucket 0.75).
+
+    With ``rate`` and ``floor``: nodes whose probability (the product of the rates on their
+    path) is below ``floor`` are left out with their subtrees, as
+    :meth:`~logitspec.value_tree.BestFirstTree.offer_nodes` of a tree with that floor would
+    drop them (the same tree, fewer candidates made).
     """
     match = bucket(draft.match_len, MATCH_BUCKETS)
-    nodes: list[Candidate] = []
+    nodes: list[Candidate | None] = []
+    probs: list[float] = []
     top: list[Candidate] = []
     counts = draft.counts
     earlier = max(draft.denominator - 1, 1)  # the context's own occurrence has no continuation
     for token, parent, count in zip(draft.tokens, draft.parents, counts):
-        base = earlier if parent < 0 else counts[parent]
-        node = Candidate(int(token), ("suf", source, match, bucket(count / base, SHARE_BUCKETS)))
+        above = top if parent < 0 else nodes[parent]
+        if above is None:  # its parent was left out
+            nodes.append(None)
+            probs.append(0.0)
+            continue
+        feature = ("suf", source, match,
+                   bucket(count / (earlier if parent < 0 else counts[parent]), SHARE_BUCKETS))
+        prob = 1.0
+        if rate is not None:
+            prob = (1.0 if parent < 0 else probs[parent]) * rate(feature)
+            if prob < floor:
+                nodes.append(None)
+                probs.append(0.0)
+                continue
+        node = Candidate(int(token), feature)
         nodes.append(node)
-        (top if parent < 0 else nodes[parent].children).append(node)
+        probs.append(prob)
+        (top if parent < 0 else above.children).append(node)
     return top
 
 

@@ -13,6 +13,9 @@ chose it is enough to replay any retrieval drafter exactly, without the model:
 Replay reports MAT per category (exact for the recorded outputs) and a speedup estimated from
 the measured cost surface (a verify forward of N tokens at the step's context length) plus the
 drafter's own measured host time. The last stdout line is one JSON object.
+``--pass-cost-factors`` replays on a machine whose passes cost more or less than the stored
+surface says (per tree size, e.g. as fitted to a real run's answer files); drafters with live
+costs (``logitspec:auto,live``) are told each pass's cost and correct their curve.
 
 Lookahead decoding cannot be replayed: its n-grams are the target's outputs at the Jacobi
 window's guesses, inputs that a greedy trace never saw; measure it with the model.
@@ -27,7 +30,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -147,8 +150,11 @@ class ReplayedTurn:
     host: float
 
 
-def replay_turn(drafter: Drafter, trace: TurnTrace) -> ReplayedTurn:
-    """``drafter`` on one recorded turn, step by step, as the decoding loop would run it."""
+def replay_turn(drafter: Drafter, trace: TurnTrace,
+                pass_seconds: Callable[[int, int], float] | None = None) -> ReplayedTurn:
+    """``drafter`` on one recorded turn, step by step, as the decoding loop would run it.
+    ``pass_seconds(tokens, context)``: what a verification pass costs, told to the drafter
+    as the decoding loop tells it the time it measured (None: not told)."""
     out, n = trace.output, len(trace.output)
     topk = trace.topk.numpy().astype(np.int64)
     drafter.begin(trace.prompt, 0)
@@ -164,7 +170,8 @@ def replay_turn(drafter: Drafter, trace: TurnTrace) -> ReplayedTurn:
         tree = drafter.draft(out[i], topk[i], trace.max_new_tokens - i - 1)
         pred, rows = trace_outputs(tree, out, i, topk)
         path = greedy_accept(tree.tokens, tree.parents, pred)
-        drafter.observe(tree, TargetOutput(None, rows))
+        seconds = pass_seconds(tree.num_inputs, len(trace.prompt) + i) if pass_seconds else None
+        drafter.observe(tree, TargetOutput(None, rows, seconds=seconds))
         drafter.extend(out[i:i + len(path)], tree, path)
         turn.host += time.perf_counter() - start
         turn.accept_lengths.append(len(path))
@@ -196,7 +203,8 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
     ``value`` (value-ranked tree), ``k=32`` (next-next candidates), ``max=64`` (auto's largest
     tree), ``len=8`` (value chain length), ``rec=8,recd=6`` (recycled chains and their depth),
     ``match`` (next-token chains valued by their match length), ``suf`` (suffix trees' drafts),
-    ``suftok=32`` (most tokens per suffix-tree draft).
+    ``suftok=32`` (most tokens per suffix-tree draft), ``live`` (auto: the cost curve corrected
+    by the pass times it is told, see ``--pass-cost-factors``).
     ``sam:<capacity>``: SAMD[T] as ``inference_sam`` builds it (automaton drafts of
     ``min(40, capacity)`` tokens, Token Recycling on ``capacity`` nodes), options ``size=40``
     (automaton draft), ``thr=5``, ``bias=5``, ``alone`` (no fallback), ``scale=4`` (drafts sized
@@ -246,6 +254,7 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
             match_lengths="match" in options,
             suffix_trees="suf" in options,
             suffix_tokens=int(options.get("suftok", LogitSpecConfig.suffix_tokens)),
+            live_costs="live" in options,
         )
         successors = SuccessorTable(vocab_size) if config.recycle_chains else None
         return make_logitspec_drafter(config, curve, successors)
@@ -308,14 +317,21 @@ def replay(args: argparse.Namespace) -> int:
     lm = load(data["model_path"], dtype=data["dtype"], device=args.device)
     curve = cost_surface_for(lm.model, str(lm.path))
     vocab = lm.model.config.vocab_size
+    factors = args.pass_cost_factors
+
+    def pass_cost(tokens: int, context: int) -> float:
+        factor = next((f for size, f in reversed(factors) if size <= tokens), 1.0)
+        return curve.at(context).cost(tokens) * factor
+
+    told = pass_cost if factors else None
     report = {}
     for spec in args.drafter:
         rows = defaultdict(lambda: {"tokens": 0, "steps": 0, "time": 0.0, "vanilla": 0.0, "host": 0.0})
         drafter = make_drafter(spec, curve, vocab)  # one per run, as in the harness: statistics persist
         for trace in traces:
-            turn = replay_turn(drafter, trace)
-            verify = sum(curve.at(c).cost(s) for s, c in zip(turn.tree_sizes, turn.contexts) if s)
-            vanilla = sum(curve.at(len(trace.prompt) + j).cost(1) for j in range(len(trace.output) - 1))
+            turn = replay_turn(drafter, trace, told)
+            verify = sum(pass_cost(s, c) for s, c in zip(turn.tree_sizes, turn.contexts) if s)
+            vanilla = sum(pass_cost(1, len(trace.prompt) + j) for j in range(len(trace.output) - 1))
             for key in (group_of(trace.category), "overall"):
                 row = rows[key]
                 row["tokens"] += sum(turn.accept_lengths)
@@ -358,7 +374,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     rep.add_argument("--trace", required=True)
     rep.add_argument("--drafter", action="append", required=True)
     rep.add_argument("--device", default="cpu")
-    return parser.parse_args(argv)
+    rep.add_argument(
+        "--pass-cost-factors", nargs="+", type=size_factor, default=[], metavar="SIZE=FACTOR",
+        help="what a verification pass really costs, as a multiple of the stored surface, from "
+        "that tree size up (e.g. 1=0.965 2=1.15 3=1.08, as fitted to a real run's answer files); "
+        "the estimate uses them and the drafters are told each pass's cost")
+    args = parser.parse_args(argv)
+    if args.command == "replay":
+        args.pass_cost_factors = sorted(args.pass_cost_factors)
+    return args
+
+
+def size_factor(text: str) -> tuple[int, float]:
+    """``SIZE=FACTOR``, e.g. ``2=1.15``."""
+    size, sep, factor = text.partition("=")
+    try:
+        if sep and int(size) >= 1 and float(factor) > 0:
+            return int(size), float(factor)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected SIZE=FACTOR (size >= 1, factor > 0), got {text!r}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from logitspec.config import ModelConfig
 from logitspec.cost import (
     CostCurve,
     CostSurface,
+    LiveCosts,
     cost_surface_for,
     measure_cost_curve,
     measure_cost_surface,
@@ -178,3 +179,53 @@ def test_default_contexts_follow_the_device(monkeypatch):
     model.device = torch.device("meta")
     assert measure_cost_surface(model, (1, 2)).contexts == (512, 2048, 8192)
 
+
+LIVE_SURFACE = CostSurface((CostCurve((1, 2, 4, 8), (0.040, 0.048, 0.060, 0.080), 512),
+                            CostCurve((1, 2, 4, 8), (0.050, 0.060, 0.075, 0.100), 2048)))
+
+
+def test_live_costs_correct_each_seen_size_and_lend_it_to_unseen_ones():
+    """The class docstring's example: 1-token passes at 0.95x the surface, 2-token passes at
+    1.17x; sizes 3..8 were never seen and take size 2's factor; nothing changes before
+    ``refresh`` records."""
+    live = LiveCosts(LIVE_SURFACE, refresh=8, min_samples=4)
+    for _ in range(4):
+        live.record(1, 300, 0.038)
+    for _ in range(3):
+        live.record(2, 300, 0.048 * 1.17)
+    assert live.factors == (1.0, 1.0, 1.0, 1.0)  # 7 records
+    live.record(2, 300, 0.048 * 1.17)  # the 8th: refreshed
+    assert live.factors == pytest.approx((61 / 64, 75 / 64, 75 / 64, 75 / 64))
+    curve = live.at(300)
+    assert curve.cost(1) == pytest.approx(0.040 * 61 / 64)
+    assert curve.cost(2) == pytest.approx(0.048 * 75 / 64)
+    assert curve.cost(8) == pytest.approx(0.080 * 75 / 64)
+    # at a longer context the same factors apply to that context's curve
+    assert live.at(1900).cost(4) == pytest.approx(LIVE_SURFACE.at(1900).cost(4) * 75 / 64)
+    assert live.at(300) is curve  # memoized while the factors stand
+
+
+def test_live_costs_keep_the_surface_until_a_size_has_enough_passes_and_ignore_a_spike():
+    live = LiveCosts(LIVE_SURFACE, refresh=1, min_samples=4, window=16)
+    for _ in range(3):
+        live.record(4, 300, 0.120)
+    assert live.factors == (1.0,) * 4 and live.at(300).cost(4) == pytest.approx(0.060)
+    for _ in range(12):
+        live.record(4, 300, 0.060)
+    live.record(4, 300, 0.600)  # one pass disturbed tenfold: the median does not move
+    assert live.factors == (1.0,) * 4
+    # sizes below the only seen one take its factor; larger trees never cost less
+    live = LiveCosts(LIVE_SURFACE, refresh=1, min_samples=1)
+    live.record(8, 300, 0.040)
+    assert live.factors == (0.5,) * 4
+    costs = [live.at(300).cost(n) for n in range(1, 9)]
+    assert costs == sorted(costs) and costs[0] == pytest.approx(0.020)
+
+
+def test_live_costs_count_a_size_toward_the_next_measured_one():
+    live = LiveCosts(CostCurve((1, 8, 64), (1.0, 2.0, 8.0)), refresh=1, min_samples=1)
+    live.record(1, 0, 1.0)
+    live.record(5, 0, 2 * (1.0 + 4 / 7))  # 5 tokens: predicted 1.571, seen at twice that
+    assert live.factors == pytest.approx((1.0, 2.0, 2.0))
+    with pytest.raises(ValueError):
+        LiveCosts(CURVE, window=2, min_samples=3)

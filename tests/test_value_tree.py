@@ -9,12 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fakes import MarkovLM
+from logitspec.acceptance import TargetOutput
 from logitspec.cost import CostCurve
 from logitspec.decoding import Decoder, GenerationConfig
 from logitspec.drafters import (
     LogitSpecConfig, PoolConfig, ValueTreeDrafter, make_logitspec_drafter, suffix_candidates,
 )
 from logitspec.suffix_tree import SuffixDraft
+from logitspec.tree import DraftTree
 from logitspec.value_tree import AcceptanceStats, BestFirstTree, bucket, entry_value
 
 
@@ -267,15 +269,17 @@ CURVE = CostCurve((1, 8, 64), (1.0, 1.1, 2.0))
     seed=st.integers(0, 3),
     match=st.booleans(),
     suffix=st.booleans(),
+    live=st.booleans(),
 )
-def test_value_trees_are_lossless(prompt, capacity, max_new, seed, match, suffix):
+def test_value_trees_are_lossless(prompt, capacity, max_new, seed, match, suffix, live):
     model = MarkovLM(8, seed=seed, scale=4.0)
     config = GenerationConfig(max_new_tokens=max_new, eos_token_ids=(7,))
     vanilla = Decoder(model).generate(prompt, config)
     drafter = make_logitspec_drafter(
         LogitSpecConfig(pool=PoolConfig(2, 6, 2), draft_tree_capacity=capacity,
                         tree_policy="value", max_auto_capacity=16, match_lengths=match,
-                        suffix_trees=suffix, suffix_tokens=5), CURVE)
+                        suffix_trees=suffix, suffix_tokens=5,
+                        live_costs=live and capacity is None), CURVE)
     result = Decoder(model, drafter).generate(prompt, config)
     assert result.output_ids == vanilla.output_ids
     assert all(1 <= n <= drafter.tree_capacity for n in result.accept_lengths)
@@ -283,6 +287,34 @@ def test_value_trees_are_lossless(prompt, capacity, max_new, seed, match, suffix
     # the same drafter answers a second request: its suffix trees carry the first answer
     again = Decoder(model, drafter).generate(prompt, config)
     assert again.output_ids == vanilla.output_ids
+
+
+def test_live_costs_learn_from_the_decoder_and_stop_drafting_what_really_costs_too_much():
+    """On a flat cost curve the repeat ``1 2 3 4`` is drafted; once 2-token passes are seen
+    to cost ten times a 1-token pass, no draft can pay and the tree is the root alone. The
+    decoder hands every step's verification time to the drafter."""
+    config = LogitSpecConfig(pool=PoolConfig(2, 6), draft_tree_capacity=None, tree_policy="value",
+                             max_auto_capacity=8, live_costs=True)
+    with pytest.raises(ValueError, match="live_costs"):
+        LogitSpecConfig(tree_policy="value", live_costs=True)  # a fixed budget has no cost
+    flat = CostCurve((1, 8), (1.0, 1.0))
+    drafter = ValueTreeDrafter(config, flat)
+    drafter.begin([1, 2, 3, 4, 1, 2, 3], 0)
+    tree = drafter.draft(4, np.array([4, 0]), 8)
+    assert tree.num_inputs > 2 and 1 in tree.tokens
+    rows = np.full((8, 2), -1)
+    root_only = DraftTree((4,), (-1,), (0,))
+    for _ in range(8):
+        drafter.observe(root_only, TargetOutput(None, rows[:1], seconds=1.0))
+        drafter.observe(tree, TargetOutput(None, rows[:tree.num_inputs], seconds=10.0))
+    assert drafter.live.factors == (1.0, 10.0)
+    assert drafter.draft(4, np.array([4, 0]), 8).tokens == (4,)
+    # through the decoder: every step's time reaches the drafter (a fake model's microseconds
+    # against a curve of seconds: the smallest factor)
+    model = MarkovLM(8, seed=0, scale=4.0)
+    drafter = make_logitspec_drafter(config, flat)
+    result = Decoder(model, drafter).generate([1, 2, 3, 1, 2, 3], GenerationConfig(max_new_tokens=96))
+    assert result.decoding_steps >= 16 and drafter.live.factors == (1 / 64, 1 / 64)
 
 
 def test_suffix_candidates_by_hand():
@@ -295,6 +327,40 @@ def test_suffix_candidates_by_hand():
         (7, ("suf", "local", 6, 0.75)), (9, ("suf", "local", 6, 0.25))]
     assert [(c.token, c.feature) for c in top[0].children] == [(8, ("suf", "local", 6, 0.75))]
     assert top[1].children == [] and suffix_candidates(SuffixDraft(), "answers") == []
+    # every rate 0.5, floor 0.3: the first tokens (0.5) stay, 8 below 7 (0.25) is left out
+    halves = suffix_candidates(draft, "local", lambda feature: 0.5, 0.3)
+    assert [c.token for c in halves] == [7, 9] and halves[0].children == []
+
+
+@settings(deadline=None, max_examples=200)
+@given(
+    parents=st.lists(st.integers(-1, 30), min_size=1, max_size=30),
+    counts=st.lists(st.integers(1, 8), min_size=30, max_size=30),
+    rates=st.lists(st.floats(0.05, 1.0), min_size=5, max_size=5),
+    floor=st.floats(0.0, 0.9),
+    capacity=st.integers(2, 32),
+)
+def test_suffix_candidates_below_the_floor_are_left_out_with_the_same_tree(
+        parents, counts, rates, floor, capacity):
+    parents = [p if p < i else -1 for i, p in enumerate(parents)]  # parents come first
+    draft = SuffixDraft(tokens=tuple(range(1, len(parents) + 1)), parents=tuple(parents),
+                        counts=tuple(counts[: len(parents)]), denominator=9, match_len=4)
+    rate = dict(zip((0.25, 0.5, 0.75, 0.99, 1.0), rates))
+    rate_of = lambda feature: rate[feature[3]]  # noqa: E731
+
+    def grown(candidates):
+        tree = BestFirstTree(0, rate_of, floor=floor)
+        tree.offer_nodes(candidates)
+        return tree.grow(capacity)
+
+    def count(nodes):
+        return sum(1 + count(node.children) for node in nodes)
+
+    pruned = suffix_candidates(draft, "local", rate_of, floor)
+    assert grown(pruned) == grown(suffix_candidates(draft, "local"))
+    assert count(pruned) <= len(parents)
+    if floor == 0.0:
+        assert count(pruned) == len(parents)
 
 
 def test_a_verbatim_repeat_is_drafted_long_from_the_suffix_tree():
@@ -384,3 +450,25 @@ def test_offer_heads_equals_offering_each_chain(chains, capacity):
     expected, grown_heads = one_by_one.grow(capacity), heads.grow(capacity)
     assert grown_heads[0] == expected[0] and grown_heads[1] == expected[1]
     assert len(made) <= len(heads.tokens) + len(chains)  # no more tails than popped heads
+
+
+def test_replay_tells_a_live_cost_drafter_each_pass():
+    """scripts/simulate_drafters.py --pass-cost-factors: replay tells the drafter what each
+    pass costs (here every pass of 2+ tokens 3x the surface; all of this repeat's passes are
+    8-token trees, so the 1-token size takes their factor too), as the decoding loop tells it
+    the time it measured."""
+    import argparse
+
+    from cli_helpers import load_script
+
+    simulate = load_script("simulate_drafters")
+    drafter = simulate.make_drafter("logitspec:auto,max=8,live", CostCurve((1, 8), (1.0, 1.0)),
+                                    vocab_size=16)
+    output = [5, 6, 7, 8] * 40
+    topk = torch.tensor([[t] + [0] * (simulate.TOP_K - 1) for t in output], dtype=torch.int32)
+    trace = simulate.TurnTrace(1, "qa", [1, 2, 5, 6, 7, 8, 5, 6, 7], output, topk, len(output))
+    simulate.replay_turn(drafter, trace, lambda tokens, context: 1.0 if tokens == 1 else 3.0)
+    assert drafter.live.factors == (3.0, 3.0)
+    assert simulate.size_factor("2=1.15") == (2, 1.15)
+    with pytest.raises(argparse.ArgumentTypeError):
+        simulate.size_factor("2:1.15")
