@@ -478,12 +478,14 @@ def suffix_candidates(draft: SuffixDraft, source: str,
     no continuation yet). Example: matched string seen 5 times (now included), 3 times
     followed by token 7, then twice by 8: ``7`` has share 3/4, ``8`` 2/3 (bucket 0.75).
 
-    With ``rate`` and ``floor``: nodes whose probability (the product of the rates on their
-    path) is below ``floor`` are left out with their subtrees, as
+    With ``rate`` and a ``floor`` above 0: nodes whose probability (the product of the rates on
+    their path) is below ``floor`` are left out with their subtrees, as
     :meth:`~logitspec.value_tree.BestFirstTree.offer_nodes` of a tree with that floor would
     drop them (the same tree, fewer candidates made).
     """
     match = bucket(draft.match_len, MATCH_BUCKETS)
+    if floor <= 0:
+        rate = None  # nothing can fall below it: no probabilities to compute
     nodes: list[Candidate | None] = []
     probs: list[float] = []
     top: list[Candidate] = []
