@@ -48,7 +48,8 @@ Policies:
   questions (a pool, suffix trees over earlier answers, successor tables, acceptance rates)
   learns from the questions before this one in this pass, never from its own earlier answer
   to the same question. A re-run thus starts with less learned than the measurement it
-  replaces had, so keeping the faster one never flatters a method.
+  replaces had; and as a drafter's trees change the rounding of a bfloat16 or float16 pass,
+  it may answer another text, which is other work: such a re-run is reported, never kept.
 - Prompts, warm-up (``--warmup`` per method, before anything is timed), timing, token counting
   and answer lines are the harness's own (:mod:`evaluation.eval_loop`); greedy decoding.
 - Figures per row (speed.py's rows: the eight MT-bench categories are one) and overall, over
@@ -68,8 +69,8 @@ Policies:
   figures without those questions (left out for every method of that pass).
   ``--rerun-disturbed`` answers each disturbed pair again after the passes (question by
   question, a question's methods in rotated order), keeps the faster of the two measurements
-  (in the figures and the answer file), lists old and new times and the overall figures
-  before the re-runs, then looks for disturbance again.
+  when both answered the same token ids (in the figures and the answer file), lists old and
+  new times and the overall figures before the re-runs, then looks for disturbance again.
 - Outputs in ``--out-dir``: one answer file per method (``<model id>.jsonl``; with several
   passes ``<model id>.pass-<k>.jsonl`` per pass; speed.py reads them), ``report.md`` (with the
   hardware), ``report.png`` (speedup bars with the median per-question speedup as diamonds and,
@@ -613,9 +614,10 @@ def run_passes(contenders: Sequence[Contender], questions: Sequence[Question],
 
 @dataclass(frozen=True)
 class Rerun:
-    """A disturbed measurement taken again; ``kept``: "new" when the re-run was faster (it
-    replaced the old one everywhere, answer file included), else "old"; ``new_time`` is None
-    when the re-run failed."""
+    """A disturbed measurement taken again; ``kept``: "new" when the re-run was faster with
+    the same token ids (it replaced the old one everywhere, answer file included), "old: other
+    text" when it answered other ids (other work, whatever its time), else "old";
+    ``new_time`` is None when the re-run failed."""
 
     run_pass: int
     question: str
@@ -630,7 +632,7 @@ def rerun_disturbed(contenders: Sequence[Contender], questions: Sequence[Questio
     """Answers every flagged (pass, question, method) again, after all passes: question by
     question in flag order, a question's flagged methods in the order ``rotation(methods, i)``
     for the i-th re-run question. The faster of the two measurements is kept, in ``passes``
-    (updated in place) and in the pass's answer file."""
+    (updated in place) and in the pass's answer file, if both answered the same token ids."""
     by_label = {c.spec.text: c for c in contenders}
     by_key = {q.key: q for q in questions}
     groups: dict[Unit, list[str]] = {}
@@ -643,12 +645,14 @@ def rerun_disturbed(contenders: Sequence[Contender], questions: Sequence[Questio
             line, new = answer(by_label[label], by_key[key])
             old = passes[run_pass][label][key]
             assert old is not None  # only measured outcomes are flagged
-            keep = new is not None and new.wall_time < old.wall_time
+            same = new is not None and new.turn_ids == old.turn_ids
+            keep = same and new.wall_time < old.wall_time
             if keep:
                 passes[run_pass][label][key] = new
                 replaced.setdefault((run_pass, label), []).append(line)
+            kept = "new" if keep else "old" if same or new is None else "old: other text"
             reruns.append(Rerun(run_pass + 1, key, label, old.wall_time,
-                                None if new is None else new.wall_time, "new" if keep else "old"))
+                                None if new is None else new.wall_time, kept))
         print(f"{PROG}: re-run {index + 1}/{len(groups)} (pass {run_pass + 1}, id {key}) done",
               file=sys.stderr, flush=True)
     order = {q.key: i for i, q in enumerate(questions)}
@@ -786,7 +790,9 @@ def disturbance_sections(c: Comparison, md: bool) -> list[str]:
                     md, note + ("" if c.remaining else " None found."))
     if c.reruns:
         lines += section("re-runs (--rerun-disturbed)", rerun_table(c.reruns), md,
-                         "The faster of the two measurements is kept.")
+                         "The faster of the two measurements is kept when both answered the "
+                         "same token ids; a re-run that answered another text did other work "
+                         "and is not kept.")
         lines += section("overall before the re-runs", row_table(c.before_rerun or {}), md)
     if c.remaining:
         lines += section("overall without the disturbed measurements", row_table(c.clean[OVERALL_ROW]),
@@ -881,7 +887,8 @@ def build_parser() -> OneLineParser:
     add("--repeats", type=int, default=1,
         help="whole passes over the questions, each with its own rotation (default: 1)")
     add("--rerun-disturbed", action="store_true",
-        help="measure the disturbed (question, method) pairs again at the end; keep the faster")
+        help="measure the disturbed (question, method) pairs again at the end; keep the faster "
+             "when both answered the same text")
     add("--disturbance-threshold", type=float, default=DEFAULT_THRESHOLD,
         help="a measurement over this many times its expected time is disturbed "
              "(default: %(default)s)")

@@ -264,11 +264,13 @@ def test_compare_run(tiny, tmp_path, capsys, monkeypatch):
 class SyntheticClock:
     """A generator whose ``wall_time`` is 10 ms per decoding step, times ``slowdown`` on the
     calls numbered in ``slow_calls`` (0-based, counted in ``calls``, which the generators of
-    one method share): a planted disturbance, free of the machine's. ``prompts``: the prompts
-    this instance answered."""
+    one method share): a planted disturbance, free of the machine's. The calls numbered in
+    ``other_text`` answer with their last token changed (as a bfloat16 run whose drafter starts
+    afresh can). ``prompts``: the prompts this instance answered."""
 
-    def __init__(self, inner, calls, slow_calls=(), slowdown=3.0):
+    def __init__(self, inner, calls, slow_calls=(), slowdown=3.0, other_text=()):
         self.inner, self.slow_calls, self.slowdown, self.calls = inner, set(slow_calls), slowdown, calls
+        self.other_text = set(other_text)
         self.prompts = []
 
     def reset(self):
@@ -278,6 +280,10 @@ class SyntheticClock:
         self.prompts.append(tuple(prompt_ids))
         result = self.inner.generate(prompt_ids, config)
         factor = self.slowdown if self.calls[0] in self.slow_calls else 1.0
+        if self.calls[0] in self.other_text:
+            ids = list(result.output_ids)
+            ids[-1] = 0 if ids[-1] else 1
+            result = dataclasses.replace(result, output_ids=ids)
         self.calls[0] += 1
         return dataclasses.replace(result, wall_time=0.01 * result.decoding_steps * factor)
 
@@ -331,6 +337,31 @@ def test_repeats_and_rerun_disturbed(tiny, tmp_path, capsys, monkeypatch):
     assert built["pld:8"][0].prompts[0] == built["pld:8"][1].prompts[0]  # the warm-up's question
     for clock in built["pld:8"] + built["vanilla"]:
         assert len(set(clock.prompts)) == len(clock.prompts)
+
+
+def test_a_rerun_that_answers_another_text_is_not_kept(tiny, tmp_path, capsys, monkeypatch):
+    """The disturbed measurement is taken again, faster, but with another text (the fresh
+    drafter's trees round differently in bfloat16): other work, so the original stays."""
+    make_generator = compare.make_generator
+    calls: dict[str, list[int]] = {}
+
+    def clocked(spec, models):
+        planted = spec.text == "pld:8"  # calls 0-3: the pass; 4: the re-run of call 1
+        return SyntheticClock(make_generator(spec, models), calls.setdefault(spec.text, [0]),
+                              slow_calls={1} if planted else (), other_text={4} if planted else ())
+
+    monkeypatch.setattr(compare, "make_generator", clocked)
+    argv = argv_for(tiny, tmp_path / "out", "--methods", "vanilla", "pld:8", "--warmup", "0",
+                    "--rerun-disturbed")
+    argv[argv.index("--question-begin") + 1], argv[argv.index("--question-end") + 1] = "4", "8"
+    assert compare.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (rerun,) = result["reruns"]
+    assert (rerun["question"], rerun["kept"]) == ("6", "old: other text")
+    assert rerun["new_time"] < rerun["old_time"]
+    assert result["rows"]["overall"]["pld:8"] == result["before_rerun"]["pld:8"]
+    lines = read_lines(Path(result["answer_files"]["pld:8"]))
+    assert sum(lines[1]["choices"][0]["wall_time"]) == pytest.approx(rerun["old_time"])
 
 
 def check_files(result: dict, out_dir: Path) -> None:
