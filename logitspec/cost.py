@@ -17,7 +17,10 @@ step costs once its inputs, its read-back and the rest of the loop are around it
 on the CPU, its model name, the instruction set torch dispatches to and the thread count, as a
 cache directory may outlive the machine it was measured on; none of them changes a CUDA
 measurement) as JSON in the cache directory, and measures it on first use (or when
-``refresh`` is set).
+``refresh`` is set). A stored surface is checked once per process before it is used
+(:func:`check_cost_surface`: a few small trees timed again at its shortest context) and
+measured again when it no longer describes the machine: the same CPU model in another machine
+state (another host, other load, other firmware) can price a second token quite differently.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import logging
 import os
 import statistics
 import time
@@ -45,6 +49,10 @@ DEFAULT_CONTEXTS = (512, 2048, 8192)
 CPU_CONTEXTS = DEFAULT_CONTEXTS[:2]
 CONTEXT_BUCKET = 256
 FORMAT = "surface-1"  # part of the cache key: files of another format are not read
+CHECK_SIZES = (1, 2, 4, 8)
+CHECK_TOLERANCE = 0.15
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -108,9 +116,12 @@ def measure_cost_curve(
     cache: KVCache | None = None,
 ) -> CostCurve:
     """Times one forward pass of N random tokens (a causal tree mask) over ``context`` cached
-    tokens, for each N in ``sizes``: the fastest of ``repeats`` runs (interference only ever
-    adds time), then made non-decreasing in N (a larger tree never costs less). ``cache``: one
-    to reuse (its committed tokens are kept and topped up to ``context`` with random ones)."""
+    tokens, for each N in ``sizes``: round after round, each round one pass of every size (the
+    first ``warmup`` rounds untimed), keeping per size the fastest of its ``repeats`` (a burst
+    of interference only ever adds time, and in rounds it slows one pass of each size rather
+    than every pass of one), then made non-decreasing in N (a larger tree never costs less).
+    ``cache``: one to reuse (its committed tokens are kept and topped up to ``context`` with
+    random ones)."""
     sizes = sorted(set(int(n) for n in sizes) | {1})
     device = model.device
     gen = torch.Generator().manual_seed(context)
@@ -118,20 +129,24 @@ def measure_cost_curve(
     if cache is None:
         cache = model.new_cache(context + max(sizes), mask_rows=max(sizes))
     fill_cache(model, cache, context, gen)
-    seconds = []
+    inputs = []
     for n in sizes:
         tokens = torch.randint(vocab, (n,), generator=gen).to(device)
         positions = torch.arange(context, context + n, device=device)
-        mask = torch.ones(n, n, dtype=torch.bool).tril_().to(device)
-        runs = []
-        for i in range(warmup + repeats):
+        inputs.append((tokens, positions, torch.ones(n, n, dtype=torch.bool).tril_().to(device)))
+    best = [float("inf")] * len(sizes)
+    for i in range(warmup + repeats):
+        for j, (tokens, positions, mask) in enumerate(inputs):
             synchronize(device)
             start = time.perf_counter()
             model(tokens, positions, cache, mask)
             synchronize(device)
             if i >= warmup:
-                runs.append(time.perf_counter() - start)
-        seconds.append(max(min(runs), seconds[-1] if seconds else 0.0))
+                best[j] = min(best[j], time.perf_counter() - start)
+    seconds, floor = [], 0.0
+    for value in best:
+        floor = max(value, floor)
+        seconds.append(floor)
     return CostCurve(tuple(sizes), tuple(seconds), context, str(device))
 
 
@@ -351,16 +366,125 @@ def measure_cost_surface(
     return CostSurface(tuple(curves))
 
 
+@dataclass(frozen=True)
+class SurfaceCheck:
+    """A stored surface against a few passes timed again (:func:`check_cost_surface`).
+
+    ``stored`` and ``measured`` hold, for each size of ``sizes`` past the first (which is 1),
+    its cost relative to one token, as the stored curve at ``context`` and the new passes give
+    them; ``seconds`` is one token's time, stored and measured (shown, not judged: how fast a
+    shared machine runs one pass drifts by more than a fifth within an hour, while relative
+    costs decide the trees). ``deviation`` is the largest relative difference between the two;
+    the surface ``holds`` while it is at most ``tolerance``.
+
+    Example: 2 tokens stored at 1.23x one token and measured at 1.52x: deviation
+    ``1.52 / 1.23 - 1 = 0.24``, which a 0.15 tolerance does not let hold.
+    """
+
+    context: int
+    sizes: tuple[int, ...]
+    stored: tuple[float, ...]
+    measured: tuple[float, ...]
+    seconds: tuple[float, float] = (0.0, 0.0)
+    tolerance: float = CHECK_TOLERANCE
+
+    @property
+    def deviation(self) -> float:
+        return max(abs(m / s - 1.0) for s, m in zip(self.stored, self.measured))
+
+    @property
+    def holds(self) -> bool:
+        return self.deviation <= self.tolerance
+
+
+def _relative(curve: CostCurve, sizes: Sequence[int]) -> tuple[float, ...]:
+    return tuple(curve.relative(n) for n in sizes[1:])
+
+
+@torch.inference_mode()
+def check_cost_surface(
+    model: Transformer,
+    surface: CostSurface,
+    sizes: Sequence[int] = CHECK_SIZES,
+    *,
+    tolerance: float = CHECK_TOLERANCE,
+    repeats: int = 5,
+    warmup: int = 1,
+) -> SurfaceCheck:
+    """Times passes of ``sizes`` tokens again over the surface's shortest context (in a cache
+    laid out as :func:`measure_cost_surface` lays out its own) and compares their costs
+    relative to one token with the surface's there (:class:`SurfaceCheck`). A first round that
+    disagrees gets a second over the same cache, and each size keeps the faster of its two
+    times (interference only ever adds time), so that one busy moment does not throw a good
+    surface away. Costs one prefill of that context plus a few dozen small passes."""
+    sizes = sorted(set(int(n) for n in sizes) | {1})
+    if len(sizes) < 2:
+        raise ValueError("a check needs a size above 1")
+    stored = surface.curves[0]
+    largest = max(stored.sizes[-1], sizes[-1])
+    cache = model.new_cache(surface.curves[-1].context + largest, mask_rows=largest)
+    fresh = measure_cost_curve(model, sizes, context=stored.context, repeats=repeats,
+                               warmup=warmup, cache=cache)
+
+    def judged(curve: CostCurve) -> SurfaceCheck:
+        return SurfaceCheck(stored.context, tuple(sizes), _relative(stored, sizes),
+                            _relative(curve, sizes), (stored.cost(1), curve.cost(1)), tolerance)
+
+    check = judged(fresh)
+    if check.holds:
+        return check
+    again = measure_cost_curve(model, sizes, context=stored.context, repeats=repeats,
+                               warmup=warmup, cache=cache)
+    best, floor = [], 0.0
+    for a, b in zip(fresh.seconds, again.seconds):
+        floor = max(min(a, b), floor)
+        best.append(floor)
+    return judged(CostCurve(fresh.sizes, tuple(best), stored.context, fresh.device))
+
+
+_checked: dict[Path, CostSurface] = {}  # stored surfaces this process has checked (or measured)
+
+
 def cost_surface_for(
-    model: Transformer, model_key: str, *, refresh: bool = False, cache_root: Path | None = None
+    model: Transformer,
+    model_key: str,
+    *,
+    refresh: bool = False,
+    check: bool = True,
+    cache_root: Path | None = None,
 ) -> CostSurface:
-    """The cached surface for this model/dtype/device (measured and stored when missing)."""
+    """The cached surface for this model/dtype/device (measured and stored when missing).
+    With ``check`` a stored surface is first checked (:func:`check_cost_surface`, once per
+    process and file) and measured again when it does not hold."""
     path = _surface_path(model, model_key, cache_root)
-    if path.is_file() and not refresh:
-        return CostSurface.from_json(json.loads(path.read_text()))
+    surface = None if refresh else stored_cost_surface(model, model_key, cache_root=cache_root)
+    if surface is not None:
+        if not check or _checked.get(path) == surface:
+            return surface
+        result = check_cost_surface(model, surface)
+        if result.holds:
+            log.info("cost surface %s holds (deviation %.3f)", path.name, result.deviation)
+            _checked[path] = surface
+            return surface
+        log.warning("cost surface %s is off by %.0f%% (sizes %s relative to one token: stored "
+                    "%s, measured %s): measuring it again", path.name, 100 * result.deviation,
+                    list(result.sizes[1:]), _rounded(result.stored), _rounded(result.measured))
     surface = measure_cost_surface(model)
     store_cost_surface(model, model_key, surface, cache_root=cache_root)
+    _checked[path] = surface
     return surface
+
+
+def _rounded(values: Sequence[float]) -> list[float]:
+    return [float(f"{v:.3g}") for v in values]
+
+
+def stored_cost_surface(
+    model: Transformer, model_key: str, *, cache_root: Path | None = None
+) -> CostSurface | None:
+    """The surface cached for this model/dtype/device, as stored (None when there is none)."""
+    path = _surface_path(model, model_key, cache_root)
+    return CostSurface.from_json(json.loads(path.read_text())) if path.is_file() else None
 
 
 def store_cost_surface(

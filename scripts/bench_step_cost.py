@@ -3,26 +3,37 @@ the shortest, for one model/dtype/device.
 
     python scripts/bench_step_cost.py [--model-path P | --random-shape llama-2-7b] [--dtype bfloat16]
         [--device cpu] [--contexts 512 2048 8192] [--sizes 1 2 4 8 16 32 64 128] [--repeats 7]
+    python scripts/bench_step_cost.py --check [--model-path P] [--dtype bfloat16]
 
 ``--random-shape`` builds a model of a known architecture with random weights, directly in the
 dtype on the device (:func:`logitspec.loading.random_model`): the cost of a forward pass depends
 on the shapes, not on the values, so it gives the cost surface of a checkpoint that is not at
 hand. Contexts that leave no room for the largest size in the model's context are replaced by
 the longest that does. Prints a table; the last stdout line is one JSON object.
+
+``--check`` measures no surface: it times the few small trees that a decoder's automatic budget
+checks a stored surface with (:func:`logitspec.cost.check_cost_surface`) and prints how far the
+stored surface is from them, and whether a decoder would keep it or measure it again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 
 import torch
 
-from logitspec.cost import DEFAULT_SIZES, measure_cost_surface, store_cost_surface
+from logitspec.cost import (
+    DEFAULT_SIZES,
+    check_cost_surface,
+    measure_cost_surface,
+    store_cost_surface,
+    stored_cost_surface,
+)
 from logitspec.loading import DTYPES, RANDOM_SHAPES, ModelLoadError, load, parse_dtype, random_model
 from logitspec.model import Transformer
+from logitspec.runtime import cpu_name
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,7 +51,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--store", action="store_true",
                         help="store the curve as the one automatic tree budgets use for this "
                              "model, dtype and device (replacing the cached one)")
+    parser.add_argument("--check", action="store_true",
+                        help="check the stored surface against a few timed passes instead of "
+                             "measuring one")
     args = parser.parse_args(argv)
+    if args.check and (args.store or args.random_shape is not None):
+        parser.error("--check reads the stored surface of a real model: no --store, no "
+                     "--random-shape")
     if min(args.contexts or [1]) < 1 or args.repeats < 1 or min(args.sizes) < 1:
         parser.error("--contexts, --repeats and --sizes must be positive")
     return args
@@ -63,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as exc:
         print(f"bench_step_cost.py: error: {exc}", file=sys.stderr)
         return 2
+    if args.check:
+        return check(name, model, model_key, args)
     surface = measure_cost_surface(model, args.sizes, args.contexts, repeats=args.repeats)
     if args.store:
         if args.random_shape is not None:
@@ -70,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         store_cost_surface(model, model_key, surface)
     contexts = surface.contexts
-    print(f"{name} {args.dtype} on {args.device} ({platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads): ms per forward pass of N tokens, "
+    print(f"{name} {args.dtype} on {args.device} ({where()}): ms per forward pass of N tokens, "
           f"(x N=1 at {contexts[0]} cached tokens)")
     print(f"{'N':>5}" + "".join(f"{f'ctx {c}':>20}" for c in contexts))
     base = surface.curves[0].seconds[0]
@@ -84,6 +102,38 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(), "sizes": list(surface.curves[0].sizes),
         "ms": [[round(s * 1e3, 3) for s in c.seconds] for c in surface.curves],
         "relative": [[round(s / base, 3) for s in c.seconds] for c in surface.curves],
+    }))
+    return 0
+
+
+def where() -> str:
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
+
+
+def check(name: str, model: Transformer, model_key: str, args: argparse.Namespace) -> int:
+    surface = stored_cost_surface(model, model_key)
+    if surface is None:
+        print(f"bench_step_cost.py: error: no cost surface is stored for {name} {args.dtype} on "
+              f"{args.device} here (run this script with --store, or any automatic budget)",
+              file=sys.stderr)
+        return 2
+    result = check_cost_surface(model, surface)
+    print(f"{name} {args.dtype} on {args.device} ({where()}): stored surface against passes "
+          f"timed now at {result.context} cached tokens")
+    print(f"{'N':>5}{'stored':>12}{'now':>12}")
+    stored_ms, now_ms = (1e3 * v for v in result.seconds)
+    print(f"{1:>5}{stored_ms:>10.2f}ms{now_ms:>10.2f}ms   (one token's time: shown, not judged)")
+    for n, before, now in zip(result.sizes[1:], result.stored, result.measured):
+        print(f"{n:>5}{before:>11.3f}x{now:>11.3f}x")
+    verdict = "holds" if result.holds else "is off: a decoder would measure it again"
+    print(f"deviation {100 * result.deviation:.1f}% (tolerance {100 * result.tolerance:.0f}%): "
+          f"the stored surface {verdict}")
+    print(json.dumps({
+        "model": name, "dtype": args.dtype, "device": args.device, "context": result.context,
+        "sizes": list(result.sizes), "seconds": [round(v, 6) for v in result.seconds],
+        "stored": [round(v, 4) for v in result.stored],
+        "measured": [round(v, 4) for v in result.measured],
+        "deviation": round(result.deviation, 4), "holds": result.holds,
     }))
     return 0
 

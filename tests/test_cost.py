@@ -3,6 +3,8 @@ measurement and its cache."""
 
 from __future__ import annotations
 
+import json
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +16,8 @@ from logitspec.cost import (
     CostCurve,
     CostSurface,
     LiveCosts,
+    SurfaceCheck,
+    check_cost_surface,
     cost_surface_for,
     measure_cost_curve,
     measure_cost_surface,
@@ -59,6 +63,35 @@ def test_measure_gives_one_positive_time_per_size():
     curve = measure_cost_curve(tiny_model(), (4, 1, 2), context=16, repeats=2, warmup=1)
     assert curve.sizes == (1, 2, 4) and len(curve.seconds) == 3
     assert all(s > 0 for s in curve.seconds) and curve.context == 16
+
+
+class ClockedModel:
+    """Stands in for a model under :func:`measure_cost_curve`: a pass of N tokens takes N ms
+    on a synthetic clock, plus 50 ms for the passes numbered in ``burst`` (a busy moment of
+    the machine)."""
+
+    def __init__(self, burst=()):
+        self.config = SimpleNamespace(vocab_size=50)
+        self.device = torch.device("cpu")
+        self.burst, self.calls, self.now = set(burst), 0, 0.0
+
+    def __call__(self, tokens, positions, cache, mask):
+        self.now += 0.001 * len(tokens) + (0.05 if self.calls in self.burst else 0.0)
+        self.calls += 1
+
+
+@pytest.mark.parametrize("first", [4, 9, 13])
+def test_a_burst_of_interference_does_not_reach_the_curve(monkeypatch, first):
+    """Four sizes, one warm-up round and three timed: a burst as long as a round (four
+    consecutive passes) slows one pass of each size at most, and the fastest of three is
+    kept. Timing every repeat of one size before the next would put the whole burst on one
+    size."""
+    model = ClockedModel(burst=range(first, first + 4))
+    monkeypatch.setattr(cost_module, "fill_cache", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cost_module, "time", SimpleNamespace(perf_counter=lambda: model.now))
+    curve = measure_cost_curve(model, (1, 2, 4, 8), context=16, repeats=3, warmup=1, cache=object())
+    assert model.calls == 16
+    assert curve.seconds == pytest.approx((0.001, 0.002, 0.004, 0.008))
 
 
 def test_measure_surface_over_contexts():
@@ -132,13 +165,14 @@ def test_cached_per_model_key_and_dtype(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cost_module, "measure_cost_surface", fake_measure)
     model = tiny_model()
-    first = cost_surface_for(model, "m", cache_root=tmp_path)
-    again = cost_surface_for(model, "m", cache_root=tmp_path)
+    unchecked = partial(cost_surface_for, check=False)
+    first = unchecked(model, "m", cache_root=tmp_path)
+    again = unchecked(model, "m", cache_root=tmp_path)
     assert first == again and len(calls) == 1
-    cost_surface_for(model, "other", cache_root=tmp_path)
-    cost_surface_for(model.to(torch.bfloat16), "m", cache_root=tmp_path)
+    unchecked(model, "other", cache_root=tmp_path)
+    unchecked(model.to(torch.bfloat16), "m", cache_root=tmp_path)
     assert len(calls) == 3
-    cost_surface_for(model, "m", cache_root=tmp_path, refresh=True)
+    unchecked(model, "m", cache_root=tmp_path, refresh=True)
     assert len(calls) == 4
 
 
@@ -160,7 +194,102 @@ def test_store_replaces_the_cached_surface(tmp_path):
     model = tiny_model()
     stored = CostSurface((CostCurve((1, 4), (0.5, 0.75), 512), CostCurve((1, 4), (0.6, 0.9), 900)))
     store_cost_surface(model, "m", stored, cache_root=tmp_path)
+    assert cost_surface_for(model, "m", cache_root=tmp_path, check=False) == stored
+
+
+def test_a_surface_check_by_hand():
+    """The class docstring's example: 2 tokens stored at 1.23x one token, measured at 1.52x;
+    one token's time is not judged."""
+    check = SurfaceCheck(512, (1, 2), (1.23,), (1.52,), (0.010, 0.0102))
+    assert check.deviation == pytest.approx(1.52 / 1.23 - 1)
+    assert not check.holds
+    assert SurfaceCheck(512, (1, 2), (1.23,), (1.30,), (0.010, 0.020)).holds  # 5.7%
+
+
+def _fake_rounds(monkeypatch, rounds):
+    """measure_cost_curve answers with each of ``rounds`` (seconds per size) in turn."""
+    calls = []
+
+    def fake_curve(model, sizes, *, context, cache, **kwargs):
+        calls.append((tuple(sizes), context, cache))
+        return CostCurve(tuple(sizes), rounds[len(calls) - 1], context)
+
+    monkeypatch.setattr(cost_module, "measure_cost_curve", fake_curve)
+    return calls
+
+
+STORED = CostSurface((CostCurve((1, 2, 4, 8), (0.010, 0.015, 0.020, 0.030), 256),
+                      CostCurve((1, 2, 4, 8), (0.020, 0.030, 0.040, 0.060), 480)))
+
+
+def test_the_check_times_the_shortest_context_and_stops_when_the_first_round_agrees(
+        monkeypatch):
+    calls = _fake_rounds(monkeypatch, [(0.0105, 0.0157, 0.021, 0.031)])
+    check = check_cost_surface(tiny_model(), STORED, (2, 8, 4))
+    assert check.holds and check.sizes == (1, 2, 4, 8) and check.context == 256
+    assert check.stored == pytest.approx((1.5, 2.0, 3.0))
+    assert check.seconds == pytest.approx((0.010, 0.0105))
+    assert len(calls) == 1 and calls[0][:2] == ((1, 2, 4, 8), 256)
+
+
+def test_one_busy_round_does_not_throw_a_good_surface_away(monkeypatch):
+    """The first round's 2-token pass was disturbed (+40%); the second round's is not, and
+    each size keeps its faster time: the surface holds. The cache is filled once."""
+    calls = _fake_rounds(monkeypatch, [(0.010, 0.021, 0.020, 0.030),
+                                       (0.0102, 0.0151, 0.024, 0.031)])
+    check = check_cost_surface(tiny_model(), STORED)
+    assert check.holds and len(calls) == 2 and calls[0][2] is calls[1][2]
+    assert check.measured == pytest.approx((1.51, 2.0, 3.0))
+
+
+def test_a_surface_that_no_longer_describes_the_machine_does_not_hold(monkeypatch):
+    """Both rounds price a second token at 1.9x one token where the surface says 1.5x."""
+    _fake_rounds(monkeypatch, [(0.010, 0.019, 0.020, 0.030)] * 2)
+    check = check_cost_surface(tiny_model(), STORED)
+    assert not check.holds and check.deviation == pytest.approx(1.9 / 1.5 - 1)
+
+
+def test_a_real_check_refuses_a_surface_made_up_for_another_machine():
+    """Measured for real on a tiny model: a surface claiming that 2 tokens cost 10x one token
+    is refused."""
+    made_up = CostSurface((CostCurve((1, 2), (1.0, 10.0), 64),))
+    check = check_cost_surface(tiny_model(), made_up, (1, 2), repeats=2)
+    assert not check.holds and 1.0 <= check.measured[0] < 5.0 and check.seconds[1] < 1.0
+
+
+def test_a_stored_surface_is_checked_once_per_process_and_measured_again_when_off(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(cost_module, "_checked", {})
+    measured, checked = [], []
+    verdict = {"holds": True}
+
+    def fake_measure(model, *args, **kwargs):
+        measured.append(1)
+        return CostSurface((CostCurve((1, 2), (0.01, 0.01 + 0.001 * len(measured))),))
+
+    def fake_check(model, surface, *args, **kwargs):
+        checked.append(surface)
+        stored = (surface.relative(2),)
+        return SurfaceCheck(512, (1, 2), stored, stored if verdict["holds"] else (stored[0] * 2,))
+
+    monkeypatch.setattr(cost_module, "measure_cost_surface", fake_measure)
+    monkeypatch.setattr(cost_module, "check_cost_surface", fake_check)
+    model = tiny_model()
+    stored = CostSurface((CostCurve((1, 2), (0.5, 0.75)),))
+    store_cost_surface(model, "m", stored, cache_root=tmp_path)
     assert cost_surface_for(model, "m", cache_root=tmp_path) == stored
+    assert cost_surface_for(model, "m", cache_root=tmp_path) == stored
+    assert len(checked) == 1 and not measured  # checked once, held
+    cost_surface_for(model, "m", cache_root=tmp_path, check=False)
+    assert len(checked) == 1
+
+    cost_module._checked.clear()  # another process, and the machine changed
+    verdict["holds"] = False
+    again = cost_surface_for(model, "m", cache_root=tmp_path)
+    assert len(checked) == 2 and len(measured) == 1 and again != stored
+    assert cost_surface_for(model, "m", cache_root=tmp_path, check=False) == again  # stored
+    assert cost_surface_for(model, "m", cache_root=tmp_path) == again  # measured: not checked
+    assert len(checked) == 2 and len(measured) == 1
 
 
 def test_default_contexts_follow_the_device(monkeypatch):
@@ -229,3 +358,30 @@ def test_live_costs_count_a_size_toward_the_next_measured_one():
     assert live.factors == pytest.approx((1.0, 2.0, 2.0))
     with pytest.raises(ValueError):
         LiveCosts(CURVE, window=2, min_samples=3)
+
+
+def test_bench_step_cost_stores_a_surface_and_checks_it(tmp_path, monkeypatch, capsys):
+    """``--store`` then ``--check`` on a tiny checkpoint: the check reads the stored surface,
+    times the check's sizes at its context and says whether it holds; without a stored
+    surface it is a one-line error."""
+    from cli_helpers import load_script, save_tiny_llama
+
+    monkeypatch.setenv("LOGITSPEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cost_module, "_checked", {})
+    folder = save_tiny_llama(tmp_path / "tiny")
+    script = load_script("bench_step_cost")
+    common = ["--model-path", str(folder), "--dtype", "float32", "--device", "cpu"]
+    assert script.main(common + ["--check"]) == 2
+    assert "no cost surface is stored" in capsys.readouterr().err
+    assert script.main(common + ["--contexts", "48", "--sizes", "1", "2", "4", "8",
+                                 "--repeats", "2", "--store"]) == 0
+    stored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert script.main(common + ["--check"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    checked = json.loads(out[-1])
+    assert checked["context"] == 48 and checked["sizes"] == [1, 2, 4, 8]
+    assert checked["seconds"][0] == pytest.approx(stored["ms"][0][0] / 1e3, rel=1e-3)
+    assert checked["stored"] == pytest.approx(stored["relative"][0][1:], rel=1e-2)
+    assert all(v >= 1.0 for v in checked["measured"]) and checked["seconds"][1] > 0
+    assert checked["holds"] == (checked["deviation"] <= cost_module.CHECK_TOLERANCE)
+    assert out[-2].startswith(f"deviation {100 * checked['deviation']:.1f}%")
