@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -53,6 +54,12 @@ CHECK_SIZES = (1, 2, 4, 8)
 CHECK_TOLERANCE = 0.15
 
 log = logging.getLogger(__name__)
+
+
+def rising(seconds: Iterable[float]) -> tuple[float, ...]:
+    """``seconds`` made non-decreasing (a larger tree never costs less): each the largest so
+    far."""
+    return tuple(itertools.accumulate(seconds, max))
 
 
 @dataclass(frozen=True)
@@ -143,11 +150,7 @@ def measure_cost_curve(
             synchronize(device)
             if i >= warmup:
                 best[j] = min(best[j], time.perf_counter() - start)
-    seconds, floor = [], 0.0
-    for value in best:
-        floor = max(value, floor)
-        seconds.append(floor)
-    return CostCurve(tuple(sizes), tuple(seconds), context, str(device))
+    return CostCurve(tuple(sizes), rising(best), context, str(device))
 
 
 @torch.inference_mode()
@@ -321,11 +324,8 @@ class LiveCosts:
         memo = self._memo.get(id(curve))
         if memo is not None and memo[0] is curve:
             return memo[1]
-        seconds, floor = [], 0.0
-        for size, factor in zip(curve.sizes, self._factors):
-            floor = max(floor, curve.cost(size) * factor)
-            seconds.append(floor)
-        corrected = CostCurve(curve.sizes, tuple(seconds), curve.context, curve.device)
+        seconds = rising(curve.cost(size) * f for size, f in zip(curve.sizes, self._factors))
+        corrected = CostCurve(curve.sizes, seconds, curve.context, curve.device)
         self._memo[id(curve)] = (curve, corrected)
         return corrected
 
@@ -435,11 +435,8 @@ def check_cost_surface(
         return check
     again = measure_cost_curve(model, sizes, context=stored.context, repeats=repeats,
                                warmup=warmup, cache=cache)
-    best, floor = [], 0.0
-    for a, b in zip(fresh.seconds, again.seconds):
-        floor = max(min(a, b), floor)
-        best.append(floor)
-    return judged(CostCurve(fresh.sizes, tuple(best), stored.context, fresh.device))
+    best = rising(map(min, fresh.seconds, again.seconds))
+    return judged(CostCurve(fresh.sizes, best, stored.context, fresh.device))
 
 
 _checked: dict[Path, CostSurface] = {}  # stored surfaces this process has checked (or measured)
