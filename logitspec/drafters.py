@@ -341,6 +341,11 @@ class ValueTreeDrafter(_PoolDrafter):
         self._entry_values: dict = {}
         self._rank_features = [None] + [("first", bucket(rank, RANK_BUCKETS))
                                         for rank in range(1, self.config.candidates + 1)]
+        # the first rank of each rank's bucket
+        self._bucket_starts = [0] * len(self._rank_features)
+        for rank in range(1, len(self._rank_features)):
+            same = rank > 1 and self._rank_features[rank] == self._rank_features[rank - 1]
+            self._bucket_starts[rank] = self._bucket_starts[rank - 1] if same else rank
         self.suffixes = (SuffixCache(SuffixConfig(draft_tree_capacity=config.suffix_tokens + 1))
                          if config.suffix_trees else None)
         self._root_indexed = False
@@ -388,7 +393,9 @@ class ValueTreeDrafter(_PoolDrafter):
                           max_depth: int) -> None:
         """Offers every candidate source's chains under ``root``."""
         self._offer_next_chains(tree, root)
-        self._offer_next_next_chains(tree, root, root_topk[: self.config.candidates + 1].tolist())
+        ranks = self._ranks_reaching(tree.floor)
+        if ranks:
+            self._offer_next_next_chains(tree, root, root_topk[: ranks + 1].tolist(), ranks)
         if self.successors is not None and self.config.recycle_chains:
             self._offer_recycled_chains(tree, root)
         if self.suffixes is not None:
@@ -419,13 +426,25 @@ class ValueTreeDrafter(_PoolDrafter):
             kind = "alt" if j else "match" if lengths else "next"
             tree.offer(zip(cont, self._depth_features(kind, order, 1)))
 
-    def _offer_next_next_chains(self, tree: BestFirstTree, root: int, top: list[int]) -> None:
+    def _ranks_reaching(self, floor: float) -> int:
+        """How many next-next ranks to offer: up to the last whose rate reaches ``floor`` (the
+        tree drops a head below it when offered); every rank without a floor."""
+        ranks = self.config.candidates
+        if floor <= 0:
+            return ranks
+        rate, features, starts = self.stats.rate, self._rank_features, self._bucket_starts
+        while ranks and rate(features[ranks]) < floor:
+            ranks = starts[ranks] - 1  # the ranks of one bucket share a rate
+        return ranks
+
+    def _offer_next_next_chains(self, tree: BestFirstTree, root: int, top: list[int],
+                                ranks: int) -> None:
         keep = self.pool.max_ngram_size - 1  # the tokens a query keeps before the candidate
         prefix = (self.pool.tokens[-keep:] + [root])[-keep:] if keep else []
         first = self._rank_features
         tree.offer_heads(
             (token, first[rank], partial(self._next_next_tail, prefix, token))
-            for rank, token in next_next_candidates(root, top, self.config.candidates)
+            for rank, token in next_next_candidates(root, top, ranks)
         )
 
     def _next_next_tail(self, prefix: list[int], token: int) -> Chain:

@@ -64,18 +64,22 @@ class SuccessorTable:
     def update(self, tokens: Sequence[int], successors: np.ndarray) -> None:
         """Overwrites the rows of ``tokens`` with ``successors`` (T, k); for a token listed
         twice the later row wins. Rows narrower than ``k`` are padded with -1."""
-        ids = np.asarray(tokens, dtype=np.int64)
-        if not ids.size:
+        ids = tokens.tolist() if isinstance(tokens, np.ndarray) else [int(t) for t in tokens]
+        if not ids:
             return
         rows = np.asarray(successors, dtype=np.int32)
-        if rows.ndim != 2 or rows.shape[0] != ids.shape[0] or rows.shape[1] > self.k:
-            raise ValueError(f"successors must be (T={ids.shape[0]}, <= k={self.k}), got {rows.shape}")
+        if rows.ndim != 2 or rows.shape[0] != len(ids) or rows.shape[1] > self.k:
+            raise ValueError(f"successors must be (T={len(ids)}, <= k={self.k}), got {rows.shape}")
         if rows.shape[1] < self.k:
             pad = np.full((rows.shape[0], self.k - rows.shape[1]), UNKNOWN, dtype=np.int32)
             rows = np.concatenate([rows, pad], axis=1)
-        # np.unique on the reversed list finds each token's last occurrence: one write per row
-        unique, first_from_end = np.unique(ids[::-1], return_index=True)
-        self.table[unique] = rows[len(ids) - 1 - first_from_end]
+        # a dict keeps each token's last row: one write per row (numpy leaves the winner of
+        # repeated indices in one assignment unspecified)
+        last = dict(zip(ids, range(len(ids))))
+        if len(last) == len(ids):
+            self.table[ids] = rows
+        else:
+            self.table[list(last)] = rows[list(last.values())]
 
     def observe(self, tree: DraftTree, out: TargetOutput) -> None:
         """Records the top-k ids of every tree node (``out.topk``, read back by the decoding

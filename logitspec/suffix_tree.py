@@ -156,74 +156,71 @@ class SuffixTree:
     def append(self, token: int) -> None:
         """Appends ``token`` to the growing sequence; every suffix that ends at a node end
         (a locus) is extended by it, deepest first (module docstring), and the new one-token
-        suffix starts at the root."""
+        suffix starts at the root.
+
+        The loop runs once per locus, so the common cases (a node's end sliding one token
+        down, a child's count going up) are written out in it; splits and new tails, rarer,
+        are methods."""
         seq = self.sequence
         if seq is None:
             raise RuntimeError("append needs a growing sequence: call start_sequence first")
         token = int(token)
         index = len(seq)
         seq.append(token)
-        self._count[ROOT] += 1
-        self.loci.append(ROOT)
-        depth, limit = self._depth, self.max_depth
+        count, depth, children, ranked_at = self._count, self._depth, self._children, self._ranked_at
+        rep_seq, rep_start = self._rep_seq, self._rep_start
+        tail_seq, tail_pos, tail_cap = self._tail_seq, self._tail_pos, self._tail_cap
+        limit = self.max_depth
+        count[ROOT] += 1
+        loci = self.loci
+        loci.append(ROOT)
         moved = []
-        for node in self.loci:
-            locus = self._extend_suffix(node, token, seq, index)
-            if locus >= 0 and depth[locus] < limit:
-                moved.append(locus)
+        for node in loci:
+            # the suffix ending at node's end (it starts at index - depth) takes the token
+            ranked_at[node] = -1  # one of its children changes
+            kids = children[node]
+            child = kids.get(token)
+            below = depth[node] + 1
+            start = index - below + 1
+            if child is None:
+                kids[token] = ~self._new_tail(seq, index, start + limit)
+                continue
+            # this suffix is the only occurrence ending at node when its count exceeds its
+            # only child's by one: then node's end slides one token down instead of a new node
+            if child < 0:
+                if node != ROOT and len(kids) == 1 and count[node] == 2:
+                    depth[node] = below  # node takes the first token of its only child, a tail
+                    del kids[token]
+                    tail = ~child
+                    pos = tail_pos[tail] + 1
+                    tail_pos[tail] = pos
+                    spelled = tail_seq[tail]
+                    if pos < len(spelled) and pos < tail_cap[tail]:
+                        kids[spelled[pos]] = child
+                    else:
+                        self._free_tail(tail)
+                else:
+                    node = self._split_tail(node, token, ~child)
+            elif node != ROOT and len(kids) == 1 and count[node] == count[child] + 1:
+                if depth[child] > below:  # node takes the first token of its only child
+                    depth[node] = below
+                    del kids[token]
+                    kids[rep_seq[child][rep_start[child] + below]] = child
+                else:
+                    node = self._absorb(node, child)
+            elif depth[child] == below:
+                count[child] += 1
+                node = child
+            else:
+                node = self._split_node(node, token, child)
+            rep_seq[node], rep_start[node] = seq, start
+            if depth[node] < limit:
+                moved.append(node)
         self.loci = moved
 
-    def _extend_suffix(self, node: int, token: int, seq: list[int], index: int) -> int:
-        """The suffix ending at ``node``'s end (starting at ``index - depth``) takes ``token``
-        (at ``index``); returns its new locus, or -1 when it went into a new tail."""
-        self._ranked_at[node] = -1  # one of its children changes
-        kids = self._children[node]
-        child = kids.get(token)
-        start = index - self._depth[node]
-        if child is None:
-            kids[token] = ~self._new_tail(seq, index, start + self.max_depth)
-            return -1
-        # this suffix is the only occurrence ending at node when its count exceeds its only
-        # child's by one: then node's end slides one token down instead of a new node
-        alone = (node != ROOT and len(kids) == 1
-                 and self._count[node] == (1 if child < 0 else self._count[child]) + 1)
-        if child < 0:
-            if alone:
-                self._slide_into_tail(node, token, ~child)
-            else:
-                node = self._split_tail(node, token, ~child)
-        elif alone:
-            node = self._slide_into_node(node, token, child)
-        elif self._depth[child] == self._depth[node] + 1:
-            self._count[child] += 1
-            node = child
-        else:
-            node = self._split_node(node, token, child)
-        self._rep_seq[node], self._rep_start[node] = seq, start
-        return node
-
-    def _slide_into_tail(self, node: int, token: int, tail: int) -> None:
-        """``node`` takes the first token of its only child, a tail."""
-        self._depth[node] += 1
-        kids = self._children[node]
-        del kids[token]
-        pos = self._tail_pos[tail] + 1
-        self._tail_pos[tail] = pos
-        seq = self._tail_seq[tail]
-        if pos < len(seq) and pos < self._tail_cap[tail]:
-            kids[seq[pos]] = ~tail
-        else:
-            self._free_tail(tail)
-
-    def _slide_into_node(self, node: int, token: int, child: int) -> int:
-        """``node`` takes the first token of its only child, a node; when that was the
-        child's only token, the child absorbs ``node`` instead (it keeps its id)."""
-        if self._depth[child] > self._depth[node] + 1:
-            self._depth[node] += 1
-            kids = self._children[node]
-            del kids[token]
-            kids[self._token_at(child, self._depth[node])] = child
-            return node
+    def _absorb(self, node: int, child: int) -> int:
+        """``node`` takes its only child's only token: the child takes ``node``'s place (it
+        keeps its id) and ``node`` is released."""
         parent = self._parent[node]
         self._children[parent][self._token_at(node, self._depth[parent])] = child
         self._ranked_at[parent] = -1

@@ -109,9 +109,12 @@ class DraftTree:
         ancestors: list[int] = []
         for i, parent in enumerate(self.parents):
             ancestors.append((ancestors[parent] if parent >= 0 else 0) | (1 << i))
-        width = (n + 7) // 8
-        packed = np.frombuffer(b"".join(a.to_bytes(width, "little") for a in ancestors),
-                               dtype=np.uint8).reshape(n, width)
+        if n <= 64:  # one little-endian uint64 per row
+            packed = np.array(ancestors, dtype="<u8").view(np.uint8).reshape(n, 8)
+        else:
+            width = (n + 7) // 8
+            packed = np.frombuffer(b"".join(a.to_bytes(width, "little") for a in ancestors),
+                                   dtype=np.uint8).reshape(n, width)
         return np.unpackbits(packed, axis=1, count=n, bitorder="little").view(bool)
 
     def input_mask(self) -> np.ndarray:

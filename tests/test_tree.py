@@ -63,7 +63,7 @@ def test_docstring_example_paths_and_mask():
     assert np.array_equal(tree.tree_mask(), expected)
 
 
-@pytest.mark.parametrize("length", [29, 30, 31, 100, 127])
+@pytest.mark.parametrize("length", [29, 30, 31, 62, 63, 64, 100, 127])
 def test_long_chains(length):
     """Chains longer than 29 tokens work (the reference's fixed mask table did not)."""
     chain = list(range(1, length + 1))
@@ -220,3 +220,19 @@ def test_aux_input_validation(aux_tokens, aux_depths, aux_mask):
 ])
 def test_is_chain(tokens, parents, depths, chain):
     assert DraftTree(tokens, parents, depths).is_chain is chain
+
+
+@pytest.mark.parametrize("size", [2, 40, 63, 64, 65, 90])
+def test_mask_of_a_random_tree_is_ancestor_or_self(size):
+    """Trees of up to 64 nodes pack a row into one integer, larger ones into bytes: both agree
+    with an ancestor walk."""
+    rng = np.random.default_rng(size)
+    parents = [-1] + [int(rng.integers(0, i)) for i in range(1, size)]
+    depths = [0]
+    for parent in parents[1:]:
+        depths.append(depths[parent] + 1)
+    tree = DraftTree(tuple(range(size)), tuple(parents), tuple(depths))
+    expected = np.zeros((size, size), dtype=bool)
+    for i in range(size):
+        expected[i, tree.path_to(i)] = True
+    assert tree.tree_mask().dtype == bool and np.array_equal(tree.tree_mask(), expected)

@@ -472,3 +472,32 @@ def test_replay_tells_a_live_cost_drafter_each_pass():
     assert simulate.size_factor("2=1.15") == (2, 1.15)
     with pytest.raises(argparse.ArgumentTypeError):
         simulate.size_factor("2:1.15")
+
+
+@settings(deadline=None, max_examples=40)
+@given(rates=st.lists(st.floats(0.0, 1.0), min_size=12, max_size=12),
+       top=st.permutations(range(80)),
+       steep=st.floats(0.0, 0.5))
+def test_next_next_ranks_past_the_floor_are_not_offered_and_the_tree_is_the_same(rates, top, steep):
+    """With an automatic budget only the ranks up to the last whose rate reaches the entry
+    value are offered; the tree equals the one grown from every rank (rates need not fall
+    with the rank)."""
+    curve = CostCurve((1, 16, 32, 64), (1.0, 1.0 + steep, 1.0 + 2 * steep, 1.0 + 4 * steep))
+    config = LogitSpecConfig(pool=PoolConfig(3, 8, 3), draft_tree_capacity=None, tree_policy="value")
+    drafters = [ValueTreeDrafter(config, curve) for _ in range(2)]
+    everything = drafters[1]
+    everything._ranks_reaching = lambda floor: everything.config.candidates
+    context = [int(t) for t in np.random.default_rng(top[0]).integers(0, 61, 300)]
+    offered = []
+    for drafter in drafters:
+        drafter.begin(context, 0)
+        for rank, edge in enumerate((1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)):
+            drafter.stats.counts[("first", edge)] = (rates[rank] * 100, 100.0)
+        drafter.overhead = 0.0
+        offered.append(drafter.draft(context[-1], np.array(top[:66]), 32))
+    assert offered[0] == offered[1]
+    floor = drafters[0]._entry_value()
+    cut = drafters[0]._ranks_reaching(floor)
+    reaching = [r for r in range(1, config.candidates + 1)
+                if drafters[0].stats.rate(drafters[0]._rank_features[r]) >= floor]
+    assert cut == (max(reaching) if reaching else 0)
