@@ -450,8 +450,8 @@ class ValueTreeDrafter(_PoolDrafter):
     def _next_next_tail(self, prefix: list[int], token: int) -> Chain:
         """The rest of a next-next chain, made only once ``token`` made the cut: the pool's
         continuation of ``context + [root, token]``."""
-        n, conts = self.pool.match(prefix + [token], self.config.value_chain_length - 1)
-        return zip(conts[0], self._depth_features("cont", n, 2)) if conts else iter(())
+        n, cont = self.pool.first_match(prefix + [token], self.config.value_chain_length - 1)
+        return zip(cont, self._depth_features("cont", n, 2)) if cont else iter(())
 
     def _offer_recycled_chains(self, tree: BestFirstTree, root: int) -> None:
         """Chains through the target's remembered successors: the ``j``-th successor of the

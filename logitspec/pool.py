@@ -67,13 +67,13 @@ class NGramPool:
         self.tokens.extend(int(t) for t in new_tokens)
         end = len(self.tokens)
         pred = self.num_pred_tokens
-        # Positions whose continuation appears (>= start - 1) or just became full.
-        for pos in range(max(0, start - pred), end - 1):
-            full = pos + pred <= end - 1
-            newly_full = full and pos + pred > start - 1
-            first_seen = pos >= start - 1
-            if newly_full or first_seen:
-                self._index_position(pos, full)
+        # Positions whose continuation just became full (and were seen before), in order,
+        # then those whose continuation appears (>= start - 1).
+        seen = max(0, start - 1)
+        for pos in range(max(0, start - pred), min(end - pred, seen)):
+            self._index_position(pos, True)
+        for pos in range(seen, end - 1):
+            self._index_position(pos, pos + pred <= end - 1)
 
     def _index_position(self, pos: int, full: bool) -> None:
         tokens = self.tokens
@@ -114,11 +114,21 @@ class NGramPool:
         tokens = self.tokens
         return n, [tokens[p + 1:p + 1 + limit] for p in stored]
 
+    def first_match(self, query: Sequence[int], max_tokens: int) -> tuple[int, list[int]]:
+        """``(n, continuation)``: :meth:`match` with only its newest continuation (``(0, [])``
+        when nothing matched or ``max_tokens`` is 0)."""
+        limit = min(max_tokens, self.num_pred_tokens)
+        n, stored = self.occurrences(query) if limit > 0 else (0, [])
+        if not stored:
+            return 0, []
+        return n, self.tokens[stored[0] + 1:stored[0] + 1 + limit]
+
     def occurrences(self, query: Sequence[int]) -> tuple[int, list[int]]:
         """``(n, positions)``: the order of the longest suffix of ``query`` found (0 when none)
         and where its stored occurrences end, newest first (the list is the pool's own)."""
-        for n in range(min(self.max_ngram_size, len(query)), 0, -1):
-            stored = self._index.get(tuple(query[len(query) - n:]))
+        index, size = self._index, len(query)
+        for n in range(min(self.max_ngram_size, size), 0, -1):
+            stored = index.get(tuple(query[size - n:]))
             if stored is not None:
                 return n, stored
         return 0, []

@@ -208,6 +208,10 @@ def test_pool_matches_reference(tokens, params, max_tokens):
     for query in all_queries(3, params["max_ngram_size"] + 1):
         expected = reference_lookup_all(tokens, query, **params, max_tokens=max_tokens)
         assert pool.lookup_all(query, max_tokens=max_tokens) == expected, query
+        if max_tokens is not None:
+            n, first = pool.first_match(query, max_tokens)
+            assert first == (expected[0] if expected else [])
+            assert n == (pool.match(query)[0] if first else 0)
 
 
 @settings(deadline=None, max_examples=200)
