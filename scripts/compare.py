@@ -55,7 +55,10 @@ Policies:
 - Figures per row (speed.py's rows: the eight MT-bench categories are one) and overall, over
   every pass pooled: MAT = tokens / decoding steps; tokens/s = tokens / wall time; speedup =
   tokens/s over vanilla's on the same questions of this run; q-median speedup = the median
-  over questions of each question's own speedup (robust to a few disturbed questions); exact =
+  over questions of each question's own speedup (robust to a few disturbed questions); decode
+  speedup = the speedup with each side's prefill time left out of its wall time (every method
+  prefills the same prompts, but where answers differ, as in bfloat16, a method that answers
+  fewer tokens spreads its prefill over fewer of them); exact =
   the fraction of measurements whose every turn's token ids equal vanilla's; host overhead =
   (draft + accept + update) / all phases of the decoder's own timing, and host µs/step = the
   same host time per decoding step (none for HF). With several passes, the speedup, q-median
@@ -317,6 +320,7 @@ class Outcome:
     phases: float  # all timed phases
     work: Measurement  # what the disturbance model reads
     load_average: float | None = None  # at the question's start
+    prefill: float = 0.0  # prefill seconds (a part of the phases)
 
     @classmethod
     def of(cls, line: dict[str, Any], turn_ids: Sequence[tuple[int, ...]]) -> "Outcome | None":
@@ -331,6 +335,7 @@ class Outcome:
             steps=sum(choice["decoding_steps"]), turn_ids=tuple(turn_ids),
             host=times["draft"] + times["accept"] + times["update"], phases=sum(times.values()),
             work=measurement(record), load_average=load_average_of(record),
+            prefill=times["prefill"],
         )
 
 
@@ -343,8 +348,9 @@ class RowFigures:
     """One method on one row's measurements (``None`` where a denominator is zero).
 
     ``median_speedup``: the median over questions of each question's speedup (its tokens/s
-    over vanilla's on it, pooled over passes); ``host_us_per_step``: draft + accept + update
-    microseconds per decoding step.
+    over vanilla's on it, pooled over passes); ``decode_speedup``: the speedup with each
+    side's prefill seconds left out of its wall time (None unless both sides timed their
+    phases); ``host_us_per_step``: draft + accept + update microseconds per decoding step.
     """
 
     questions: int
@@ -355,6 +361,7 @@ class RowFigures:
     tokens_per_s: float | None
     speedup: float | None
     median_speedup: float | None
+    decode_speedup: float | None
     exact_match: float | None
     host_overhead: float | None
     host_us_per_step: float | None
@@ -362,6 +369,14 @@ class RowFigures:
 
 def _rate(outcomes: Sequence[Outcome]) -> float | None:
     return ratio(sum(o.tokens for o in outcomes), sum(o.wall_time for o in outcomes))
+
+
+def _decode_rate(outcomes: Sequence[Outcome]) -> float | None:
+    """Tokens per second of decoding alone (wall time less prefill); None when an outcome
+    timed no phases (its prefill is unknown)."""
+    if any(not o.phases for o in outcomes):
+        return None
+    return ratio(sum(o.tokens for o in outcomes), sum(o.wall_time - o.prefill for o in outcomes))
 
 
 def _speedup(rate: float | None, base_rate: float | None) -> float | None:
@@ -393,6 +408,7 @@ def row_figures(mine: Sequence[Outcome], base: Sequence[Outcome], keys: Sequence
         mat=ratio(tokens, steps), tokens_per_s=ratio(tokens, wall),
         speedup=_speedup(_rate(mine), _rate(base)),
         median_speedup=question_median_speedup(mine, base, keys),
+        decode_speedup=_speedup(_decode_rate(mine), _decode_rate(base)),
         exact_match=ratio(same, len(mine)), host_overhead=ratio(host, phases),
         host_us_per_step=None if not phases or not steps else 1e6 * host / steps,
     )
@@ -733,14 +749,15 @@ def row_table(figures: dict[str, RowFigures],
               spread: dict[str, dict[str, PassSpread]] | None = None) -> list[list[str]]:
     """Header and one line per method; with ``spread`` (several passes), the speedup and
     tokens/s over passes too."""
-    header = ["method", "MAT", "tok/s", "speedup", "q-median speedup", "exact",
-              "host overhead", "host µs/step"]
+    header = ["method", "MAT", "tok/s", "speedup", "q-median speedup", "decode speedup",
+              "exact", "host overhead", "host µs/step"]
     if spread is not None:
         header += ["speedup over passes", "tok/s over passes"]
     body = []
     for label, f in figures.items():
         cells = [label, _fmt(f.mat), _fmt(f.tokens_per_s, ".1f"), _fmt(f.speedup, ".2f", "x"),
-                 _fmt(f.median_speedup, ".2f", "x"), _percent(f.exact_match, ".0f"),
+                 _fmt(f.median_speedup, ".2f", "x"), _fmt(f.decode_speedup, ".2f", "x"),
+                 _percent(f.exact_match, ".0f"),
                  _percent(f.host_overhead, ".1f"), _fmt(f.host_us_per_step, ".0f")]
         if spread is not None:
             cells += [_spread_cell(spread[label]["speedup"], ".2f", "x"),

@@ -112,9 +112,10 @@ def test_rotation():
         ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
 
 
-def outcome(tokens, wall, steps, ids=((1, 2),), host=0.0, phases=0.0, drafted=None, prompt=None):
+def outcome(tokens, wall, steps, ids=((1, 2),), host=0.0, phases=0.0, drafted=None, prompt=None,
+            prefill=0.0):
     work = Measurement(wall, (TurnWork(steps, tokens, prompt),), drafted)
-    return compare.Outcome(tokens, wall, steps, tuple(ids), host, phases, work)
+    return compare.Outcome(tokens, wall, steps, tuple(ids), host, phases, work, prefill=prefill)
 
 
 def test_summarize_on_synthetic_outcomes():
@@ -140,6 +141,26 @@ def test_summarize_on_synthetic_outcomes():
     assert x.host_us_per_step == pytest.approx(1e6 * 0.3 / 12)
     assert x.median_speedup == pytest.approx((2.0 + 2 / 3) / 2)  # per question: 2.0 and 2/3
     assert summary["qa"]["x"].speedup == pytest.approx(2.0) and summary["qa"]["x"].exact_match == 1.0
+    assert x.decode_speedup is None  # vanilla timed no phases: its prefill is unknown
+
+
+def test_decode_speedup_leaves_each_sides_prefill_out():
+    """Two answers of other lengths to the same prompts: the one that answers fewer tokens
+    spreads the same prefill over fewer of them; decoding alone compares the rest."""
+    outcomes = {
+        "vanilla": {"1": outcome(100, 6.0, 100, phases=6.0, prefill=1.0),
+                    "2": outcome(50, 3.0, 50, phases=3.0, prefill=0.5)},
+        "x": {"1": outcome(40, 3.0, 20, phases=3.0, prefill=1.0),  # a shorter answer
+              "2": outcome(50, 2.5, 25, phases=2.5, prefill=0.5)},
+    }
+    rows_of = {"1": "qa", "2": "qa"}
+    summary = compare.summarize([outcomes], rows_of, compare.usable_units([outcomes], list(rows_of)))
+    x, base = summary["overall"]["x"], summary["overall"]["vanilla"]
+    assert x.speedup == pytest.approx((90 / 5.5) / (150 / 9.0))  # < 1: the short answer's prefill
+    assert x.decode_speedup == pytest.approx((90 / 4.0) / (150 / 7.5))  # > 1
+    assert x.speedup < 1 < x.decode_speedup and base.decode_speedup == 1.0
+    table = compare.row_table(summary["overall"])
+    assert table[0][5] == "decode speedup" and table[2][5] == f"{x.decode_speedup:.2f}x"
 
 
 def test_repeats_pool_passes_and_spread_over_them():
