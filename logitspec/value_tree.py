@@ -125,6 +125,33 @@ def entry_value(cost: Sequence[float], overhead: float = 0.0) -> float:
     return max(least, 0.0) if least != float("inf") else 0.0
 
 
+_least_steps: dict[int, tuple[Sequence[float], float]] = {}
+
+
+def least_step(cost: Sequence[float], capacity: int) -> float:
+    """The least increase of ``cost`` from one node count to the next, up to ``capacity``
+    (0 when it ever falls); remembered for the last table of each capacity."""
+    known = _least_steps.get(capacity)
+    if known is not None and known[0] is cost:
+        return known[1]
+    step = max(0.0, min((cost[n + 1] - cost[n] for n in range(1, capacity)), default=0.0))
+    _least_steps[capacity] = (cost, step)
+    return step
+
+
+def _no_larger_tree_wins(gain: float, prob: float, first: float, step: float, room: int,
+                         best: float) -> bool:
+    """Whether no tree of ``k = 1 .. room`` more nodes can beat the ratio ``best``: each gains
+    at most ``prob`` per node (pops come in non-increasing order) and costs at least ``first +
+    (k - 1) * step`` (``first``: the cost of one more node, overhead included). The bound
+    ``(gain + k prob) / (first + (k - 1) step)`` is monotone in ``k``, so its largest value is
+    at ``k = 1`` or ``k = room``. Example: gain 2, prob 0.1, first 1.5, step 0.5, room 3,
+    best 1.45: 2.1 / 1.5 = 1.4 and 2.3 / 2.5 = 0.92, so no larger tree wins."""
+    if (gain + prob) / first > best:
+        return False
+    return (gain + room * prob) / (first + (room - 1) * step) <= best
+
+
 class BestFirstTree:
     """A draft tree grown best-first from lazy candidate chains (module docstring).
 
@@ -218,6 +245,7 @@ class BestFirstTree:
         size = len(tokens)
         gain, best_n = 1.0, 1
         best_ratio = 1.0 / (cost[1] + overhead) if cost is not None else 0.0
+        step = least_step(cost, capacity) if cost is not None else 0.0
         item = pop(heap) if heap else None
         while item is not None and size < capacity:
             neg_prob, _, parent, token, feature, chain, known = item
@@ -237,10 +265,9 @@ class BestFirstTree:
                     ratio = gain / (cost[size] + overhead)
                     if ratio > best_ratio:
                         best_n, best_ratio = size, ratio
-                    elif size == capacity or (
-                        (gain + (capacity - size) * prob) / (cost[size + 1] + overhead) <= best_ratio
-                    ):
-                        break  # every larger tree gains at most `prob` per node
+                    elif size == capacity or _no_larger_tree_wins(
+                            gain, prob, cost[size + 1] + overhead, step, capacity - size, best_ratio):
+                        break
             item = None
             if depths[node] < max_depth:
                 if chain is not None:

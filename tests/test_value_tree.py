@@ -501,3 +501,30 @@ def test_next_next_ranks_past_the_floor_are_not_offered_and_the_tree_is_the_same
     reaching = [r for r in range(1, config.candidates + 1)
                 if drafters[0].stats.rate(drafters[0]._rank_features[r]) >= floor]
     assert cut == (max(reaching) if reaching else 0)
+
+
+def test_no_larger_tree_wins_by_hand():
+    from logitspec.value_tree import _no_larger_tree_wins, least_step
+    assert _no_larger_tree_wins(2.0, 0.1, 1.5, 0.5, 3, 1.45)  # the docstring's example
+    assert not _no_larger_tree_wins(2.0, 0.1, 1.5, 0.0, 3, 1.45)  # flat: 2.3 / 1.5 > 1.45
+    assert not _no_larger_tree_wins(2.0, 0.2, 1.5, 0.5, 3, 1.45)  # one more node: 2.2 / 1.5
+    assert least_step([0.0, 1.0, 1.5, 1.7, 2.5], 4) == pytest.approx(0.2)
+    assert least_step([0.0, 1.0, 0.9, 1.7], 3) == 0.0  # a falling cost bounds nothing
+
+
+def test_a_steep_cost_stops_growing_after_the_first_losing_nodes():
+    """Each more node costs a whole pass: once a node no longer pays, no larger tree can,
+    and the chain is not asked for more (a bound on the cost of the largest tree alone would
+    go on towards the capacity)."""
+    pulled = []
+
+    def chain():
+        for i in range(1, 64):
+            pulled.append(i)
+            yield i, "r"
+
+    tree = BestFirstTree(0, {"r": 0.5}.__getitem__)
+    tree.offer(chain())
+    draft, _ = tree.grow(64, [0.0] + [float(n) for n in range(1, 65)])
+    assert draft.tokens == (0,)  # 1.5 tokens for 2 passes loses to 1 for 1
+    assert len(pulled) <= 3
