@@ -8,7 +8,9 @@ Usage::
 
 Reports, per category and overall: tokens/s of both sides (from totals and as
 the mean of per-question rates), speedup, the median of per-question speedups,
-mean accepted tokens (MAT), the method's accepted-length histogram, the draft
+the decode speedup (each side's prefill time, ``time_breakdown.prefill``, left
+out of its wall time; null unless every answer of both sides recorded a
+timing), mean accepted tokens (MAT), the method's accepted-length histogram, the draft
 acceptance rate when the method recorded ``draft_lengths``, the exact-match
 rate of the generated text, the sampling settings of both runs, and the error
 entries of each file; then the disturbed questions of each file and the overall
@@ -102,6 +104,7 @@ class Choice:
     accept_lengths: tuple[int, ...]
     draft_lengths: tuple[int, ...] | None
     prompt_tokens: tuple[int, ...] | None = None
+    prefill_time: float | None = None  # None: the generator timed no phases
 
 
 @dataclass(frozen=True)
@@ -187,7 +190,22 @@ def parse_choice(obj: Any, where: str) -> Choice:
     prompts = _int_list(obj, "prompt_tokens", where, 0) if "prompt_tokens" in obj else None
     if prompts is not None and len(prompts) != len(turns):
         raise InputError(f"{where}: 'prompt_tokens' and 'turns' differ in length")
-    return Choice(turns, steps, new_tokens, wall_time, accept, drafts, prompts)
+    return Choice(turns, steps, new_tokens, wall_time, accept, drafts, prompts,
+                  _prefill_time(obj, where))
+
+
+def _prefill_time(obj: Mapping[str, Any], where: str) -> float | None:
+    """``time_breakdown.prefill`` when the choice timed its phases (some phase above zero);
+    None when it has no ``time_breakdown`` or timed nothing (an all-zero breakdown)."""
+    times = obj.get("time_breakdown")
+    if times is None:
+        return None
+    if not isinstance(times, dict) or not all(
+            _is_number(v) and v >= 0 for v in times.values()):
+        raise InputError(f"{where}: 'time_breakdown' must map phases to seconds >= 0")
+    if not any(times.values()) or "prefill" not in times:
+        return None
+    return float(times["prefill"])
 
 
 def parse_record(obj: Any, where: str) -> AnswerRecord:
@@ -306,6 +324,7 @@ class QuestionStats:
     steps: int
     accept_lengths: tuple[int, ...]
     draft_lengths: tuple[int, ...] | None
+    prefill_time: float | None = None  # None unless every choice timed its phases
 
     @property
     def rate(self) -> float | None:
@@ -315,6 +334,7 @@ class QuestionStats:
 def question_stats(record: AnswerRecord, count: TokenCounter) -> QuestionStats:
     """Stats of one answer; draft lengths only when every choice recorded them."""
     drafts = [c.draft_lengths for c in record.choices]
+    prefills = [c.prefill_time for c in record.choices]
     return QuestionStats(
         tokens=count(record),
         wall_time=sum(sum(c.wall_time) for c in record.choices),
@@ -323,6 +343,7 @@ def question_stats(record: AnswerRecord, count: TokenCounter) -> QuestionStats:
         draft_lengths=None
         if any(d is None for d in drafts)
         else tuple(x for d in drafts if d is not None for x in d),
+        prefill_time=None if any(p is None for p in prefills) else sum(p or 0.0 for p in prefills),
     )
 
 
@@ -349,7 +370,9 @@ class SideStats:
 
     ``tokens_per_s`` divides total tokens by total wall time; ``mean_rate`` is
     the mean of per-question rates over questions with non-zero time; ``mat``
-    divides total tokens by total decoding steps.
+    divides total tokens by total decoding steps; ``decode_tokens_per_s`` divides
+    total tokens by total wall time less prefill (None unless every question
+    recorded its prefill time).
     """
 
     tokens: int
@@ -359,6 +382,7 @@ class SideStats:
     mean_rate: float | None
     mat: float | None
     accept_histogram: Mapping[int, int]
+    decode_tokens_per_s: float | None = None
 
 
 def side_stats(questions: Sequence[QuestionStats]) -> SideStats:
@@ -375,6 +399,8 @@ def side_stats(questions: Sequence[QuestionStats]) -> SideStats:
         mean_rate=statistics.fmean(rates) if rates else None,
         mat=ratio(tokens, steps),
         accept_histogram=dict(sorted(histogram.items())),
+        decode_tokens_per_s=None if any(q.prefill_time is None for q in questions)
+        else ratio(tokens, sum(q.wall_time - (q.prefill_time or 0.0) for q in questions)),
     )
 
 
@@ -415,8 +441,11 @@ class RowReport:
     ``speedup`` is the ratio of total-based tokens/s; ``mean_rate_speedup``
     the ratio of the mean per-question rates; ``median_speedup`` the median
     over questions of each question's own speedup (a few slow questions on
-    one side barely move it); ``tokens_per_target_call`` is the method's MAT
-    (one target forward per decoding step).
+    one side barely move it); ``decode_speedup`` the ratio of tokens/s over
+    wall time less prefill (where the two sides answer texts of other lengths,
+    the same prefill is spread over other numbers of tokens);
+    ``tokens_per_target_call`` is the method's MAT (one target forward per
+    decoding step).
     """
 
     category: str
@@ -426,6 +455,7 @@ class RowReport:
     speedup: float | None
     mean_rate_speedup: float | None
     median_speedup: float | None
+    decode_speedup: float | None
     acceptance_rate: float | None
     tokens_per_target_call: float | None
     exact_match: float | None
@@ -457,6 +487,7 @@ def build_row(category: str, pairs: Sequence[Pair]) -> RowReport:
         speedup=_optional_ratio(method.tokens_per_s, baseline.tokens_per_s),
         mean_rate_speedup=_optional_ratio(method.mean_rate, baseline.mean_rate),
         median_speedup=median_speedup(pairs),
+        decode_speedup=_optional_ratio(method.decode_tokens_per_s, baseline.decode_tokens_per_s),
         acceptance_rate=acceptance_rate([p.method_stats for p in pairs]),
         tokens_per_target_call=method.mat,
         exact_match=ratio(sum(same == total for same, total in matches), len(matches)),
@@ -651,6 +682,7 @@ MEAN_FIELDS: Mapping[str, Callable[[RowReport], float | None]] = {
     "speedup": lambda row: row.speedup,
     "mean_rate_speedup": lambda row: row.mean_rate_speedup,
     "median_speedup": lambda row: row.median_speedup,
+    "decode_speedup": lambda row: row.decode_speedup,
     "mat": lambda row: row.method.mat,
     "baseline_mat": lambda row: row.baseline.mat,
     "tokens_per_s": lambda row: row.method.tokens_per_s,
@@ -736,7 +768,8 @@ CLEAN_ROW = "overall w/o disturbed"
 def _row_cells(r: RowReport, name: str) -> list[str]:
     return [name, str(r.questions), _fmt(r.method.tokens_per_s), _fmt(r.baseline.tokens_per_s),
             _fmt(r.speedup, ".2f", "x"), _fmt(r.mean_rate_speedup, ".2f", "x"),
-            _fmt(r.median_speedup, ".2f", "x"), _fmt(r.method.mat), _fmt(r.baseline.mat),
+            _fmt(r.median_speedup, ".2f", "x"), _fmt(r.decode_speedup, ".2f", "x"),
+            _fmt(r.method.mat), _fmt(r.baseline.mat),
             _percent(r.acceptance_rate), _percent(r.exact_match), _percent(r.turn_exact_match)]
 
 
@@ -763,7 +796,8 @@ def _environment_text(report: Report) -> str:
 def format_table(report: Report) -> str:
     """The human-readable report printed before the JSON line."""
     header = ["category", "n", "tok/s", "base tok/s", "speedup", "q-mean speedup",
-              "q-median speedup", "MAT", "base MAT", "acc.rate", "exact", "turn exact"]
+              "q-median speedup", "decode speedup", "MAT", "base MAT", "acc.rate", "exact",
+              "turn exact"]
     body = [_row_cells(r, r.category) for r in report.rows]
     if report.disturbed_ids:
         body.append(_row_cells(report.clean_rows[-1], CLEAN_ROW))

@@ -31,8 +31,10 @@ def answer(
     texts: Sequence[str] | None = None,
     meta: dict[str, Any] | None = None,
     prompts: Sequence[int] | None = None,
+    prefill: float | None = None,
 ) -> dict[str, Any]:
-    """One answer line; by default one token per step (a vanilla generator)."""
+    """One answer line; by default one token per step (a vanilla generator); ``prefill``: a
+    ``time_breakdown`` with that prefill time and the rest of the wall time as verify."""
     steps = list(tokens) if steps is None else list(steps)
     choice: dict[str, Any] = {
         "index": 0,
@@ -46,6 +48,9 @@ def answer(
         choice["draft_lengths"] = list(drafts)
     if prompts is not None:
         choice["prompt_tokens"] = list(prompts)
+    if prefill is not None:
+        choice["time_breakdown"] = {"prefill": prefill, "draft": 0.0,
+                                    "verify": sum(times) - prefill, "accept": 0.0, "update": 0.0}
     line: dict[str, Any] = {"question_id": qid, "category": category, "answer_id": f"a{qid}",
                             "model_id": "m", "tstamp": 0.0, "choices": [choice]}
     if meta is not None:
@@ -472,3 +477,48 @@ def test_prompt_tokens_need_one_entry_per_turn(tmp_path: Path, capsys: Capsys) -
     m = write(tmp_path / "m.jsonl", [answer(1, tokens=[5, 5], times=[1.0, 1.0], prompts=[10])])
     code, _, err = run_cli(capsys, ["--file-path", m, "--base-path", m])
     assert code == 2 and "'prompt_tokens' and 'turns' differ in length" in err
+
+
+def test_decode_speedup_leaves_each_sides_prefill_out(tmp_path: Path, capsys: Capsys) -> None:
+    """The method answers fewer tokens to the same prompt: its prefill weighs on fewer of them;
+    decoding alone compares the rest."""
+    method = [answer(1, tokens=[40], times=[3.0], steps=[20], prefill=1.0),
+              answer(2, tokens=[50], times=[2.5], steps=[25], prefill=0.5)]
+    base = [answer(1, tokens=[100], times=[6.0], prefill=1.0),
+            answer(2, tokens=[50], times=[3.0], prefill=0.5)]
+    overall = compare(tmp_path, method, base).overall
+    assert overall.speedup == pytest.approx((90 / 5.5) / (150 / 9.0))
+    assert overall.decode_speedup == pytest.approx((90 / 4.0) / (150 / 7.5))
+    assert overall.speedup < 1 < overall.decode_speedup
+    assert overall.method.decode_tokens_per_s == pytest.approx(90 / 4.0)
+    m, b = write(tmp_path / "m.jsonl", method), write(tmp_path / "b.jsonl", base)
+    code, out, _ = run_cli(capsys, ["--file-path", m, "--base-path", b])
+    header = next(line for line in out.splitlines() if line.startswith("category"))
+    assert code == 0 and "decode speedup" in header
+    payload = json.loads(out.strip().splitlines()[-1])
+    assert payload["rows"][-1]["decode_speedup"] == pytest.approx(overall.decode_speedup)
+
+
+@pytest.mark.parametrize("breakdown", [None, "zeros", "one side"])
+def test_decode_speedup_is_null_without_timed_phases(tmp_path: Path, breakdown) -> None:
+    """No ``time_breakdown``, an all-zero one (a generator that times nothing), or one side
+    without it: no decode speedup (never a wall-time figure under its name)."""
+    method = [answer(1, tokens=[40], times=[3.0], steps=[20], prefill=1.0)]
+    base = [answer(1, tokens=[100], times=[6.0], prefill=1.0)]
+    if breakdown is None:
+        del method[0]["choices"][0]["time_breakdown"], base[0]["choices"][0]["time_breakdown"]
+    elif breakdown == "zeros":
+        base[0]["choices"][0]["time_breakdown"] = dict.fromkeys(
+            ("prefill", "draft", "verify", "accept", "update"), 0.0)
+    else:
+        del base[0]["choices"][0]["time_breakdown"]
+    overall = compare(tmp_path, method, base).overall
+    assert overall.decode_speedup is None and overall.speedup is not None
+
+
+def test_a_bad_time_breakdown_is_one_line_exit_2(tmp_path: Path, capsys: Capsys) -> None:
+    line = answer(1, prefill=0.5)
+    line["choices"][0]["time_breakdown"]["prefill"] = -1.0
+    m, b = write(tmp_path / "m.jsonl", [line]), write(tmp_path / "b.jsonl", [answer(1)])
+    code, out, err = run_cli(capsys, ["--file-path", m, "--base-path", b])
+    assert code == 2 and out == "" and "time_breakdown" in err and err.count("\n") == 1
