@@ -320,7 +320,7 @@ class Outcome:
     phases: float  # all timed phases
     work: Measurement  # what the disturbance model reads
     load_average: float | None = None  # at the question's start
-    prefill: float = 0.0  # prefill seconds (a part of the phases)
+    prefill: float | None = None  # prefill seconds; None when no phase was timed (speed.py's rule)
 
     @classmethod
     def of(cls, line: dict[str, Any], turn_ids: Sequence[tuple[int, ...]]) -> "Outcome | None":
@@ -335,7 +335,7 @@ class Outcome:
             steps=sum(choice["decoding_steps"]), turn_ids=tuple(turn_ids),
             host=times["draft"] + times["accept"] + times["update"], phases=sum(times.values()),
             work=measurement(record), load_average=load_average_of(record),
-            prefill=times["prefill"],
+            prefill=record.choices[0].prefill_time,
         )
 
 
@@ -374,9 +374,10 @@ def _rate(outcomes: Sequence[Outcome]) -> float | None:
 def _decode_rate(outcomes: Sequence[Outcome]) -> float | None:
     """Tokens per second of decoding alone (wall time less prefill); None when an outcome
     timed no phases (its prefill is unknown)."""
-    if any(not o.phases for o in outcomes):
+    if any(o.prefill is None for o in outcomes):
         return None
-    return ratio(sum(o.tokens for o in outcomes), sum(o.wall_time - o.prefill for o in outcomes))
+    return ratio(sum(o.tokens for o in outcomes),
+                 sum(o.wall_time - (o.prefill or 0.0) for o in outcomes))
 
 
 def _speedup(rate: float | None, base_rate: float | None) -> float | None:

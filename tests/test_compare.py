@@ -113,7 +113,7 @@ def test_rotation():
 
 
 def outcome(tokens, wall, steps, ids=((1, 2),), host=0.0, phases=0.0, drafted=None, prompt=None,
-            prefill=0.0):
+            prefill=None):
     work = Measurement(wall, (TurnWork(steps, tokens, prompt),), drafted)
     return compare.Outcome(tokens, wall, steps, tuple(ids), host, phases, work, prefill=prefill)
 
