@@ -485,10 +485,48 @@ class SuffixTree:
             counts.append(-negative)
             if depth >= depth_limit:
                 continue
+            if not heap and type(after) is not int:
+                # the only candidate left is inside a span or a tail, whose one continuation
+                # would be pushed and popped at once: taken as a run instead
+                index, depth, after = self._take_run(after, threshold, max_tokens, depth_limit,
+                                                     tokens, parents, counts, index, depth)
+                if after is None or depth >= depth_limit or len(tokens) >= max_tokens:
+                    continue
             for count, child_token, child_after in self._candidates(after, threshold):
                 heapq.heappush(heap, (-count, order, child_token, index, depth + 1, child_after))
                 order += 1
         return tokens, parents, counts
+
+    def _take_run(self, cursor, threshold: float, max_tokens: int, depth_limit: int,
+                  tokens: list[int], parents: list[int], counts: list[int], index: int,
+                  depth: int) -> tuple[int, int, object]:
+        """Appends the tokens below ``cursor`` (inside a span or a tail, below draft token
+        ``index`` at ``depth``) up to a node's end, the tail's end or a limit, as a chain:
+        each has the one continuation of the one before. Returns the last token's ``(index,
+        depth, cursor)``; the cursor is the node whose end the run reached, else None (the
+        tail ended, or a limit stops the draft there anyway)."""
+        room = min(max_tokens - len(tokens), depth_limit - depth)
+        if len(cursor) == 2:
+            node, at = cursor
+            count = self._count[node]
+            if count < threshold:
+                return index, depth, None
+            end = self._depth[node]
+            take = min(room, end - at)
+            start = self._rep_start[node] + at
+            tokens.extend(self._rep_seq[node][start:start + take])
+            after = node if at + take == end else None
+        else:
+            seq, at, end = cursor
+            if 1 < threshold:
+                return index, depth, None
+            take = min(room, end - at)
+            count = 1
+            tokens.extend(seq[at:at + take])
+            after = None
+        parents.extend(range(index, index + take))
+        counts.extend([count] * take)
+        return index + take, depth + take, after
 
     def _grow_chain(self, cursor, threshold: float, max_tokens: int, depth_limit: int):
         tokens: list[int] = []

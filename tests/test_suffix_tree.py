@@ -193,6 +193,64 @@ def test_speculation_matches_brute_force(sequences, max_depth, min_prob, max_tok
                     assert best == 0 or best < min_prob * total
 
 
+def plain_best_first(tree: SuffixTree, position, max_tokens: int, depth_limit: int):
+    """Tree-mode speculation as a plain heap over ``_candidates``, one node per pop: the
+    order (ties included) that ``speculate`` must keep with its runs through spans and
+    tails."""
+    import heapq
+    cursor, denominator = tree._locate(position)
+    threshold = tree.min_token_prob * denominator
+    heap = [(-count, order, token, -1, 1, after)
+            for order, (count, token, after) in enumerate(tree._candidates(cursor, threshold))]
+    heapq.heapify(heap)
+    out, order = [], len(heap)
+    while heap and len(out) < max_tokens:
+        negative, _, token, parent, depth, after = heapq.heappop(heap)
+        out.append((token, parent, -negative))
+        if depth < depth_limit:
+            for count, child, child_after in tree._candidates(after, threshold):
+                heapq.heappush(heap, (-count, order, child, len(out) - 1, depth + 1, child_after))
+                order += 1
+    return out
+
+
+def test_a_run_through_a_span_goes_on_below_the_node_it_reaches():
+    """From "1" (3 occurrences, twice followed by 2 3 4, a span of one node): 2 alone, then
+    the run 3 4 to the node's end, then both of its children."""
+    tree = tree_of([1, 2, 3, 4, 5, 1, 2, 3, 4, 6, 1])
+    position = tree.find([1])
+    draft = tree.speculate(position, 5)
+    assert (draft.tokens, draft.parents, draft.counts) == ((2, 3, 4, 5, 6), (-1, 0, 1, 2, 2),
+                                                           (2, 2, 2, 1, 1))
+    longer = tree.speculate(position, 10)  # the two tails go on, one token each in turn
+    assert longer.tokens == (2, 3, 4, 5, 6, 1, 1, 2, 3, 4)
+    assert list(zip(longer.tokens, longer.parents, longer.counts)) == plain_best_first(
+        tree, position, 10, 10)
+    # a limit inside the span stops the run there
+    assert tree.speculate(position, 2).tokens == (2, 3)
+
+
+@settings(deadline=None, max_examples=150)
+@given(sequences=st.lists(st.lists(st.integers(0, 3), max_size=24), min_size=1, max_size=3),
+       max_depth=st.integers(2, 12), min_prob=st.sampled_from([0.0, 0.1, 0.4]),
+       max_tokens=st.integers(1, 12), depth_limit=st.one_of(st.none(), st.integers(1, 8)),
+       suffix=st.integers(0, 6))
+def test_speculation_runs_equal_one_pop_per_node(sequences, max_depth, min_prob, max_tokens,
+                                                 depth_limit, suffix):
+    """Tokens, parents and counts in exactly the order of a plain best-first heap, for the
+    matched suffixes of the last sequence (long runs through spans and tails included)."""
+    tree = tree_of(*sequences, max_depth=max_depth, min_token_prob=min_prob)
+    last = sequences[-1]
+    limit = max_tokens if depth_limit is None else min(max_tokens, depth_limit)
+    for start in range(max(0, len(last) - suffix - 1), len(last) + 1):
+        position = tree.find(last[start:][:max_depth])
+        if position is None:
+            continue
+        draft = tree.speculate(position, max_tokens, max_depth=depth_limit)
+        expected = plain_best_first(tree, position, max_tokens, limit)
+        assert list(zip(draft.tokens, draft.parents, draft.counts)) == expected
+
+
 @settings(deadline=None, max_examples=60)
 @given(sequences=sequences_strategy, more=st.lists(st.integers(0, 2), max_size=10),
        max_depth=st.integers(1, 6))
