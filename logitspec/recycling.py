@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 UNKNOWN = -1
 DEFAULT_RANK_PROBS = (0.6, 0.15, 0.08, 0.05, 0.04, 0.03, 0.02, 0.02)
 RankPath = tuple[int, ...]
+# at most this many rows are written one by one (SuccessorTable.update)
+_ROW_BY_ROW = 8
 
 
 class SuccessorTable:
@@ -67,19 +69,27 @@ class SuccessorTable:
         ids = tokens.tolist() if isinstance(tokens, np.ndarray) else [int(t) for t in tokens]
         if not ids:
             return
-        rows = np.asarray(successors, dtype=np.int32)
+        rows = successors if isinstance(successors, np.ndarray) else np.asarray(successors)
         if rows.ndim != 2 or rows.shape[0] != len(ids) or rows.shape[1] > self.k:
             raise ValueError(f"successors must be (T={len(ids)}, <= k={self.k}), got {rows.shape}")
+        if rows.dtype.kind not in "iu":
+            raise ValueError(f"successors must be integer ids, got {rows.dtype}")
         if rows.shape[1] < self.k:
             pad = np.full((rows.shape[0], self.k - rows.shape[1]), UNKNOWN, dtype=np.int32)
-            rows = np.concatenate([rows, pad], axis=1)
-        # a dict keeps each token's last row: one write per row (numpy leaves the winner of
-        # repeated indices in one assignment unspecified)
-        last = dict(zip(ids, range(len(ids))))
-        if len(last) == len(ids):
-            self.table[ids] = rows
+            rows = np.concatenate([rows.astype(np.int32), pad], axis=1)
+        table = self.table
+        if len(ids) <= _ROW_BY_ROW:
+            # a few rows: one plain row write each (in order, so the later row wins) is
+            # cheaper than numpy's fancy indexing
+            for i, token in enumerate(ids):
+                table[token] = rows[i]
+        elif len(set(ids)) == len(ids):
+            table[ids] = rows
         else:
-            self.table[list(last)] = rows[list(last.values())]
+            # a dict keeps each token's last row: one write per row (numpy leaves the winner
+            # of repeated indices in one assignment unspecified)
+            last = dict(zip(ids, range(len(ids))))
+            table[list(last)] = rows[list(last.values())]
 
     def observe(self, tree: DraftTree, out: TargetOutput) -> None:
         """Records the top-k ids of every tree node (``out.topk``, read back by the decoding
@@ -87,11 +97,15 @@ class SuccessorTable:
         replay) are skipped."""
         n = len(tree.tokens)
         rows = out.topk[:n, : self.k]
-        known = rows[:, 0] >= 0 if rows.shape[1] else np.zeros(n, dtype=bool)
-        if known.all():
+        if not rows.shape[1]:
+            return
+        firsts = rows[:, 0].tolist()
+        if min(firsts) >= 0:
             self.update(tree.tokens, rows)
-        elif known.any():
-            self.update([t for t, ok in zip(tree.tokens, known) if ok], rows[known])
+            return
+        known = [i for i, first in enumerate(firsts) if first >= 0]
+        if known:
+            self.update([tree.tokens[i] for i in known], rows[known])
 
 
 def static_template(capacity: int, rank_probs: Sequence[float] = DEFAULT_RANK_PROBS) -> list[RankPath]:

@@ -102,6 +102,30 @@ def test_table_last_write_wins_for_many_repeats():
         assert table.successors_of(token).tolist() == rows[last].tolist()
 
 
+@pytest.mark.parametrize("size", [1, 2, 7, 8, 9, 12, 30])
+@pytest.mark.parametrize("repeats", [False, True])
+def test_table_writes_equal_a_dict_of_last_rows(size, repeats):
+    """Few rows are written one by one, many at once (fancy indexing): the same table."""
+    rng = np.random.default_rng(size)
+    tokens = rng.integers(0, 8 if repeats else 1000, size=size)
+    if not repeats:
+        tokens = rng.permutation(1000)[:size]
+    rows = rng.integers(0, 50, size=(size, 4))
+    table = SuccessorTable(1000, k=4)
+    table.update(tokens, rows)
+    last = {int(t): rows[i].tolist() for i, t in enumerate(tokens)}
+    for token in range(1000):
+        assert table.successors_of(token).tolist() == last.get(token, [-1] * 4)
+
+
+def test_observe_skips_unknown_rows():
+    table = SuccessorTable(10, k=2)
+    tree = DraftTree((1, 2, 3), (-1, 0, 0), (0, 1, 1))
+    table.observe(tree, TargetOutput(None, np.array([[4, 5, 0], [-1, -1, -1], [6, 7, 0]])))
+    assert table.successors_of(1).tolist() == [4, 5] and table.successors_of(3).tolist() == [6, 7]
+    assert table.successors_of(2).tolist() == [-1, -1]
+
+
 def test_table_pads_narrow_rows_and_rejects_bad_shapes():
     table = SuccessorTable(5, k=3)
     table.update([1], np.array([[4]]))
@@ -110,6 +134,8 @@ def test_table_pads_narrow_rows_and_rejects_bad_shapes():
         table.update([1, 2], np.array([[4, 3, 2]]))
     with pytest.raises(ValueError):
         table.update([1], np.array([[4, 3, 2, 1]]))
+    with pytest.raises(ValueError, match="integer"):
+        table.update([1], np.array([[4.5, 3.0]]))
     with pytest.raises(ValueError):
         SuccessorTable(0)
 
