@@ -339,8 +339,10 @@ class ValueTreeDrafter(_PoolDrafter):
         self._features: list = []
         self._feature_cache: dict = {}
         self._entry_values: dict = {}
-        self._rank_features = [None] + [("first", bucket(rank, RANK_BUCKETS))
-                                        for rank in range(1, self.config.candidates + 1)]
+        # one feature object per bucket, shared by its ranks
+        shared: dict = {}
+        self._rank_features = [None] + [shared.setdefault(b, ("first", b)) for b in (
+            bucket(rank, RANK_BUCKETS) for rank in range(1, self.config.candidates + 1))]
         # the first rank of each rank's bucket
         self._bucket_starts = [0] * len(self._rank_features)
         for rank in range(1, len(self._rank_features)):
@@ -441,11 +443,22 @@ class ValueTreeDrafter(_PoolDrafter):
                                 ranks: int) -> None:
         keep = self.pool.max_ngram_size - 1  # the tokens a query keeps before the candidate
         prefix = (self.pool.tokens[-keep:] + [root])[-keep:] if keep else []
-        first = self._rank_features
-        tree.offer_heads(
-            (token, first[rank], partial(self._next_next_tail, prefix, token))
-            for rank, token in next_next_candidates(root, top, ranks)
-        )
+        first, tail, continues = self._rank_features, self._next_next_tail, self.pool.continues
+        heads = []
+        rank = 0
+        for token in top:  # next_next_candidates(root, top, ranks), written out
+            if token != root:
+                rank += 1
+                if rank > ranks:
+                    break
+                # no tail for a token the pool never saw followed: its lookup finds nothing
+                heads.append((token, first[rank],
+                              partial(tail, prefix, token) if continues(token) else None))
+        # a tail's first node is ("cont", n, 2) for the order n of the pool's match
+        rate = self.stats.rate
+        bound = max(rate(self._depth_features("cont", n, 2)[0])
+                    for n in range(1, self.pool.max_ngram_size + 1))
+        tree.offer_heads(heads, tail_bound=bound)
 
     def _next_next_tail(self, prefix: list[int], token: int) -> Chain:
         """The rest of a next-next chain, made only once ``token`` made the cut: the pool's

@@ -114,6 +114,11 @@ class NGramPool:
         tokens = self.tokens
         return n, [tokens[p + 1:p + 1 + limit] for p in stored]
 
+    def continues(self, token: int) -> bool:
+        """Whether ``token`` occurs followed by another token: else no query ending with it
+        matches (:meth:`occurrences` finds nothing)."""
+        return (token,) in self._index
+
     def first_match(self, query: Sequence[int], max_tokens: int) -> tuple[int, list[int]]:
         """``(n, continuation)``: :meth:`match` with only its newest continuation (``(0, [])``
         when nothing matched or ``max_tokens`` is 0)."""

@@ -113,6 +113,9 @@ class SuffixCache:
         self.local = SuffixTree(config.max_depth, config.min_token_prob)
         self.answers = SuffixTree(config.max_depth, config.min_token_prob)
         self.context_length = 0
+        # config.budget of every match length a tree can hold
+        self._budgets = [config.budget(m) for m in range(config.max_depth + 1)]
+        self._tree_mode = config.mode == "tree"
         # positions in the global tree of the context's suffixes longer than the output so
         # far (they reach into the prompt), shortest first
         self._long: list[tuple[list[int], int, int]] = []
@@ -182,20 +185,22 @@ class SuffixCache:
     ) -> SuffixDraft:
         """``best`` or a draft from ``matches`` (longest first) that beats it strictly."""
         longest = min(self.config.max_depth, self.context_length) - 1
+        budgets, mode = self._budgets, self._tree_mode
+        score, denominator = sum(best.counts), best.denominator
         for position in matches:
             match_len = tree.position_depth(position)
             if match_len > longest:
                 continue
-            budget = self.config.budget(match_len)
-            if budget * best.denominator <= sum(best.counts):
+            budget = budgets[match_len]
+            if budget * denominator <= score:
                 break  # shorter matches have no larger budget
             top, total = tree.top_continuation(position)
-            if budget * top * best.denominator <= sum(best.counts) * total:
+            if budget * top * denominator <= score * total:
                 continue  # no token of this draft could be likelier than its first one
-            draft = tree.speculate(position, budget, tree=self.config.mode == "tree",
-                                   max_depth=max_depth)
+            draft = tree.speculate(position, budget, tree=mode, max_depth=max_depth)
             if draft.beats(best):
                 best = draft
+                score, denominator = sum(best.counts), best.denominator
         return best
 
 

@@ -78,6 +78,17 @@ class DraftTree:
             raise ValueError(f"aux_mask must be (A={aux}, T + A={n + aux}) and let every aux "
                              "input see itself")
 
+    @classmethod
+    def of_valid(cls, tokens: tuple[int, ...], parents: tuple[int, ...],
+                 depths: tuple[int, ...]) -> DraftTree:
+        """A tree of nodes only, from a builder that guarantees what ``__post_init__``
+        checks (every parent earlier than its child, one parent and depth per node): the
+        checks are skipped (they cost a pass over the nodes every step)."""
+        tree = object.__new__(cls)
+        tree.__dict__.update(tokens=tokens, parents=parents, depths=depths, draft_probs=None,
+                             aux_tokens=(), aux_depths=(), aux_mask=None)
+        return tree
+
     def __len__(self) -> int:
         return len(self.tokens)
 

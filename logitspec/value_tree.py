@@ -75,17 +75,18 @@ class AcceptanceStats:
 
     def update(self, features: Sequence[Feature], parents: Sequence[int], accepted: set[int]) -> None:
         counts = self.counts
-        for node in range(1, len(parents)):
-            if parents[node] in accepted:
-                feature = features[node]
-                succ, trials = counts.get(feature, (0.0, 0.0))
-                succ, trials = succ + (node in accepted), trials + 1
-                if trials > self.horizon:
-                    succ, trials = succ / 2, trials / 2
-                counts[feature] = (succ, trials)
-                self._rates.pop(feature, None)
+        # the trials: nodes whose parent was accepted (the root's parent, -1, never is)
+        for node in [node for node, parent in enumerate(parents) if parent in accepted]:
+            feature = features[node]
+            succ, trials = counts.get(feature, (0.0, 0.0))
+            succ, trials = succ + (node in accepted), trials + 1
+            if trials > self.horizon:
+                succ, trials = succ / 2, trials / 2
+            counts[feature] = (succ, trials)
+            self._rates.pop(feature, None)
 
 
+_UNSET = object()
 Chain = Iterator[tuple[int, Feature]]
 Tail = Callable[[], Chain] | None
 
@@ -182,6 +183,7 @@ class BestFirstTree:
         # (-P, offer order, parent node, token, feature, chain or tail, known children)
         self._heap: list = []
         self._order = 0
+        self._tail_bound: float | None = None
 
     def offer(self, chain: Chain, parent: int = 0, prob: float = 1.0) -> None:
         """Hangs ``chain`` (lazy) under node ``parent``, whose probability is ``prob``."""
@@ -207,16 +209,25 @@ class BestFirstTree:
                                             None, node.children))
                 self._order += 1
 
-    def offer_heads(self, heads: Iterable[tuple[int, Feature, Tail]]) -> None:
+    def offer_heads(self, heads: Iterable[tuple[int, Feature, Tail]],
+                    tail_bound: float | None = None) -> None:
         """Offers many first nodes under the root at once: ``(token, feature, tail)`` where
         ``tail`` makes the rest of the chain (called only if the node is popped) or is None.
-        Equivalent to one :meth:`offer` per head, without building a chain per candidate."""
+        Equivalent to one :meth:`offer` per head, without building a chain per candidate.
+
+        ``tail_bound``: at least the rate of every tail's first node. With it, a popped
+        head's tail is made only once a node of the head's probability times the bound is
+        the most probable candidate; until then a placeholder of that value (and of the
+        order the node would have had) waits in its place, so the pops are the same."""
+        self._tail_bound = tail_bound
         if self.max_depth is not None and self.max_depth <= 0:
             return
         rate, order, floor = self.rate, self._order, self.floor
         entries = []
+        last, value = _UNSET, 0.0
         for token, feature, tail in heads:
-            value = rate(feature)
+            if feature is not last:  # heads in a row often share one feature object
+                value, last = rate(feature), feature
             if value >= floor:
                 entries.append((-value, order, 0, token, feature, tail, ()))
                 order += 1
@@ -246,9 +257,22 @@ class BestFirstTree:
         gain, best_n = 1.0, 1
         best_ratio = 1.0 / (cost[1] + overhead) if cost is not None else 0.0
         step = least_step(cost, capacity) if cost is not None else 0.0
+        tail_bound = self._tail_bound
         item = pop(heap) if heap else None
         while item is not None and size < capacity:
-            neg_prob, _, parent, token, feature, chain, known = item
+            neg_prob, order, parent, token, feature, chain, known = item
+            if token is None:
+                # a placeholder of a tail's first node: the tail is made now, its node takes
+                # the placeholder's order (``feature`` holds the chain's own probability)
+                chain = chain()
+                nxt = next(chain, None)
+                item = None
+                if nxt is not None and (value := feature * rate(nxt[1])) >= floor:
+                    item = (-value, order, parent, nxt[0], nxt[1], chain, ())
+                    item = pushpop(heap, item) if heap else item
+                elif heap:
+                    item = pop(heap)
+                continue
             prob = -neg_prob
             node = children.get((parent, token))
             if node is None:
@@ -271,9 +295,15 @@ class BestFirstTree:
             item = None
             if depths[node] < max_depth:
                 if chain is not None:
-                    if not hasattr(chain, "__next__"):
+                    nxt = None
+                    if hasattr(chain, "__next__"):
+                        nxt = next(chain, None)
+                    elif tail_bound is None:
                         chain = chain()
-                    nxt = next(chain, None)
+                        nxt = next(chain, None)
+                    elif (value := prob * tail_bound) >= floor:
+                        item = (-value, self._order, node, None, prob, chain, ())
+                        self._order += 1
                     if nxt is not None and (value := prob * rate(nxt[1])) >= floor:
                         item = (-value, self._order, node, nxt[0], nxt[1], chain, ())
                         self._order += 1
@@ -284,5 +314,6 @@ class BestFirstTree:
             elif heap:
                 item = pop(heap)
         n = size if cost is None else best_n
-        tree = DraftTree(tuple(tokens[:n]), tuple(parents[:n]), tuple(depths[:n]))
+        # parents come before their children by construction
+        tree = DraftTree.of_valid(tuple(tokens[:n]), tuple(parents[:n]), tuple(depths[:n]))
         return tree, features[:n]

@@ -212,6 +212,11 @@ def test_pool_matches_reference(tokens, params, max_tokens):
             n, first = pool.first_match(query, max_tokens)
             assert first == (expected[0] if expected else [])
             assert n == (pool.match(query)[0] if first else 0)
+        # continues(t): t occurs with a token after it; no query ending with any other
+        # token matches (the next-next tails rely on it)
+        last = query[-1]
+        assert pool.continues(last) == bool(reference_lookup_all(tokens, [last], **params))
+        assert pool.continues(last) or not expected
 
 
 @settings(deadline=None, max_examples=200)

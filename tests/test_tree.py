@@ -236,3 +236,11 @@ def test_mask_of_a_random_tree_is_ancestor_or_self(size):
     for i in range(size):
         expected[i, tree.path_to(i)] = True
     assert tree.tree_mask().dtype == bool and np.array_equal(tree.tree_mask(), expected)
+
+
+def test_a_tree_from_a_trusted_builder_equals_a_checked_one():
+    checked = DraftTree((7, 1, 2, 4), (-1, 0, 1, 0), (0, 1, 2, 1))
+    trusted = DraftTree.of_valid((7, 1, 2, 4), (-1, 0, 1, 0), (0, 1, 2, 1))
+    assert trusted == checked and hash(trusted) == hash(checked)
+    assert trusted.num_inputs == 4 and not trusted.is_chain
+    assert (trusted.input_mask() == checked.input_mask()).all()

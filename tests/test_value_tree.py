@@ -450,6 +450,52 @@ def test_offer_heads_equals_offering_each_chain(chains, capacity):
     expected, grown_heads = one_by_one.grow(capacity), heads.grow(capacity)
     assert grown_heads[0] == expected[0] and grown_heads[1] == expected[1]
     assert len(made) <= len(heads.tokens) + len(chains)  # no more tails than popped heads
+    # with a bound on the tails' first rates, a tail waits as a placeholder until a node of
+    # its value would be popped: the same tree (equal values keep their order), fewer tails
+    without_bound = len(made)
+    made.clear()
+    bound = max([rates[1] for tokens, rates in chains if len(tokens) > 1], default=0.0)
+    bounded = BestFirstTree(0, features.__getitem__)
+    bounded.offer_heads(((tokens[0], (c, 0), lambda c=c: tail(c))
+                         for c, (tokens, _) in enumerate(chains)), tail_bound=bound)
+    grown_bounded = bounded.grow(capacity)
+    assert grown_bounded[0] == expected[0] and grown_bounded[1] == expected[1]
+    assert len(made) <= without_bound
+
+
+def test_a_tail_below_the_trees_last_node_is_never_made():
+    """Heads .9 and .8 (capacity 3: both kept, the tree is full); head .9's tail could give
+    at most .9 x .5 = .45 < .8, so it is not made; with room, it is (and its node, .9 x .5,
+    comes before head .8's tail node at .8 x .5)."""
+    rates = {"a": 0.9, "b": 0.8, "t": 0.5}
+    made = []
+
+    def tail(name):
+        made.append(name)
+        return iter([(5 if name == "a" else 6, "t")])
+
+    def grow(capacity):
+        tree = BestFirstTree(0, rates.__getitem__)
+        tree.offer_heads([(1, "a", lambda: tail("a")), (2, "b", lambda: tail("b"))],
+                         tail_bound=0.5)
+        return tree.grow(capacity)[0]
+
+    assert grow(3).tokens == (0, 1, 2) and made == []
+    assert grow(5).tokens == (0, 1, 2, 5, 6) and made == ["a", "b"]
+
+
+def test_a_made_tail_keeps_the_order_its_placeholder_had():
+    """Head "a" (.9) is offered before chain "c" (.9, then .5): a's tail placeholder (.45) is
+    pushed before c's second node (.45), so a's tail node, equal in value, comes first."""
+    rates = {"a": 0.9, "c": 0.9, "t": 0.5}
+    tree = BestFirstTree(0, rates.__getitem__)
+    tree.offer_heads([(1, "a", lambda: iter([(5, "t")]))], tail_bound=0.5)
+    tree.offer(iter([(3, "c"), (4, "t")]))
+    assert tree.grow(5)[0].tokens == (0, 1, 3, 5, 4)
+    plain = BestFirstTree(0, rates.__getitem__)  # the same without a bound
+    plain.offer_heads([(1, "a", lambda: iter([(5, "t")]))])
+    plain.offer(iter([(3, "c"), (4, "t")]))
+    assert plain.grow(5)[0].tokens == (0, 1, 3, 5, 4)
 
 
 def test_replay_tells_a_live_cost_drafter_each_pass():
