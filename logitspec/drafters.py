@@ -348,6 +348,10 @@ class ValueTreeDrafter(_PoolDrafter):
         for rank in range(1, len(self._rank_features)):
             same = rank > 1 and self._rank_features[rank] == self._rank_features[rank - 1]
             self._bucket_starts[rank] = self._bucket_starts[rank - 1] if same else rank
+        # (feature, first rank, last rank) of each bucket
+        starts = sorted(set(self._bucket_starts[1:]))
+        ends = [start - 1 for start in starts[1:]] + [len(self._rank_features) - 1]
+        self._rank_runs = [(self._rank_features[s], s, e) for s, e in zip(starts, ends)]
         self.suffixes = (SuffixCache(SuffixConfig(draft_tree_capacity=config.suffix_tokens + 1))
                          if config.suffix_trees else None)
         self._root_indexed = False
@@ -443,22 +447,21 @@ class ValueTreeDrafter(_PoolDrafter):
                                 ranks: int) -> None:
         keep = self.pool.max_ngram_size - 1  # the tokens a query keeps before the candidate
         prefix = (self.pool.tokens[-keep:] + [root])[-keep:] if keep else []
-        first, tail, continues = self._rank_features, self._next_next_tail, self.pool.continues
-        heads = []
-        rank = 0
-        for token in top:  # next_next_candidates(root, top, ranks), written out
-            if token != root:
-                rank += 1
-                if rank > ranks:
-                    break
-                # no tail for a token the pool never saw followed: its lookup finds nothing
-                heads.append((token, first[rank],
-                              partial(tail, prefix, token) if continues(token) else None))
+        # next_next_candidates(root, top, ranks), in runs of ranks that share a bucket
+        tokens = [token for token in top if token != root][:ranks]
+        runs = [(feature, tokens[start - 1:end]) for feature, start, end in self._rank_runs
+                if start <= ranks]
         # a tail's first node is ("cont", n, 2) for the order n of the pool's match
         rate = self.stats.rate
         bound = max(rate(self._depth_features("cont", n, 2)[0])
                     for n in range(1, self.pool.max_ngram_size + 1))
-        tree.offer_heads(heads, tail_bound=bound)
+        tree.offer_runs(runs, self._tail_argument, tail_bound=bound,
+                        make_tail=partial(self._next_next_tail, prefix))
+
+    def _tail_argument(self, token: int) -> int | None:
+        """What :meth:`_next_next_tail` makes the tail of a next-next head from: its token,
+        or None (no tail) for a token the pool never saw followed (its lookup finds nothing)."""
+        return token if self.pool.continues(token) else None
 
     def _next_next_tail(self, prefix: list[int], token: int) -> Chain:
         """The rest of a next-next chain, made only once ``token`` made the cut: the pool's

@@ -87,6 +87,28 @@ class AcceptanceStats:
 
 
 _UNSET = object()
+
+
+def _call(tail: Callable[[], Chain]) -> Chain:
+    return tail()
+
+
+class _Run:
+    """The heads of :meth:`BestFirstTree.offer_runs` not yet in the heap."""
+
+    __slots__ = ("tokens", "feature", "tail_of", "first")
+
+    def __init__(self, tokens: Sequence[int], feature: Feature, tail_of: Callable[[int], object],
+                 first: int) -> None:
+        self.tokens, self.feature, self.tail_of, self.first = tokens, feature, tail_of, first
+
+    def entry(self, neg_value: float, order: int) -> tuple:
+        """The heap entry of the head with offer order ``order`` (the run's next)."""
+        index = order - self.first
+        token = self.tokens[index]
+        more = self if index + 1 < len(self.tokens) else ()
+        return (neg_value, order, 0, token, self.feature, self.tail_of(token), more)
+
 Chain = Iterator[tuple[int, Feature]]
 Tail = Callable[[], Chain] | None
 
@@ -184,6 +206,7 @@ class BestFirstTree:
         self._heap: list = []
         self._order = 0
         self._tail_bound: float | None = None
+        self._make_tail: Callable[[object], Chain] | None = None
 
     def offer(self, chain: Chain, parent: int = 0, prob: float = 1.0) -> None:
         """Hangs ``chain`` (lazy) under node ``parent``, whose probability is ``prob``."""
@@ -210,16 +233,20 @@ class BestFirstTree:
                 self._order += 1
 
     def offer_heads(self, heads: Iterable[tuple[int, Feature, Tail]],
-                    tail_bound: float | None = None) -> None:
+                    tail_bound: float | None = None,
+                    make_tail: Callable[[object], Chain] | None = None) -> None:
         """Offers many first nodes under the root at once: ``(token, feature, tail)`` where
         ``tail`` makes the rest of the chain (called only if the node is popped) or is None.
         Equivalent to one :meth:`offer` per head, without building a chain per candidate.
+        With ``make_tail``, ``tail`` is instead what ``make_tail`` makes the chain from (no
+        callable per head).
 
         ``tail_bound``: at least the rate of every tail's first node. With it, a popped
         head's tail is made only once a node of the head's probability times the bound is
         the most probable candidate; until then a placeholder of that value (and of the
         order the node would have had) waits in its place, so the pops are the same."""
         self._tail_bound = tail_bound
+        self._make_tail = make_tail
         if self.max_depth is not None and self.max_depth <= 0:
             return
         rate, order, floor = self.rate, self._order, self.floor
@@ -233,6 +260,32 @@ class BestFirstTree:
                 order += 1
         self._order = order
         self._heap.extend(entries)
+        heapq.heapify(self._heap)
+
+    def offer_runs(self, runs: Iterable[tuple[Feature, Sequence[int]]],
+                   tail_of: Callable[[int], object], tail_bound: float | None = None,
+                   make_tail: Callable[[object], Chain] | None = None) -> None:
+        """Offers first nodes under the root in runs that share a feature: ``(feature,
+        tokens)``, each run's tokens in offer order; ``tail_of(token)`` is the head's tail
+        (as in :meth:`offer_heads`, with ``tail_bound`` and ``make_tail``), asked for only when
+        the head enters the heap. Equivalent to :meth:`offer_heads` with every run's heads in
+        a row, but a run waits in the heap as its next head alone: its heads have one value,
+        so they pop in offer order, and the next one enters the heap (with the order it was
+        given) when the one before it is popped. Heads that are never reached cost nothing."""
+        self._tail_bound = tail_bound
+        self._make_tail = make_tail
+        if self.max_depth is not None and self.max_depth <= 0:
+            return
+        rate, order, floor = self.rate, self._order, self.floor
+        for feature, tokens in runs:
+            if not tokens:
+                continue
+            value = rate(feature)
+            if value >= floor:
+                run = _Run(tokens, feature, tail_of, order) if len(tokens) > 1 else ()
+                self._heap.append((-value, order, 0, tokens[0], feature, tail_of(tokens[0]), run))
+                order += len(tokens)
+        self._order = order
         heapq.heapify(self._heap)
 
     def grow(self, capacity: int, cost: Callable[[int], float] | Sequence[float] | None = None,
@@ -258,13 +311,14 @@ class BestFirstTree:
         best_ratio = 1.0 / (cost[1] + overhead) if cost is not None else 0.0
         step = least_step(cost, capacity) if cost is not None else 0.0
         tail_bound = self._tail_bound
+        make = self._make_tail or _call
         item = pop(heap) if heap else None
         while item is not None and size < capacity:
             neg_prob, order, parent, token, feature, chain, known = item
             if token is None:
                 # a placeholder of a tail's first node: the tail is made now, its node takes
                 # the placeholder's order (``feature`` holds the chain's own probability)
-                chain = chain()
+                chain = make(chain)
                 nxt = next(chain, None)
                 item = None
                 if nxt is not None and (value := feature * rate(nxt[1])) >= floor:
@@ -299,7 +353,7 @@ class BestFirstTree:
                     if hasattr(chain, "__next__"):
                         nxt = next(chain, None)
                     elif tail_bound is None:
-                        chain = chain()
+                        chain = make(chain)
                         nxt = next(chain, None)
                     elif (value := prob * tail_bound) >= floor:
                         item = (-value, self._order, node, None, prob, chain, ())
@@ -307,8 +361,10 @@ class BestFirstTree:
                     if nxt is not None and (value := prob * rate(nxt[1])) >= floor:
                         item = (-value, self._order, node, nxt[0], nxt[1], chain, ())
                         self._order += 1
-                if known:
+                if known and type(known) is not _Run:
                     self.offer_nodes(known, node, prob)
+            if type(known) is _Run:  # the run's next head enters the heap
+                heapq.heappush(heap, known.entry(neg_prob, order + 1))
             if item is not None:
                 item = pushpop(heap, item) if heap else item
             elif heap:

@@ -461,6 +461,73 @@ def test_offer_heads_equals_offering_each_chain(chains, capacity):
     grown_bounded = bounded.grow(capacity)
     assert grown_bounded[0] == expected[0] and grown_bounded[1] == expected[1]
     assert len(made) <= without_bound
+    # the same with one tail maker and each head's argument for it
+    made_with_bound = sorted(made)
+    made.clear()
+    maker = BestFirstTree(0, features.__getitem__)
+    maker.offer_heads([(tokens[0], (c, 0), c) for c, (tokens, _) in enumerate(chains)],
+                      tail_bound=bound, make_tail=tail)
+    grown_maker = maker.grow(capacity)
+    assert grown_maker[0] == expected[0] and grown_maker[1] == expected[1]
+    assert sorted(made) == made_with_bound
+
+
+@settings(deadline=None, max_examples=150)
+@given(
+    runs=st.lists(st.tuples(st.sampled_from([0.9, 0.5, 0.3, 0.1]),
+                            st.lists(st.integers(1, 30), min_size=0, max_size=5, unique=True)),
+                  max_size=6),
+    chain=st.lists(st.integers(1, 250), max_size=4),
+    capacity=st.integers(1, 16),
+    floor=st.sampled_from([0.0, 0.2]),
+    bound=st.sampled_from([None, 0.8]),
+)
+def test_offer_runs_equals_offering_every_head(runs, chain, capacity, floor, bound):
+    """Runs of heads that share a feature grow the same tree as their heads offered one by
+    one (ties with a chain's nodes included), and a head's tail is asked for only once the
+    head before it in its run was popped."""
+    runs = [(rate, [t + 40 * r for t in tokens]) for r, (rate, tokens) in enumerate(runs)]
+    rates = {("run", r): rate for r, (rate, _) in enumerate(runs)}
+    rates.update({"c": 0.5, "t": 0.8})
+    asked = []
+
+    def tail_of(token):
+        asked.append(token)
+        return token if token % 2 else None
+
+    def make(token):
+        return iter([(token + 100, "t"), (token + 200, "t")])
+
+    def grown(offer):
+        tree = BestFirstTree(0, rates.__getitem__, floor=floor)
+        tree.offer(iter([(t, "c") for t in chain]))
+        offer(tree)
+        return tree.grow(capacity)
+
+    def one_by_one(tree):
+        heads = [(t, ("run", r), t if t % 2 else None)
+                 for r, (_, tokens) in enumerate(runs) for t in tokens]
+        tree.offer_heads(heads, tail_bound=bound, make_tail=make)
+
+    expected = grown(one_by_one)
+    asked.clear()
+    got = grown(lambda tree: tree.offer_runs(
+        [(("run", r), tokens) for r, (_, tokens) in enumerate(runs)], tail_of,
+        tail_bound=bound, make_tail=make))
+    assert got[0] == expected[0] and got[1] == expected[1]
+    # each run's heads are asked for from its first on, in order, once each
+    for _, tokens in runs:
+        mine = [t for t in asked if t in tokens]
+        assert mine == tokens[:len(mine)]
+
+
+def test_a_run_asks_for_no_tail_past_the_tree():
+    """A run of ten heads (.5) in a tree of three nodes: two heads are kept, three asked
+    for (the third entered the heap when the second was popped)."""
+    asked = []
+    tree = BestFirstTree(0, {"r": 0.5}.__getitem__)
+    tree.offer_runs([("r", list(range(1, 11)))], lambda t: asked.append(t))
+    assert tree.grow(3)[0].tokens == (0, 1, 2) and asked == [1, 2, 3]
 
 
 def test_a_tail_below_the_trees_last_node_is_never_made():
