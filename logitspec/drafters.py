@@ -348,6 +348,10 @@ class ValueTreeDrafter(_PoolDrafter):
         for rank in range(1, len(self._rank_features)):
             same = rank > 1 and self._rank_features[rank] == self._rank_features[rank - 1]
             self._bucket_starts[rank] = self._bucket_starts[rank - 1] if same else rank
+        # the features a next-next tail's first node can have: ("cont", n, 2), n the order
+        # of the pool's match
+        self._tail_firsts = [self._depth_features("cont", n, 2)[0]
+                             for n in range(1, config.pool.max_ngram_size + 1)]
         # (feature, first rank, last rank) of each bucket
         starts = sorted(set(self._bucket_starts[1:]))
         ends = [start - 1 for start in starts[1:]] + [len(self._rank_features) - 1]
@@ -451,10 +455,8 @@ class ValueTreeDrafter(_PoolDrafter):
         tokens = [token for token in top if token != root][:ranks]
         runs = [(feature, tokens[start - 1:end]) for feature, start, end in self._rank_runs
                 if start <= ranks]
-        # a tail's first node is ("cont", n, 2) for the order n of the pool's match
         rate = self.stats.rate
-        bound = max(rate(self._depth_features("cont", n, 2)[0])
-                    for n in range(1, self.pool.max_ngram_size + 1))
+        bound = max([rate(feature) for feature in self._tail_firsts])
         tree.offer_runs(runs, self._tail_argument, tail_bound=bound,
                         make_tail=partial(self._next_next_tail, prefix))
 

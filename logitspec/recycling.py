@@ -38,7 +38,7 @@ UNKNOWN = -1
 DEFAULT_RANK_PROBS = (0.6, 0.15, 0.08, 0.05, 0.04, 0.03, 0.02, 0.02)
 RankPath = tuple[int, ...]
 # at most this many rows are written one by one (SuccessorTable.update)
-_ROW_BY_ROW = 8
+_ROW_BY_ROW = 5
 
 
 class SuccessorTable:

@@ -93,21 +93,23 @@ def _call(tail: Callable[[], Chain]) -> Chain:
     return tail()
 
 
+# the chain slot of a run's head: its tail is asked for when it is popped
+_ASK = object()
+
+
 class _Run:
     """The heads of :meth:`BestFirstTree.offer_runs` not yet in the heap."""
 
-    __slots__ = ("tokens", "feature", "tail_of", "first")
+    __slots__ = ("tokens", "feature", "first")
 
-    def __init__(self, tokens: Sequence[int], feature: Feature, tail_of: Callable[[int], object],
-                 first: int) -> None:
-        self.tokens, self.feature, self.tail_of, self.first = tokens, feature, tail_of, first
+    def __init__(self, tokens: Sequence[int], feature: Feature, first: int) -> None:
+        self.tokens, self.feature, self.first = tokens, feature, first
 
     def entry(self, neg_value: float, order: int) -> tuple:
         """The heap entry of the head with offer order ``order`` (the run's next)."""
         index = order - self.first
-        token = self.tokens[index]
         more = self if index + 1 < len(self.tokens) else ()
-        return (neg_value, order, 0, token, self.feature, self.tail_of(token), more)
+        return (neg_value, order, 0, self.tokens[index], self.feature, _ASK, more)
 
 Chain = Iterator[tuple[int, Feature]]
 Tail = Callable[[], Chain] | None
@@ -207,6 +209,7 @@ class BestFirstTree:
         self._order = 0
         self._tail_bound: float | None = None
         self._make_tail: Callable[[object], Chain] | None = None
+        self._tail_of: Callable[[int], object] | None = None
 
     def offer(self, chain: Chain, parent: int = 0, prob: float = 1.0) -> None:
         """Hangs ``chain`` (lazy) under node ``parent``, whose probability is ``prob``."""
@@ -268,12 +271,13 @@ class BestFirstTree:
         """Offers first nodes under the root in runs that share a feature: ``(feature,
         tokens)``, each run's tokens in offer order; ``tail_of(token)`` is the head's tail
         (as in :meth:`offer_heads`, with ``tail_bound`` and ``make_tail``), asked for only when
-        the head enters the heap. Equivalent to :meth:`offer_heads` with every run's heads in
+        the head is popped. Equivalent to :meth:`offer_heads` with every run's heads in
         a row, but a run waits in the heap as its next head alone: its heads have one value,
         so they pop in offer order, and the next one enters the heap (with the order it was
         given) when the one before it is popped. Heads that are never reached cost nothing."""
         self._tail_bound = tail_bound
         self._make_tail = make_tail
+        self._tail_of = tail_of
         if self.max_depth is not None and self.max_depth <= 0:
             return
         rate, order, floor = self.rate, self._order, self.floor
@@ -282,8 +286,8 @@ class BestFirstTree:
                 continue
             value = rate(feature)
             if value >= floor:
-                run = _Run(tokens, feature, tail_of, order) if len(tokens) > 1 else ()
-                self._heap.append((-value, order, 0, tokens[0], feature, tail_of(tokens[0]), run))
+                run = _Run(tokens, feature, order) if len(tokens) > 1 else ()
+                self._heap.append((-value, order, 0, tokens[0], feature, _ASK, run))
                 order += len(tokens)
         self._order = order
         heapq.heapify(self._heap)
@@ -348,6 +352,8 @@ class BestFirstTree:
                         break
             item = None
             if depths[node] < max_depth:
+                if chain is _ASK:  # a head of a run: its tail is asked for now
+                    chain = self._tail_of(token)
                 if chain is not None:
                     nxt = None
                     if hasattr(chain, "__next__"):

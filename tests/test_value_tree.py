@@ -484,8 +484,8 @@ def test_offer_heads_equals_offering_each_chain(chains, capacity):
 )
 def test_offer_runs_equals_offering_every_head(runs, chain, capacity, floor, bound):
     """Runs of heads that share a feature grow the same tree as their heads offered one by
-    one (ties with a chain's nodes included), and a head's tail is asked for only once the
-    head before it in its run was popped."""
+    one (ties with a chain's nodes included); a head's tail is asked for only when it is
+    popped, so each run's in order."""
     runs = [(rate, [t + 40 * r for t in tokens]) for r, (rate, tokens) in enumerate(runs)]
     rates = {("run", r): rate for r, (rate, _) in enumerate(runs)}
     rates.update({"c": 0.5, "t": 0.8})
@@ -522,12 +522,12 @@ def test_offer_runs_equals_offering_every_head(runs, chain, capacity, floor, bou
 
 
 def test_a_run_asks_for_no_tail_past_the_tree():
-    """A run of ten heads (.5) in a tree of three nodes: two heads are kept, three asked
-    for (the third entered the heap when the second was popped)."""
+    """A run of ten heads (.5) in a tree of three nodes: two heads are kept and only their
+    tails asked for (the third head entered the heap but was never popped)."""
     asked = []
     tree = BestFirstTree(0, {"r": 0.5}.__getitem__)
     tree.offer_runs([("r", list(range(1, 11)))], lambda t: asked.append(t))
-    assert tree.grow(3)[0].tokens == (0, 1, 2) and asked == [1, 2, 3]
+    assert tree.grow(3)[0].tokens == (0, 1, 2) and asked == [1, 2]
 
 
 def test_a_tail_below_the_trees_last_node_is_never_made():
