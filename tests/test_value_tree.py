@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from fakes import MarkovLM
 from logitspec.acceptance import TargetOutput
 from logitspec.cost import CostCurve
+from logitspec.recycling import SuccessorTable
 from logitspec.decoding import Decoder, GenerationConfig
 from logitspec.drafters import (
     LogitSpecConfig, PoolConfig, ValueTreeDrafter, make_logitspec_drafter, suffix_candidates,
@@ -270,8 +271,11 @@ CURVE = CostCurve((1, 8, 64), (1.0, 1.1, 2.0))
     match=st.booleans(),
     suffix=st.booleans(),
     live=st.booleans(),
+    recycle=st.booleans(),
 )
-def test_value_trees_are_lossless(prompt, capacity, max_new, seed, match, suffix, live):
+def test_value_trees_are_lossless(prompt, capacity, max_new, seed, match, suffix, live, recycle):
+    """Every source (next and next-next chains in runs of rank buckets with made-on-demand
+    tails, the successor table's chains, suffix-tree drafts) at fixed and automatic budgets."""
     model = MarkovLM(8, seed=seed, scale=4.0)
     config = GenerationConfig(max_new_tokens=max_new, eos_token_ids=(7,))
     vanilla = Decoder(model).generate(prompt, config)
@@ -279,7 +283,9 @@ def test_value_trees_are_lossless(prompt, capacity, max_new, seed, match, suffix
         LogitSpecConfig(pool=PoolConfig(2, 6, 2), draft_tree_capacity=capacity,
                         tree_policy="value", max_auto_capacity=16, match_lengths=match,
                         suffix_trees=suffix, suffix_tokens=5,
-                        live_costs=live and capacity is None), CURVE)
+                        recycle_chains=3 if recycle else 0, recycle_depth=3,
+                        live_costs=live and capacity is None), CURVE,
+        SuccessorTable(8, 3) if recycle else None)
     result = Decoder(model, drafter).generate(prompt, config)
     assert result.output_ids == vanilla.output_ids
     assert all(1 <= n <= drafter.tree_capacity for n in result.accept_lengths)
