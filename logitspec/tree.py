@@ -117,9 +117,10 @@ class DraftTree:
         """(T, T) bool: ``mask[i, j]`` iff node j is node i or one of its ancestors (built
         from per-node ancestor bitsets: a parent's set plus the node's own bit)."""
         n = len(self.tokens)
-        ancestors: list[int] = []
+        ancestors = [0] * n
         for i, parent in enumerate(self.parents):
-            ancestors.append((ancestors[parent] if parent >= 0 else 0) | (1 << i))
+            # the root's parent, -1, reads the last entry, not yet written (0)
+            ancestors[i] = ancestors[parent] | (1 << i)
         if n <= 64:  # one little-endian uint64 per row
             packed = np.array(ancestors, dtype="<u8").view(np.uint8).reshape(n, 8)
         else:

@@ -50,6 +50,9 @@ def bucket(value: int, edges: Sequence[int]) -> int:
     return edges[-1]
 
 
+_NO_TRIALS = (0.0, 0.0)
+
+
 @dataclass
 class AcceptanceStats:
     """Online acceptance rates per node feature, with a Beta prior.
@@ -74,16 +77,16 @@ class AcceptanceStats:
         return rate
 
     def update(self, features: Sequence[Feature], parents: Sequence[int], accepted: set[int]) -> None:
-        counts = self.counts
+        counts, get, forget, horizon = self.counts, self.counts.get, self._rates.pop, self.horizon
         # the trials: nodes whose parent was accepted (the root's parent, -1, never is)
         for node in [node for node, parent in enumerate(parents) if parent in accepted]:
             feature = features[node]
-            succ, trials = counts.get(feature, (0.0, 0.0))
+            succ, trials = get(feature, _NO_TRIALS)
             succ, trials = succ + (node in accepted), trials + 1
-            if trials > self.horizon:
+            if trials > horizon:
                 succ, trials = succ / 2, trials / 2
             counts[feature] = (succ, trials)
-            self._rates.pop(feature, None)
+            forget(feature, None)
 
 
 _UNSET = object()
@@ -316,6 +319,7 @@ class BestFirstTree:
         step = least_step(cost, capacity) if cost is not None else 0.0
         tail_bound = self._tail_bound
         make = self._make_tail or _call
+        next_order = self._order  # written back before offer_nodes and at the end
         item = pop(heap) if heap else None
         while item is not None and size < capacity:
             neg_prob, order, parent, token, feature, chain, known = item
@@ -332,10 +336,11 @@ class BestFirstTree:
                     item = pop(heap)
                 continue
             prob = -neg_prob
-            node = children.get((parent, token))
+            key = (parent, token)
+            node = children.get(key)
             if node is None:
                 node = size
-                children[(parent, token)] = node
+                children[key] = node
                 tokens.append(token)
                 parents.append(parent)
                 depths.append(depths[parent] + 1)
@@ -362,19 +367,22 @@ class BestFirstTree:
                         chain = make(chain)
                         nxt = next(chain, None)
                     elif (value := prob * tail_bound) >= floor:
-                        item = (-value, self._order, node, None, prob, chain, ())
-                        self._order += 1
+                        item = (-value, next_order, node, None, prob, chain, ())
+                        next_order += 1
                     if nxt is not None and (value := prob * rate(nxt[1])) >= floor:
-                        item = (-value, self._order, node, nxt[0], nxt[1], chain, ())
-                        self._order += 1
+                        item = (-value, next_order, node, nxt[0], nxt[1], chain, ())
+                        next_order += 1
                 if known and type(known) is not _Run:
+                    self._order = next_order
                     self.offer_nodes(known, node, prob)
-            if type(known) is _Run:  # the run's next head enters the heap
+                    next_order = self._order
+            if known and type(known) is _Run:  # the run's next head enters the heap
                 heapq.heappush(heap, known.entry(neg_prob, order + 1))
             if item is not None:
                 item = pushpop(heap, item) if heap else item
             elif heap:
                 item = pop(heap)
+        self._order = next_order
         n = size if cost is None else best_n
         # parents come before their children by construction
         tree = DraftTree.of_valid(tuple(tokens[:n]), tuple(parents[:n]), tuple(depths[:n]))
