@@ -24,6 +24,12 @@ each chain goes on below it with its own probability, so the order stays non-inc
 the nodes popped first are exactly the most probable ones. Ties pop in the order the
 candidates were offered.
 
+Two more ways to leave work undone without changing a pop: candidates of one value (first
+nodes that share a feature) may wait in the heap as a *run*, only the next of them present
+(the rest would pop right after it, in offer order), and a chain whose rest is costly to
+make waits as a *placeholder* valued with a bound on its next node, made only when that
+placeholder is popped; either takes the offer order its node would have had.
+
 A source that has already computed a whole subtree (a draft head expanded level by level)
 offers it as :class:`Candidate` nodes instead (:meth:`BestFirstTree.offer_nodes`): a node's
 children are offered below it when it is popped, like a chain's next node.
@@ -89,6 +95,10 @@ class AcceptanceStats:
             forget(feature, None)
 
 
+Chain = Iterator[tuple[int, Feature]]
+Tail = Callable[[], Chain] | None
+
+
 _UNSET = object()
 
 
@@ -113,9 +123,6 @@ class _Run:
         index = order - self.first
         more = self if index + 1 < len(self.tokens) else ()
         return (neg_value, order, 0, self.tokens[index], self.feature, _ASK, more)
-
-Chain = Iterator[tuple[int, Feature]]
-Tail = Callable[[], Chain] | None
 
 
 @dataclass
