@@ -339,10 +339,8 @@ class ValueTreeDrafter(_PoolDrafter):
         self._features: list = []
         self._feature_cache: dict = {}
         self._entry_values: dict = {}
-        # one feature object per bucket, shared by its ranks
-        shared: dict = {}
-        self._rank_features = [None] + [shared.setdefault(b, ("first", b)) for b in (
-            bucket(rank, RANK_BUCKETS) for rank in range(1, self.config.candidates + 1))]
+        self._rank_features = [None] + [("first", bucket(rank, RANK_BUCKETS))
+                                        for rank in range(1, self.config.candidates + 1)]
         # the first rank of each rank's bucket
         self._bucket_starts = [0] * len(self._rank_features)
         for rank in range(1, len(self._rank_features)):

@@ -99,9 +99,6 @@ Chain = Iterator[tuple[int, Feature]]
 Tail = Callable[[], Chain] | None
 
 
-_UNSET = object()
-
-
 def _call(tail: Callable[[], Chain]) -> Chain:
     return tail()
 
@@ -246,28 +243,23 @@ class BestFirstTree:
                 self._order += 1
 
     def offer_heads(self, heads: Iterable[tuple[int, Feature, Tail]],
-                    tail_bound: float | None = None,
-                    make_tail: Callable[[object], Chain] | None = None) -> None:
+                    tail_bound: float | None = None) -> None:
         """Offers many first nodes under the root at once: ``(token, feature, tail)`` where
         ``tail`` makes the rest of the chain (called only if the node is popped) or is None.
         Equivalent to one :meth:`offer` per head, without building a chain per candidate.
-        With ``make_tail``, ``tail`` is instead what ``make_tail`` makes the chain from (no
-        callable per head).
 
         ``tail_bound``: at least the rate of every tail's first node. With it, a popped
         head's tail is made only once a node of the head's probability times the bound is
         the most probable candidate; until then a placeholder of that value (and of the
         order the node would have had) waits in its place, so the pops are the same."""
         self._tail_bound = tail_bound
-        self._make_tail = make_tail
+        self._make_tail = None
         if self.max_depth is not None and self.max_depth <= 0:
             return
         rate, order, floor = self.rate, self._order, self.floor
         entries = []
-        last, value = _UNSET, 0.0
         for token, feature, tail in heads:
-            if feature is not last:  # heads in a row often share one feature object
-                value, last = rate(feature), feature
+            value = rate(feature)
             if value >= floor:
                 entries.append((-value, order, 0, token, feature, tail, ()))
                 order += 1
@@ -279,9 +271,10 @@ class BestFirstTree:
                    tail_of: Callable[[int], object], tail_bound: float | None = None,
                    make_tail: Callable[[object], Chain] | None = None) -> None:
         """Offers first nodes under the root in runs that share a feature: ``(feature,
-        tokens)``, each run's tokens in offer order; ``tail_of(token)`` is the head's tail
-        (as in :meth:`offer_heads`, with ``tail_bound`` and ``make_tail``), asked for only when
-        the head is popped. Equivalent to :meth:`offer_heads` with every run's heads in
+        tokens)``, each run's tokens in offer order; ``tail_of(token)`` is what
+        ``make_tail`` makes the head's tail from (None: no tail; without ``make_tail``, the
+        tail itself, as in :meth:`offer_heads`), asked for only when the head is popped;
+        ``tail_bound`` as in :meth:`offer_heads`. Equivalent to :meth:`offer_heads` with every run's heads in
         a row, but a run waits in the heap as its next head alone: its heads have one value,
         so they pop in offer order, and the next one enters the heap (with the order it was
         given) when the one before it is popped. Heads that are never reached cost nothing."""

@@ -467,15 +467,6 @@ def test_offer_heads_equals_offering_each_chain(chains, capacity):
     grown_bounded = bounded.grow(capacity)
     assert grown_bounded[0] == expected[0] and grown_bounded[1] == expected[1]
     assert len(made) <= without_bound
-    # the same with one tail maker and each head's argument for it
-    made_with_bound = sorted(made)
-    made.clear()
-    maker = BestFirstTree(0, features.__getitem__)
-    maker.offer_heads([(tokens[0], (c, 0), c) for c, (tokens, _) in enumerate(chains)],
-                      tail_bound=bound, make_tail=tail)
-    grown_maker = maker.grow(capacity)
-    assert grown_maker[0] == expected[0] and grown_maker[1] == expected[1]
-    assert sorted(made) == made_with_bound
 
 
 @settings(deadline=None, max_examples=150)
@@ -511,9 +502,9 @@ def test_offer_runs_equals_offering_every_head(runs, chain, capacity, floor, bou
         return tree.grow(capacity)
 
     def one_by_one(tree):
-        heads = [(t, ("run", r), t if t % 2 else None)
+        heads = [(t, ("run", r), (lambda t=t: make(t)) if t % 2 else None)
                  for r, (_, tokens) in enumerate(runs) for t in tokens]
-        tree.offer_heads(heads, tail_bound=bound, make_tail=make)
+        tree.offer_heads(heads, tail_bound=bound)
 
     expected = grown(one_by_one)
     asked.clear()
