@@ -26,6 +26,7 @@ max_ngram_size)`` entries; nothing is ever rebuilt except by :meth:`NGramPool.tr
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Sequence
 
 
@@ -63,27 +64,29 @@ class NGramPool:
 
     def extend(self, new_tokens: Sequence[int]) -> None:
         """Appends tokens and updates the index (incremental)."""
-        start = len(self.tokens)
-        self.tokens.extend(int(t) for t in new_tokens)
-        end = len(self.tokens)
+        tokens = self.tokens
+        start = len(tokens)
+        tokens.extend(map(int, new_tokens))
+        last = len(tokens) - 1
         pred = self.num_pred_tokens
         # Positions whose continuation just became full (and were seen before), in order,
-        # then those whose continuation appears (>= start - 1).
+        # then those whose continuation appears (>= start - 1); a position's continuation is
+        # full when pos + pred <= last.
         seen = max(0, start - 1)
-        for pos in range(max(0, start - pred), min(end - pred, seen)):
-            self._index_position(pos, True)
-        for pos in range(seen, end - 1):
-            self._index_position(pos, pos + pred <= end - 1)
-
-    def _index_position(self, pos: int, full: bool) -> None:
-        tokens = self.tokens
-        for n in range(1, min(self.max_ngram_size, pos + 1) + 1):
-            key = tuple(tokens[pos - n + 1:pos + 1])
-            stored = self._index.get(key)
-            if stored is None:
-                self._index[key] = [pos]
-            elif full and stored[0] < pos:
-                self._promote(stored, pos)
+        index, get, size = self._index, self._index.get, self.max_ngram_size
+        single = self.max_continuations == 1
+        for pos in chain(range(max(0, start - pred), min(last + 1 - pred, seen)), range(seen, last)):
+            full = pos + pred <= last
+            for first in range(pos, max(pos - size, -1), -1):  # the n-grams ending at pos
+                key = tuple(tokens[first:pos + 1])
+                stored = get(key)
+                if stored is None:
+                    index[key] = [pos]
+                elif full and stored[0] < pos:
+                    if single:
+                        stored[0] = pos
+                    else:
+                        self._promote(stored, pos)
 
     def _promote(self, stored: list[int], pos: int) -> None:
         """Makes ``pos`` the newest winner, keeping older ones with other first tokens."""
