@@ -10,6 +10,14 @@ from typing import Any, Callable
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (derandomized), so that a failure in CI
+# repeats on any machine; HYPOTHESIS_PROFILE=explore draws new ones each run, and a failing
+# example is printed as a @reproduce_failure blob either way.
+settings.register_profile("default", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 # LOGITSPEC_TEST_THREADS=1 on a machine shared with other jobs: OpenMP threads competing with
 # other processes made a SmolLM2 forward 20x slower (4.4 s instead of 0.22 s).

@@ -27,7 +27,11 @@ from evaluation.sharding import (
     FAULT_ON_ENV, KILL_MARKER_ENV, KILL_ON_ENV, WorkerPlan, plan_workers,
 )
 
-ray = pytest.importorskip("ray")
+# Ray is installed with the test environment (scripts/setup_env.sh), so its absence fails the
+# module; LOGITSPEC_NO_RAY=1 skips it where Ray cannot be installed.
+if os.environ.get("LOGITSPEC_NO_RAY"):
+    pytest.skip("LOGITSPEC_NO_RAY is set: the sharding tests need Ray", allow_module_level=True)
+import ray  # noqa: E402
 
 Capsys = pytest.CaptureFixture[str]
 QUESTION_END = 12  # demo questions 1-12: 9-12 do not fit the tiny model's context
