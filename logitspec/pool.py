@@ -89,10 +89,8 @@ class NGramPool:
                         self._promote(stored, pos)
 
     def _promote(self, stored: list[int], pos: int) -> None:
-        """Makes ``pos`` the newest winner, keeping older ones with other first tokens."""
-        if self.max_continuations == 1:
-            stored[0] = pos
-            return
+        """Makes ``pos`` the newest winner, keeping older ones with other first tokens
+        (``max_continuations > 1``; with one, :meth:`extend` replaces the winner itself)."""
         first = self.tokens[pos + 1]
         kept = [p for p in stored if self.tokens[p + 1] != first]
         stored[:] = ([pos] + kept)[: self.max_continuations]
