@@ -75,7 +75,8 @@ class NGramPool:
         seen = max(0, start - 1)
         index, get, size = self._index, self._index.get, self.max_ngram_size
         single = self.max_continuations == 1
-        for pos in chain(range(max(0, start - pred), min(last + 1 - pred, seen)), range(seen, last)):
+        became_full = range(max(0, start - pred), min(last + 1 - pred, seen))
+        for pos in chain(became_full, range(seen, last)):
             full = pos + pred <= last
             for first in range(pos, max(pos - size, -1), -1):  # the n-grams ending at pos
                 key = tuple(tokens[first:pos + 1])

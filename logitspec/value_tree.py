@@ -274,10 +274,11 @@ class BestFirstTree:
         tokens)``, each run's tokens in offer order; ``tail_of(token)`` is what
         ``make_tail`` makes the head's tail from (None: no tail; without ``make_tail``, the
         tail itself, as in :meth:`offer_heads`), asked for only when the head is popped;
-        ``tail_bound`` as in :meth:`offer_heads`. Equivalent to :meth:`offer_heads` with every run's heads in
-        a row, but a run waits in the heap as its next head alone: its heads have one value,
-        so they pop in offer order, and the next one enters the heap (with the order it was
-        given) when the one before it is popped. Heads that are never reached cost nothing."""
+        ``tail_bound`` as in :meth:`offer_heads`. Equivalent to :meth:`offer_heads` with
+        every run's heads in a row, but a run waits in the heap as its next head alone: its
+        heads have one value, so they pop in offer order, and the next one enters the heap
+        (with the order it was given) when the one before it is popped. Heads that are never
+        reached cost nothing."""
         self._tail_bound = tail_bound
         self._make_tail = make_tail
         self._tail_of = tail_of
