@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 import torch
 
+from logitspec.cost import parse_float32_from
 from logitspec.decoding import GenerationConfig
 from logitspec.loading import DEFAULT_MODEL, DEFAULT_MODEL_NAMES, DTYPES, checkpoint_dtype
 
@@ -92,6 +93,11 @@ class EvalConfig:
         "embedded model, GGUF files and configs without one: bfloat16 on cuda, float32 on cpu)",
         choices=tuple(DTYPES))
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda when available)")
+    float32_from: str = option(
+        "auto", "passes of at least N tokens (prefill, large trees) run their matmuls in "
+        "float32 against a float32 copy of half-precision weights: N, 'off', or 'auto' "
+        "(measured once per machine; only a CPU without half-precision matrix instructions "
+        "gains)")
     template: str | None = option(
         None, "a FastChat conversation template such as vicuna_v1.1 or llama-2 (default: the "
         "tokenizer's chat template, else FastChat's template for the model name)")
@@ -122,6 +128,7 @@ class EvalConfig:
         _positive("questions_per_category", self.questions_per_category)
         _positive("num_choices", self.num_choices)
         _positive("warmup", self.warmup, 0)
+        self.resolved_float32_from  # validates it
         self._check_device()
         self._check_workers()
         self._check_template()
@@ -215,6 +222,11 @@ class EvalConfig:
         if own is not None:
             return own
         return "bfloat16" if self.resolved_device.startswith("cuda") else "float32"
+
+    @property
+    def resolved_float32_from(self) -> str | int | None:
+        """``"auto"``, None (off) or a pass size (see :func:`logitspec.cost.float32_from_for`)."""
+        return parse_float32_from(self.float32_from)
 
     @property
     def is_default_model(self) -> bool:

@@ -59,6 +59,7 @@ import shortuuid
 import torch
 from tqdm import tqdm
 
+from logitspec.cost import float32_from_for
 from logitspec.decoding import GenerationConfig, GenerationResult, PromptError
 from logitspec.loading import LoadedModel, ModelLoadError, load
 from logitspec.runtime import (
@@ -136,6 +137,7 @@ def build_context(run: RunConfig) -> EvalContext:
         raise RunError(str(exc)) from None
     except ValueError as exc:  # an unsupported architecture or an inconsistent config
         raise RunError(f"model {settings.model_location}: {exc}") from None
+    float32_from_for(loaded.model, str(loaded.path), settings.resolved_float32_from)
     context = loaded.model.config.max_position_embeddings
     if settings.max_new_tokens >= context:
         raise RunError(f"max_new_tokens {settings.max_new_tokens} leaves no room for a prompt "

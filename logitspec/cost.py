@@ -52,6 +52,8 @@ CONTEXT_BUCKET = 256
 FORMAT = "surface-1"  # part of the cache key: files of another format are not read
 CHECK_SIZES = (1, 2, 4, 8)
 CHECK_TOLERANCE = 0.15
+FLOAT32_SIZES = (8, 12, 16, 64)  # pass sizes tried in float32 (the first that pays is kept)
+FLOAT32_GAIN = 0.9  # ... when it takes at most this share of the half-precision time
 
 log = logging.getLogger(__name__)
 
@@ -472,6 +474,86 @@ def cost_surface_for(
     return surface
 
 
+@torch.inference_mode()
+def measure_float32_from(
+    model: Transformer, sizes: Sequence[int] = FLOAT32_SIZES, *, repeats: int = 3
+) -> int | None:
+    """The smallest of ``sizes`` whose pass (over 128 cached tokens) takes at most
+    :data:`FLOAT32_GAIN` of its half-precision time when run in float32 (see
+    :mod:`logitspec.model`), or None when none does. Leaves the model without the copies."""
+    sizes = sorted(set(sizes))
+    cache = model.new_cache(128 + sizes[-1], mask_rows=sizes[-1])
+    half = measure_cost_curve(model, sizes, context=128, repeats=repeats, warmup=1, cache=cache)
+    model.set_float32_from(1)
+    try:
+        wide = measure_cost_curve(model, sizes, context=128, repeats=repeats, warmup=1,
+                                  cache=cache)
+    finally:
+        model.set_float32_from(None)
+    for n in sizes:
+        if wide.cost(n) <= FLOAT32_GAIN * half.cost(n):
+            return n
+    return None
+
+
+def parse_float32_from(value: str | int | None) -> str | int | None:
+    """A ``--float32-from`` value: ``"auto"``, None (``"off"``) or a positive pass size."""
+    text = "off" if value is None else str(value).strip().lower()
+    if text in ("auto", "off"):
+        return None if text == "off" else text
+    rows = int(text) if text.isdigit() else 0
+    if rows < 1:
+        raise ValueError(f"float32_from must be 'auto', 'off' or a positive number of tokens, "
+                         f"got {value!r}")
+    return rows
+
+
+def float32_from_for(
+    model: Transformer,
+    model_key: str,
+    setting: str | int | None = "auto",
+    *,
+    cache_root: Path | None = None,
+) -> int | None:
+    """Sets and returns the pass size from which ``model`` runs in float32
+    (:meth:`~logitspec.model.Transformer.set_float32_from`).
+
+    ``setting``: ``"auto"`` (the default) measures it (:func:`measure_float32_from`) for a
+    half-precision model on the CPU, when a float32 copy of its weights fits in half the
+    available memory, and caches the answer like a cost surface; ``"off"`` or None: never; a number: from that
+    many tokens. On CUDA and for float32 models ``"auto"`` is None: half-precision kernels are
+    native there, or there is nothing to widen."""
+    setting = parse_float32_from(setting)
+    if setting != "auto":
+        model.set_float32_from(setting)
+        return setting
+    if model.device.type != "cpu" or model.dtype == torch.float32 or not _copy_fits(model):
+        model.set_float32_from(None)
+        return None
+    path = _surface_path(model, model_key, cache_root, kind="float32-from")
+    if path.is_file():
+        rows = json.loads(path.read_text())["float32_from"]
+    else:
+        rows = measure_float32_from(model)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"float32_from": rows}))
+        tmp.replace(path)
+        log.info("float32 wide passes from %s tokens (measured)", rows)
+    model.set_float32_from(rows)
+    return rows
+
+
+def _copy_fits(model: Transformer) -> bool:
+    """Whether float32 copies of the weights take at most half the available memory."""
+    weights = sum(p.numel() for p in model.parameters()) * 4
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return False
+    return 2 * weights <= available
+
+
 def _rounded(values: Sequence[float]) -> list[float]:
     return [float(f"{v:.3g}") for v in values]
 
@@ -496,15 +578,24 @@ def store_cost_surface(
     return path
 
 
-def _surface_path(model: Transformer, model_key: str, cache_root: Path | None) -> Path:
+def _surface_path(
+    model: Transformer, model_key: str, cache_root: Path | None, kind: str = "surface"
+) -> Path:
     from .loading import cache_dir
 
-    return (cache_root or cache_dir()) / "costs" / f"{_surface_key(model, model_key)}.json"
+    name = _surface_key(model, model_key, kind)
+    return (cache_root or cache_dir()) / "costs" / f"{name}.json"
 
 
-def _surface_key(model: Transformer, model_key: str) -> str:
+def _surface_key(model: Transformer, model_key: str, kind: str = "surface") -> str:
+    """A surface depends on which passes run in float32; the float32 decision does not."""
     device = model.device
     parts = [FORMAT, model_key, str(model.dtype), torch.__version__]
+    if kind == "surface":
+        if model.float32_from is not None:
+            parts.append(f"float32-from-{model.float32_from}")
+    else:
+        parts.append(kind)
     if device.type == "cuda":
         parts.append(torch.cuda.get_device_name(device))
     else:

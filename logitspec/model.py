@@ -10,6 +10,18 @@ Numerics follow HF transformers' Llama: RMSNorm in float32, RoPE tables in float
 :mod:`logitspec.attention`, which picks the mask, the query layout and the kernels per pass. Weight names are HF's
 (``model.layers.0.self_attn.q_proj.weight`` ...); the loader fuses q/k/v and gate/up into one
 matrix each (see :mod:`logitspec.loading`).
+
+Wide passes in float32: on a CPU without half-precision matrix instructions (AVX2 only, for
+one), torch's bfloat16 matmul widens the weights anew for every row of the input, so a pass
+costs about one more single-token step per token (SmolLM2-135M, 2 AVX2 cores: 22 ms for one
+token, 175 ms for 16, 636 ms for 64), and prefill runs at ~130 tokens/s. A float32 copy of the
+weights costs twice the memory traffic for one row but runs wide passes near the float32 rate
+(105 ms for 16 tokens, 225 ms for 64; prefill ~460 tokens/s).
+:meth:`Transformer.set_float32_from` gives every linear layer that copy, used for passes of at
+least that many rows: the input is widened, the products (exact in float32) are summed in
+float32 as the half-precision kernel sums them, and the result is rounded back to the model's
+dtype. Single-token steps, and so the baseline's decoding, stay on the half-precision kernel.
+:func:`logitspec.cost.float32_from_for` decides by measuring the machine.
 """
 
 from __future__ import annotations
@@ -78,6 +90,30 @@ def rope_tables(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` that runs passes of at least ``float32_from`` rows in float32 against a
+    float32 copy of its weight (module docstring); the same parameters and state dict."""
+
+    float32_from: int | None = None
+    float32_weight: torch.Tensor | None = None
+    float32_bias: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wide = self.float32_from is not None and x.numel() >= self.float32_from * x.shape[-1]
+        if wide:
+            return F.linear(x.float(), self.float32_weight, self.float32_bias).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+    def set_float32_from(self, rows: int | None) -> None:
+        """Keeps a float32 copy for passes of ``rows`` rows or more (None: drops it)."""
+        self.float32_from = rows
+        if rows is None:
+            self.float32_weight = self.float32_bias = None
+            return
+        self.float32_weight = self.weight.detach().float()
+        self.float32_bias = None if self.bias is None else self.bias.detach().float()
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -92,8 +128,8 @@ class Attention(nn.Module):
         q_dim = cfg.num_heads * cfg.head_dim
         kv_dim = cfg.num_kv_heads * cfg.head_dim
         self.split = (q_dim, kv_dim, kv_dim)
-        self.wqkv = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.attention_bias)
-        self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.attention_out_bias)
+        self.wqkv = Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.attention_bias)
+        self.wo = Linear(q_dim, cfg.hidden_size, bias=cfg.attention_out_bias)
 
     def forward(
         self,
@@ -118,8 +154,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.w13 = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.w2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)
@@ -155,19 +191,39 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg.rope, cfg.head_dim), persistent=False)
 
     def _apply(self, fn, recurse=True):
         """``.to()``, ``.cuda()``, ``.half()``...: ``inv_freq`` follows the device but stays
-        float32 (a bfloat16 copy would shift the rotary angles by up to ~0.5 rad at 400)."""
+        float32 (a bfloat16 copy would shift the rotary angles by up to ~0.5 rad at 400); the
+        float32 copies of wide passes are dropped (:meth:`set_float32_from` again to keep
+        them)."""
         super()._apply(fn, recurse)
+        self.set_float32_from(None)
         self.inv_freq = rope_inv_freq(self.config.rope, self.config.head_dim).to(
             self.inv_freq.device
         )
         return self
+
+    @property
+    def float32_from(self) -> int | None:
+        """Passes of at least this many tokens run in float32 (None: none do)."""
+        return self.lm_head.float32_from
+
+    def set_float32_from(self, rows: int | None) -> None:
+        """Passes of at least ``rows`` tokens run their matmuls in float32 against float32
+        copies of the weights (None: every pass in the model's dtype; module docstring)."""
+        if rows is not None:
+            if rows < 1:
+                raise ValueError(f"float32_from must be at least 1, got {rows}")
+            if self.dtype == torch.float32:
+                raise ValueError("float32 wide passes need a half-precision model")
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.set_float32_from(rows)
 
     @property
     def device(self) -> torch.device:

@@ -69,6 +69,7 @@ def runtime_meta(model: Any) -> dict[str, Any]:
         "attention": describe_attention(model),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "float32_from": getattr(model, "float32_from", None),
     }
     if model.device.type == "cuda":
         meta.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),

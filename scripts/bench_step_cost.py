@@ -27,7 +27,9 @@ import torch
 from logitspec.cost import (
     DEFAULT_SIZES,
     check_cost_surface,
+    float32_from_for,
     measure_cost_surface,
+    parse_float32_from,
     store_cost_surface,
     stored_cost_surface,
 )
@@ -43,6 +45,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="random weights in this architecture's shape instead of a checkpoint")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--float32-from", type=parse_float32_from, default="auto",
+                        help="passes of at least N tokens in float32 against float32 copies of "
+                             "half-precision weights: N, off, or auto (measured per machine, as "
+                             "the inference commands do)")
     parser.add_argument("--contexts", type=int, nargs="+", default=None,
                         help="cached tokens before the step, one curve each (default: 512 2048 "
                              "8192; 512 2048 on cpu)")
@@ -80,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as exc:
         print(f"bench_step_cost.py: error: {exc}", file=sys.stderr)
         return 2
+    float32_from_for(model, model_key or name, args.float32_from)
     if args.check:
         return check(name, model, model_key, args)
     surface = measure_cost_surface(model, args.sizes, args.contexts, repeats=args.repeats)
@@ -89,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         store_cost_surface(model, model_key, surface)
     contexts = surface.contexts
-    print(f"{name} {args.dtype} on {args.device} ({where()}): ms per forward pass of N tokens, "
-          f"(x N=1 at {contexts[0]} cached tokens)")
+    wide = "" if model.float32_from is None else f", float32 from {model.float32_from} tokens"
+    print(f"{name} {args.dtype} on {args.device} ({where()}{wide}): ms per forward pass of N "
+          f"tokens, (x N=1 at {contexts[0]} cached tokens)")
     print(f"{'N':>5}" + "".join(f"{f'ctx {c}':>20}" for c in contexts))
     base = surface.curves[0].seconds[0]
     for i, n in enumerate(surface.curves[0].sizes):
@@ -99,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{n:>5}{cells}")
     print(json.dumps({
         "model": name, "dtype": args.dtype, "device": args.device, "contexts": list(contexts),
+        "float32_from": model.float32_from,
         "threads": torch.get_num_threads(), "sizes": list(surface.curves[0].sizes),
         "ms": [[round(s * 1e3, 3) for s in c.seconds] for c in surface.curves],
         "relative": [[round(s / base, 3) for s in c.seconds] for c in surface.curves],

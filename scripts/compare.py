@@ -120,6 +120,7 @@ from evaluation import (  # noqa: E402
     inference_eagle, inference_logitspec, inference_lookahead, inference_pld, inference_racer,
     inference_recycling, inference_rest, inference_sam, inference_sps, inference_suffix,
 )
+from logitspec.cost import float32_from_for  # noqa: E402
 from logitspec.decoding import Decoder, GenerationConfig, GenerationResult  # noqa: E402
 from logitspec.loading import DTYPES, LoadedModel, ModelLoadError, load  # noqa: E402
 from logitspec.runtime import runtime_meta  # noqa: E402
@@ -894,6 +895,9 @@ def build_parser() -> OneLineParser:
     add("--model-path", default=None, help="HF folder, .gguf file or the embedded default's name")
     add("--dtype", default="bfloat16", choices=sorted(DTYPES), help="(default: %(default)s)")
     add("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    add("--float32-from", default="auto",
+        help="passes of at least N tokens in float32 against float32 copies of half-precision "
+             "weights: N, off, or auto (measured per machine; default: %(default)s)")
     add("--bench-name", default="demo", help="reads data/<bench-name>/question.jsonl")
     add("--question-file", default=None, help="a question file instead of the bench's")
     add("--question-begin", type=int, default=None, help="first question (0-based, file order)")
@@ -930,7 +934,7 @@ def eval_config(args: argparse.Namespace) -> EvalConfig:
             question_file=args.question_file, question_begin=args.question_begin,
             question_end=args.question_end, questions_per_category=args.questions_per_category,
             max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device,
-            warmup=args.warmup,
+            float32_from=args.float32_from, warmup=args.warmup,
         )
     except ValueError as exc:
         raise CompareError(str(exc)) from None
@@ -942,6 +946,7 @@ def load_models(settings: EvalConfig) -> Models:
                       device=settings.resolved_device)
     except (ModelLoadError, ValueError) as exc:
         raise CompareError(f"model {settings.model_location}: {exc}") from None
+    float32_from_for(loaded.model, str(loaded.path), settings.resolved_float32_from)
     context = loaded.model.config.max_position_embeddings
     if settings.max_new_tokens >= context:
         raise CompareError(f"max_new_tokens {settings.max_new_tokens} leaves no room for a "

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from logitspec.acceptance import TargetOutput, greedy_accept
-from logitspec.cost import CostCurve, cost_surface_for
+from logitspec.cost import CostCurve, cost_surface_for, float32_from_for, parse_float32_from
 from logitspec.decoding import Decoder, GenerationConfig
 from logitspec.drafters import Drafter
 from logitspec.loading import load
@@ -111,6 +111,7 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 def record(args: argparse.Namespace) -> int:
     lm = load(args.model_path, dtype=args.dtype, device=args.device)
+    float32_from_for(lm.model, str(lm.path), args.float32_from)
     questions = select_questions(
         Path(args.question_file or f"data/{args.bench_name}/question.jsonl"),
         args.question_begin, args.question_end, args.questions_per_category,
@@ -315,6 +316,7 @@ def load_traces(path: str) -> tuple[dict, list[TurnTrace]]:
 def replay(args: argparse.Namespace) -> int:
     data, traces = load_traces(args.trace)
     lm = load(data["model_path"], dtype=data["dtype"], device=args.device)
+    float32_from_for(lm.model, str(lm.path), args.float32_from)
     curve = cost_surface_for(lm.model, str(lm.path))
     vocab = lm.model.config.vocab_size
     factors = args.pass_cost_factors
@@ -371,6 +373,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     rec.add_argument("--device", default="cpu")
     rec.add_argument("--out", required=True)
     rep = sub.add_parser("replay", help="replay drafters on recorded traces")
+    for sub_parser in (rec, rep):
+        sub_parser.add_argument(
+            "--float32-from", type=parse_float32_from, default="auto",
+            help="passes of at least N tokens in float32 (N, off or auto, as the inference "
+                 "commands; replay prices passes by the surface of this setting)")
     rep.add_argument("--trace", required=True)
     rep.add_argument("--drafter", action="append", required=True)
     rep.add_argument("--device", default="cpu")

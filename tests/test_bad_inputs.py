@@ -205,6 +205,8 @@ CASES = [
     Case("slice end before begin", _tiny("--question-begin", "3", "--question-end", "1"),
          r"question_end must be >= question_begin"),
     Case("unknown device", _tiny("--device", "tpu"), r"unknown device 'tpu'"),
+    Case("float32 passes from 0 tokens", _tiny("--float32-from", "0"),
+         r"float32_from must be 'auto', 'off' or a positive number of tokens, got '0'"),
     Case("not a number", _tiny("--max-new-tokens", "many"),
          r"argument --max-new-tokens: invalid int value: 'many'"),
     Case("empty slice", _tiny("--question-begin", "100", "--question-end", "200"),

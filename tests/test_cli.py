@@ -107,6 +107,7 @@ def test_three_methods_on_two_demo_questions(
     assert meta["attention"]["decode"] == "flash, folded, no mask"  # the CPU's flash kernel
     assert meta["float32_matmul_precision"] == "highest" and meta["peak_memory_bytes"] > 0
     assert meta["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert meta["float32_from"] is None  # a float32 model: nothing to widen, nothing measured
     assert read_lines(files["pld"])[0]["meta"]["params"]["draft_tree_capacity"] == 21
     for method in ("logitspec", "pld"):
         code = speed.main(["--file-path", str(files[method]), "--base-path", str(files["vanilla"])])
@@ -114,6 +115,27 @@ def test_three_methods_on_two_demo_questions(
         assert code == 0
         overall = report["rows"][-1]
         assert overall["baseline"]["mat"] == 1.0 and overall["exact_match"] == 1.0
+
+
+def test_float32_passes_of_a_half_precision_run(
+    tiny: Path, tmp_path: Path, capsys: Capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--float32-from`` reaches the model and the answer lines' meta; ``auto`` on a
+    bfloat16 model measures the machine (here: a stand-in measurement) once, then reads it."""
+    from logitspec import cost
+
+    monkeypatch.setenv("LOGITSPEC_CACHE", str(tmp_path / "cache"))
+    measured = []
+    monkeypatch.setattr(cost, "measure_float32_from", lambda model: measured.append(1) or 6)
+    common = ["--model-path", str(tiny), "--question-begin", "4", "--question-end", "5",
+              "--max-new-tokens", "8", "--device", "cpu", "--dtype", "bfloat16"]
+    for setting, expected in (("4", 4), ("off", None), ("auto", 6), ("auto", 6)):
+        path = tmp_path / f"answers-{setting}-{len(measured)}.jsonl"
+        argv = common + ["--float32-from", setting, "--answer-file", str(path)]
+        assert run_cli(inference_baseline, argv) == 0
+        capsys.readouterr()
+        assert read_lines(path)[0]["meta"]["float32_from"] == expected
+    assert measured == [1]
 
 
 def test_racer_on_two_demo_questions(tiny: Path, tmp_path: Path, capsys: Capsys) -> None:

@@ -385,3 +385,66 @@ def test_bench_step_cost_stores_a_surface_and_checks_it(tmp_path, monkeypatch, c
     assert all(v >= 1.0 for v in checked["measured"]) and checked["seconds"][1] > 0
     assert checked["holds"] == (checked["deviation"] <= cost_module.CHECK_TOLERANCE)
     assert out[-2].startswith(f"deviation {100 * checked['deviation']:.1f}%")
+
+
+# ------------------------------------------------------------------ float32 wide passes
+
+
+def test_float32_from_settings_parse_and_reject():
+    assert cost_module.parse_float32_from("auto") == "auto"
+    assert cost_module.parse_float32_from(" OFF ") is None
+    assert cost_module.parse_float32_from(None) is None
+    assert cost_module.parse_float32_from("16") == 16
+    for bad in ("0", "-4", "x", "1.5", ""):
+        with pytest.raises(ValueError, match="float32_from must be"):
+            cost_module.parse_float32_from(bad)
+
+
+def fake_pass_times(model, sizes, **kwargs):
+    """Half-precision passes cost 10 per token, float32 passes 60 plus 1 per token."""
+    sizes = sorted(set(sizes) | {1})
+    wide = model.float32_from is not None
+    return CostCurve(tuple(sizes), tuple((60.0 + n) if wide else 10.0 * n for n in sizes), 128)
+
+
+def test_measure_float32_from_keeps_the_first_size_that_pays(monkeypatch):
+    model = tiny_model().to(torch.bfloat16)
+    monkeypatch.setattr(cost_module, "measure_cost_curve", fake_pass_times)
+    # 8 tokens: 68 against 80 (0.85, pays); 4 tokens: 64 against 40
+    assert cost_module.measure_float32_from(model, (4, 8, 16)) == 8
+    assert cost_module.measure_float32_from(model, (2, 4)) is None
+    assert model.float32_from is None  # measured, not applied
+
+
+def test_float32_from_auto_measures_once_per_machine_and_applies(monkeypatch, tmp_path):
+    calls = []
+
+    def measured(model, *args, **kwargs):
+        calls.append(model.dtype)
+        return 12
+
+    monkeypatch.setattr(cost_module, "measure_float32_from", measured)
+    model = tiny_model()
+    assert cost_module.float32_from_for(model, "m", cache_root=tmp_path) is None  # float32
+    half = model.to(torch.bfloat16)
+    assert cost_module.float32_from_for(half, "m", cache_root=tmp_path) == 12
+    assert half.float32_from == 12 and calls == [torch.bfloat16]
+    half.set_float32_from(None)
+    assert cost_module.float32_from_for(half, "m", "auto", cache_root=tmp_path) == 12
+    assert len(calls) == 1  # read back, not measured again
+    assert cost_module.float32_from_for(half, "m", "off", cache_root=tmp_path) is None
+    assert half.float32_from is None
+    assert cost_module.float32_from_for(half, "m", 32, cache_root=tmp_path) == 32
+    monkeypatch.setattr(cost_module, "_copy_fits", lambda model: False)
+    assert cost_module.float32_from_for(half, "other", cache_root=tmp_path) is None
+    assert len(calls) == 1 and half.float32_from is None
+
+
+def test_a_surface_is_stored_per_float32_setting():
+    """A surface measured with wide passes in float32 prices other passes than one without."""
+    model = tiny_model().to(torch.bfloat16)
+    plain = cost_module._surface_key(model, "m")
+    model.set_float32_from(16)
+    assert cost_module._surface_key(model, "m") != plain
+    model.set_float32_from(None)
+    assert cost_module._surface_key(model, "m") == plain

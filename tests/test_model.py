@@ -14,7 +14,7 @@ from conftest import TINY_VARIANTS
 from logitspec.kv_cache import CacheOverflowError, KVCache
 from logitspec.loading import load_model
 from logitspec.config import RopeConfig
-from logitspec.model import Transformer, rope_inv_freq
+from logitspec.model import Linear, Transformer, rope_inv_freq
 from logitspec.tree import build_tree
 
 # Measured on this machine (torch 2.13 CPU, float32): every parity difference below was exactly
@@ -438,3 +438,60 @@ def test_dtype_follows_weights(tiny_hf):
     logits = moved(ids, torch.arange(40), cache)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
     assert torch.equal(logits, full_logits(loaded, ids))
+
+
+# ------------------------------------------------------------------ float32 wide passes
+
+
+@torch.inference_mode()
+def test_linear_widens_passes_from_its_threshold_only():
+    """Rows below ``float32_from`` take the half-precision kernel bit for bit; from it on, the
+    product is the float32 one of the same (exactly widened) values, rounded back once."""
+    torch.manual_seed(3)
+    layer = Linear(48, 40, bias=True).to(torch.bfloat16)
+    wide_rows = torch.randn(5, 48).bfloat16()
+    one_row = wide_rows[:1]
+    half_wide = layer(wide_rows)
+    layer.set_float32_from(3)
+    assert torch.equal(layer(one_row), torch.nn.functional.linear(one_row, layer.weight,
+                                                                   layer.bias))
+    expected = torch.nn.functional.linear(
+        wide_rows.float(), layer.weight.float(), layer.bias.float()).bfloat16()
+    assert torch.equal(layer(wide_rows), expected) and layer(wide_rows).dtype == torch.bfloat16
+    saved = layer.float32_weight
+    layer.float32_weight = saved * 2  # which weight each pass reads: only the wide one moves
+    assert torch.equal(layer(one_row), torch.nn.functional.linear(one_row, layer.weight,
+                                                                   layer.bias))
+    assert not torch.equal(layer(wide_rows), expected)
+    layer.float32_weight = saved
+    layer.set_float32_from(None)
+    assert torch.equal(layer(wide_rows), half_wide) and layer.float32_weight is None
+
+
+@torch.inference_mode()
+def test_model_float32_passes_keep_weights_and_single_steps(tiny_hf):
+    arch, overrides = TINY_VARIANTS["llama-tied"]
+    _, folder = tiny_hf(arch, **overrides)
+    model = load_model(folder, dtype=torch.bfloat16)
+    ids = random_ids(12, model.config.vocab_size, seed=8)
+    before = full_logits(model, ids)
+    keys = set(model.state_dict())
+    model.set_float32_from(4)
+    assert model.float32_from == 4 and set(model.state_dict()) == keys  # nothing saved twice
+    assert model.truncated(1).float32_from == 4  # a layer-skip view shares the layers
+    wide = full_logits(model, ids)
+    torch.testing.assert_close(wide.float(), before.float(), rtol=0.02, atol=0.1)  # rounding
+    cache = prefilled(model, ids[:-1], 40)
+    step = model(ids[-1:], torch.tensor([11]), cache)
+    cache = prefilled(model, ids[:-1], 40)
+    for module in model.modules():  # wide passes read the copies, single steps never do
+        if isinstance(module, Linear):
+            module.float32_weight = torch.zeros_like(module.float32_weight)
+    assert torch.equal(model(ids[-1:], torch.tensor([11]), cache), step)
+    assert torch.equal(full_logits(model, ids), torch.zeros_like(wide))
+    model.set_float32_from(4)
+    assert model.to(torch.bfloat16).float32_from is None  # a move drops the copies
+    with pytest.raises(ValueError, match="at least 1"):
+        model.set_float32_from(0)
+    with pytest.raises(ValueError, match="half-precision"):
+        model.float().set_float32_from(4)
