@@ -547,11 +547,23 @@ def float32_from_for(
 def _copy_fits(model: Transformer) -> bool:
     """Whether float32 copies of the weights take at most half the available memory."""
     weights = sum(p.numel() for p in model.parameters()) * 4
+    return 2 * weights <= _available_memory()
+
+
+def _available_memory() -> int:
+    """Bytes the system can still give (``MemAvailable``: free memory plus the page cache it
+    can drop), else the free pages; 0 when neither is known."""
     try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
-        return False
-    return 2 * weights <= available
+        return 0
 
 
 def _rounded(values: Sequence[float]) -> list[float]:

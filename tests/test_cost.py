@@ -448,3 +448,13 @@ def test_a_surface_is_stored_per_float32_setting():
     assert cost_module._surface_key(model, "m") != plain
     model.set_float32_from(None)
     assert cost_module._surface_key(model, "m") == plain
+
+
+def test_float32_copies_only_where_memory_allows(monkeypatch):
+    model = tiny_model().to(torch.bfloat16)
+    copy_bytes = sum(p.numel() for p in model.parameters()) * 4
+    assert cost_module._available_memory() > 0  # /proc/meminfo or sysconf on this system
+    monkeypatch.setattr(cost_module, "_available_memory", lambda: 2 * copy_bytes)
+    assert cost_module._copy_fits(model)
+    monkeypatch.setattr(cost_module, "_available_memory", lambda: 2 * copy_bytes - 1)
+    assert not cost_module._copy_fits(model)
