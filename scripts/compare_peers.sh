@@ -23,7 +23,7 @@ OUT="${1:-results/peers-$(date +%Y%m%d-%H%M%S)}"
 QPC="${QPC:-8}"
 REPEATS="${REPEATS:-2}"
 PKG_QPC="${PKG_QPC:-8}"
-BEST_BUDGETS="${BEST_BUDGETS:-pld:3 recycling:2 racer:2 sam:2 suffix:5}"
+BEST_BUDGETS="${BEST_BUDGETS:-pld:3 recycling:2 racer:2 sam:2 suffix:65}"
 PUBLISHED="pld:21 recycling:64 racer:64 sam:64 suffix:65 lookahead"
 mkdir -p "$OUT"
 SLICE=(--bench-name spec_bench --questions-per-category "$QPC")
