@@ -520,9 +520,9 @@ def float32_from_for(
 
     ``setting``: ``"auto"`` (the default) measures it (:func:`measure_float32_from`) for a
     half-precision model on the CPU, when a float32 copy of its weights fits in half the
-    available memory, and caches the answer like a cost surface; ``"off"`` or None: never; a number: from that
-    many tokens. On CUDA and for float32 models ``"auto"`` is None: half-precision kernels are
-    native there, or there is nothing to widen."""
+    available memory, and caches the answer like a cost surface; ``"off"`` or None: never; a
+    number: from that many tokens. On CUDA and for float32 models ``"auto"`` is None:
+    half-precision kernels are native there, or there is nothing to widen."""
     setting = parse_float32_from(setting)
     if setting != "auto":
         model.set_float32_from(setting)

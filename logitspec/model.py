@@ -12,15 +12,15 @@ Numerics follow HF transformers' Llama: RMSNorm in float32, RoPE tables in float
 matrix each (see :mod:`logitspec.loading`).
 
 Wide passes in float32: on a CPU without half-precision matrix instructions (AVX2 only, for
-one), torch's bfloat16 matmul widens the weights anew for every row of the input, so a pass
-costs about one more single-token step per token (SmolLM2-135M, 2 AVX2 cores: 22 ms for one
-token, 175 ms for 16, 636 ms for 64), and prefill runs at ~130 tokens/s. A float32 copy of the
-weights costs twice the memory traffic for one row but runs wide passes near the float32 rate
-(105 ms for 16 tokens, 225 ms for 64; prefill ~460 tokens/s).
+one), torch's bfloat16 matmul costs about one more single-token step per token of a pass
+(SmolLM2-135M, 2 AVX2 cores: 22 ms for one token, 175 ms for 16, 636 ms for 64), and prefill
+runs at ~130 tokens/s. A float32 copy of the weights costs twice the memory traffic for one
+row but runs wide passes near the float32 rate (105 ms for 16 tokens, 225 ms for 64; prefill
+~460 tokens/s).
 :meth:`Transformer.set_float32_from` gives every linear layer that copy, used for passes of at
 least that many rows: the input is widened, the products (exact in float32) are summed in
-float32 as the half-precision kernel sums them, and the result is rounded back to the model's
-dtype. Single-token steps, and so the baseline's decoding, stay on the half-precision kernel.
+float32, and the result is rounded back to the model's dtype. Single-token steps, and so the
+baseline's decoding, stay on the half-precision kernel.
 :func:`logitspec.cost.float32_from_for` decides by measuring the machine.
 """
 
