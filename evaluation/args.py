@@ -128,7 +128,9 @@ class EvalConfig:
         _positive("questions_per_category", self.questions_per_category)
         _positive("num_choices", self.num_choices)
         _positive("warmup", self.warmup, 0)
-        self.resolved_float32_from  # validates it
+        if isinstance(self.resolved_float32_from, int) and self.resolved_dtype == "float32":
+            raise ValueError("--float32-from widens half-precision passes; the dtype is float32 "
+                             "(use --float32-from off or a half-precision --dtype)")
         self._check_device()
         self._check_workers()
         self._check_template()

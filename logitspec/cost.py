@@ -535,10 +535,7 @@ def float32_from_for(
         rows = json.loads(path.read_text())["float32_from"]
     else:
         rows = measure_float32_from(model)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"float32_from": rows}))
-        tmp.replace(path)
+        _write_json(path, {"float32_from": rows})
         log.info("float32 wide passes from %s tokens (measured)", rows)
     model.set_float32_from(rows)
     return rows
@@ -583,11 +580,16 @@ def store_cost_surface(
 ) -> Path:
     """Makes ``surface`` the cached one for this model/dtype/device; returns the file."""
     path = _surface_path(model, model_key, cache_root)
+    _write_json(path, surface.to_json())
+    return path
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Writes ``data`` to ``path`` whole or not at all (a concurrent reader never sees half)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(surface.to_json()))
+    tmp.write_text(json.dumps(data))
     tmp.replace(path)
-    return path
 
 
 def _surface_path(

@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.check and (args.store or args.random_shape is not None):
         parser.error("--check reads the stored surface of a real model: no --store, no "
                      "--random-shape")
+    if isinstance(args.float32_from, int) and args.dtype == "float32":
+        parser.error("--float32-from widens half-precision passes; the dtype is float32")
     if min(args.contexts or [1]) < 1 or args.repeats < 1 or min(args.sizes) < 1:
         parser.error("--contexts, --repeats and --sizes must be positive")
     return args

@@ -207,6 +207,8 @@ CASES = [
     Case("unknown device", _tiny("--device", "tpu"), r"unknown device 'tpu'"),
     Case("float32 passes from 0 tokens", _tiny("--float32-from", "0"),
          r"float32_from must be 'auto', 'off' or a positive number of tokens, got '0'"),
+    Case("float32 passes of a float32 model", _tiny("--float32-from", "16", "--dtype", "float32"),
+         r"--float32-from widens half-precision passes; the dtype is float32"),
     Case("not a number", _tiny("--max-new-tokens", "many"),
          r"argument --max-new-tokens: invalid int value: 'many'"),
     Case("empty slice", _tiny("--question-begin", "100", "--question-end", "200"),
