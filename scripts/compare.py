@@ -351,7 +351,9 @@ class RowFigures:
     ``median_speedup``: the median over questions of each question's speedup (its tokens/s
     over vanilla's on it, pooled over passes); ``decode_speedup``: the speedup with each
     side's prefill seconds left out of its wall time (None unless both sides timed their
-    phases); ``host_us_per_step``: draft + accept + update microseconds per decoding step.
+    phases); ``matched_speedup``: the speedup with each answer's time scaled to the length of
+    vanilla's answer to the same question (:func:`matched_speedup`); ``host_us_per_step``:
+    draft + accept + update microseconds per decoding step.
     """
 
     questions: int
@@ -363,6 +365,7 @@ class RowFigures:
     speedup: float | None
     median_speedup: float | None
     decode_speedup: float | None
+    matched_speedup: float | None
     exact_match: float | None
     host_overhead: float | None
     host_us_per_step: float | None
@@ -383,6 +386,21 @@ def _decode_rate(outcomes: Sequence[Outcome]) -> float | None:
 
 def _speedup(rate: float | None, base_rate: float | None) -> float | None:
     return None if rate is None or base_rate is None else ratio(rate, base_rate)
+
+
+def matched_speedup(mine: Sequence[Outcome], base: Sequence[Outcome]) -> float | None:
+    """Vanilla's wall time over this method's, each of its answers' time scaled to the length
+    of vanilla's answer to the same question (time x vanilla's tokens / its tokens; unscaled
+    for an empty answer). In half precision two methods may answer a question with different
+    texts: a drafted answer that turned into a 256-token loop (cheap to draft) instead of
+    vanilla's 80 tokens would otherwise weigh three times as much in the pooled speedup.
+    Example: vanilla 80 tokens in 2.0 s; the method 240 tokens in 3.0 s: pooled speedup
+    (240 / 3.0) / (80 / 2.0) = 2.0, matched 2.0 / (3.0 x 80 / 240) = 2.0 as well; with a
+    second question answered alike by both (100 tokens, 2.5 s vanilla, 2.0 s the method), pooled
+    (340 / 5.0) / (180 / 4.5) = 1.70, matched 4.5 / (1.0 + 2.0) = 1.50."""
+    scaled = sum(m.wall_time * b.tokens / m.tokens if m.tokens else m.wall_time
+                 for m, b in zip(mine, base))
+    return ratio(sum(b.wall_time for b in base), scaled)
 
 
 def question_median_speedup(mine: Sequence[Outcome], base: Sequence[Outcome],
@@ -411,6 +429,7 @@ def row_figures(mine: Sequence[Outcome], base: Sequence[Outcome], keys: Sequence
         speedup=_speedup(_rate(mine), _rate(base)),
         median_speedup=question_median_speedup(mine, base, keys),
         decode_speedup=_speedup(_decode_rate(mine), _decode_rate(base)),
+        matched_speedup=matched_speedup(mine, base),
         exact_match=ratio(same, len(mine)), host_overhead=ratio(host, phases),
         host_us_per_step=None if not phases or not steps else 1e6 * host / steps,
     )
@@ -752,14 +771,14 @@ def row_table(figures: dict[str, RowFigures],
     """Header and one line per method; with ``spread`` (several passes), the speedup and
     tokens/s over passes too."""
     header = ["method", "MAT", "tok/s", "speedup", "q-median speedup", "decode speedup",
-              "exact", "host overhead", "host µs/step"]
+              "length-matched speedup", "exact", "host overhead", "host µs/step"]
     if spread is not None:
         header += ["speedup over passes", "tok/s over passes"]
     body = []
     for label, f in figures.items():
         cells = [label, _fmt(f.mat), _fmt(f.tokens_per_s, ".1f"), _fmt(f.speedup, ".2f", "x"),
                  _fmt(f.median_speedup, ".2f", "x"), _fmt(f.decode_speedup, ".2f", "x"),
-                 _percent(f.exact_match, ".0f"),
+                 _fmt(f.matched_speedup, ".2f", "x"), _percent(f.exact_match, ".0f"),
                  _percent(f.host_overhead, ".1f"), _fmt(f.host_us_per_step, ".0f")]
         if spread is not None:
             cells += [_spread_cell(spread[label]["speedup"], ".2f", "x"),

@@ -144,6 +144,27 @@ def test_summarize_on_synthetic_outcomes():
     assert x.decode_speedup is None  # vanilla timed no phases: its prefill is unknown
 
 
+def test_matched_speedup_weighs_each_question_by_vanillas_length():
+    """The docstring's example: a method that answered question 1 with three times vanilla's
+    tokens gains 1.70x pooled but 1.50x at vanilla's lengths; equal lengths give equal figures."""
+    outcomes = {
+        "vanilla": {"1": outcome(80, 2.0, 80), "2": outcome(100, 2.5, 100)},
+        "x": {"1": outcome(240, 3.0, 60, ids=((9,),)), "2": outcome(100, 2.0, 50)},
+        "y": {"1": outcome(80, 1.0, 40), "2": outcome(100, 2.5, 50)},
+    }
+    rows_of = {"1": "qa", "2": "qa"}
+    summary = compare.summarize([outcomes], rows_of, compare.usable_units([outcomes], list(rows_of)))
+    x, y = summary["overall"]["x"], summary["overall"]["y"]
+    assert x.speedup == pytest.approx(1.70) and x.matched_speedup == pytest.approx(1.50)
+    assert y.matched_speedup == pytest.approx(y.speedup) == pytest.approx(4.5 / 3.5)
+    assert summary["overall"]["vanilla"].matched_speedup == 1.0
+    table = compare.row_table(summary["overall"])
+    assert table[0][6] == "length-matched speedup" and table[2][6] == "1.50x"
+    # an empty answer keeps its time unscaled
+    empty = compare.matched_speedup([outcome(0, 1.0, 1)], [outcome(10, 2.0, 10)])
+    assert empty == pytest.approx(2.0)
+
+
 def test_decode_speedup_leaves_each_sides_prefill_out():
     """Two answers of other lengths to the same prompts: the one that answers fewer tokens
     spreads the same prefill over fewer of them; decoding alone compares the rest."""
