@@ -6,7 +6,8 @@ stored continuations per n-gram and chains through the target's remembered succe
 ``--match-lengths 1`` values the next-token chain by the length of its match with the context.
 Suffix trees over the question and over the run's earlier answers (SuffixDecoding's) add their
 drafts, each node valued by its match length and how often it followed (``--suffix-trees 0``
-turns them off). The public code's behaviour is ``--tree-policy reference
+turns them off); the question's tree offers its draft at every match length of two tokens or
+more, not only its best-scored one (``--suffix-branches 0``: the best only). The public code's behaviour is ``--tree-policy reference
 --draft_tree_capacity 64``.
 
 The cost curves (over tree size, at a few context lengths) are measured on first use and
@@ -63,12 +64,16 @@ class ValueTreeParams(RetrievalParams):
         "answers, valued by match length and frequency (value policy); 0: off", type=int,
         choices=[0, 1])
     suffix_tokens: int = option(32, "most tokens of one suffix-tree draft", type=int)
+    suffix_branches: int = option(
+        1, "1: with --suffix-trees 1, also the question's suffix tree's drafts at its other "
+        "match lengths (every matched suffix of 2 tokens or more); 0: its best draft only",
+        type=int, choices=[0, 1])
     live_costs: int = option(
         0, "1: correct the measured cost curve by the verification times seen during the run "
         "(automatic budget); 0: use it as measured", type=int, choices=[0, 1])
 
     def __post_init__(self) -> None:
-        for name in ("match_lengths", "suffix_trees", "live_costs"):
+        for name in ("match_lengths", "suffix_trees", "suffix_branches", "live_costs"):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"{name} must be 0 or 1, got {getattr(self, name)}")
         self.logitspec_config()  # validates
@@ -86,6 +91,7 @@ class ValueTreeParams(RetrievalParams):
             match_lengths=bool(self.match_lengths) and value,
             suffix_trees=bool(self.suffix_trees) and value,
             suffix_tokens=self.suffix_tokens,
+            suffix_branches=bool(self.suffix_branches and self.suffix_trees) and value,
             live_costs=bool(self.live_costs) and value and self.draft_tree_capacity == "auto",
         )
 

@@ -136,6 +136,7 @@ class LogitSpecConfig:
     match_lengths: bool = False
     suffix_trees: bool = False
     suffix_tokens: int = 32
+    suffix_branches: bool = False
     live_costs: bool = False
 
     def __post_init__(self) -> None:
@@ -157,6 +158,8 @@ class LogitSpecConfig:
             raise ValueError("suffix-tree candidates need tree_policy='value'")
         if self.suffix_tokens < 1:
             raise ValueError(f"suffix_tokens must be >= 1, got {self.suffix_tokens}")
+        if self.suffix_branches and not self.suffix_trees:
+            raise ValueError("suffix_branches needs suffix_trees")
         if self.live_costs and self.draft_tree_capacity is not None:
             raise ValueError("live_costs corrects the cost of an automatic draft_tree_capacity")
         if self.num_next_next is not None and self.num_next_next < 0:
@@ -306,7 +309,11 @@ class ValueTreeDrafter(_PoolDrafter):
     far) and one over the run's earlier answers, each node with the feature
     ``("suf", source, m, share)`` of :func:`suffix_candidates`: how long the match is and what
     share of its occurrences went on with the node's token, so that a long verbatim repeat is
-    drafted at length where verification is dear and a weak pattern is not.
+    drafted at length where verification is dear and a weak pattern is not. With
+    ``suffix_branches``, the question's tree also offers its draft at every other match length
+    of two tokens or more (:meth:`~logitspec.suffix_decoding.SuffixCache.branches`), source
+    ``"branch"``: SuffixDecoding's score prefers the longest match with room to draft, which
+    may go on rarely, while a shorter match's frequent continuation is often the next token.
 
     With an automatic budget, candidates that no tree under this step's cost could keep
     (:func:`~logitspec.value_tree.entry_value`) are dropped as they are offered; with
@@ -411,6 +418,9 @@ class ValueTreeDrafter(_PoolDrafter):
             rate, floor = self.stats.rate, tree.floor
             tree.offer_nodes(suffix_candidates(local, "local", rate, floor))
             tree.offer_nodes(suffix_candidates(answers, "answers", rate, floor))
+            if self.config.suffix_branches:
+                for draft in self.suffixes.branches(max_depth, skip=local.match_len):
+                    tree.offer_nodes(suffix_candidates(draft, "branch", rate, floor))
 
     def _depth_features(self, kind: str, order: int, first_depth: int) -> tuple:
         """``(kind, order, depth bucket)`` for depths ``first_depth, first_depth + 1, ...``

@@ -173,6 +173,27 @@ class SuffixCache:
         local = self._best(self.local, self.local.loci, SuffixDraft(), max_depth)
         return local, self._best_answer(SuffixDraft(), max_depth)
 
+    def branches(self, max_depth: int | None = None, skip: int = 0,
+                 shortest: int = 2) -> list[SuffixDraft]:
+        """The per-request tree's draft at every other match length: one per matched suffix
+        of ``shortest`` tokens or more (longest first), each with its own budget, except the
+        match of ``skip`` tokens (the one :meth:`drafts` chose). SuffixDecoding keeps only its
+        best-scored draft; a caller that values every node apart can use the rest, e.g. the
+        frequent continuation of a 3-token match beside a 20-token match's rare one."""
+        tree, longest = self.local, min(self.config.max_depth, self.context_length) - 1
+        budgets, mode = self._budgets, self._tree_mode
+        found = []
+        for position in tree.loci:
+            match_len = tree.position_depth(position)
+            if match_len == skip or match_len > longest or budgets[match_len] <= 0:
+                continue
+            if match_len < shortest:
+                break  # the loci are deepest first
+            draft = tree.speculate(position, budgets[match_len], tree=mode, max_depth=max_depth)
+            if draft.tokens:
+                found.append(draft)
+        return found
+
     def _best_answer(self, best: SuffixDraft, max_depth: int | None) -> SuffixDraft:
         """``best`` or a draft of the global tree that beats it."""
         if not self.config.max_cached_answers:

@@ -14,9 +14,9 @@ of ``simulate_drafters.make_drafter`` with ``{n}`` standing for the budget; the 
     pld         pld:{n}                                  prompt lookup, a chain of n - 1
     recycling   recycling:{n}                            Token Recycling, n-node template
     reference   logitspec:{n}                            LogitSpec, the public code's policy
-    value       logitspec:{n},value,conts=3,rec=8,recd=6,suf,suftok=32
+    value       logitspec:{n},value,conts=3,rec=8,recd=6,suf,branches,suftok=32
                                                          the value tree at a fixed budget
-    value-auto  logitspec:auto,max={n},conts=3,rec=8,recd=6,suf,suftok=32
+    value-auto  logitspec:auto,max={n},conts=3,rec=8,recd=6,suf,branches,suftok=32
                                                          the automatic budget, at most n
     racer       racer:{n}                                RACER, n-node trees
 
@@ -52,8 +52,8 @@ FAMILIES = {
     "pld": "pld:{n}",
     "recycling": "recycling:{n}",
     "reference": "logitspec:{n}",
-    "value": "logitspec:{n},value,conts=3,rec=8,recd=6,suf,suftok=32",
-    "value-auto": "logitspec:auto,max={n},conts=3,rec=8,recd=6,suf,suftok=32",
+    "value": "logitspec:{n},value,conts=3,rec=8,recd=6,suf,branches,suftok=32",
+    "value-auto": "logitspec:auto,max={n},conts=3,rec=8,recd=6,suf,branches,suftok=32",
     "racer": "racer:{n}",
 }
 # Relative verification cost of N tokens, shaped like a 2-core CPU's in bfloat16 (seconds per

@@ -38,9 +38,9 @@ for peer in pld recycling racer sam suffix; do
     for n in 2 3 5 8 16 64; do DRAFTERS+=(--drafter "$peer:$n"); done
 done
 python scripts/simulate_drafters.py replay --trace "$OUT/traces-bf16.pt" "${DRAFTERS[@]}" \
-    --drafter "logitspec:auto,conts=3,rec=8,recd=6,suf,suftok=32" \
+    --drafter "logitspec:auto,conts=3,rec=8,recd=6,suf,branches,suftok=32" \
     --drafter "logitspec:auto,conts=3,rec=8,recd=6" \
-    --drafter "logitspec:64,value,conts=3,rec=8,recd=6,suf,suftok=32" | tee "$OUT/replay-budgets.txt"
+    --drafter "logitspec:64,value,conts=3,rec=8,recd=6,suf,branches,suftok=32" | tee "$OUT/replay-budgets.txt"
 
 # shellcheck disable=SC2086  # the budget lists are word lists on purpose
 python scripts/compare.py "${SLICE[@]}" --dtype bfloat16 --max-new-tokens 256 \

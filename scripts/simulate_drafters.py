@@ -204,8 +204,9 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
     ``value`` (value-ranked tree), ``k=32`` (next-next candidates), ``max=64`` (auto's largest
     tree), ``len=8`` (value chain length), ``rec=8,recd=6`` (recycled chains and their depth),
     ``match`` (next-token chains valued by their match length), ``suf`` (suffix trees' drafts),
-    ``suftok=32`` (most tokens per suffix-tree draft), ``live`` (auto: the cost curve corrected
-    by the pass times it is told, see ``--pass-cost-factors``).
+    ``suftok=32`` (most tokens per suffix-tree draft), ``branches`` (with ``suf``: the
+    per-question tree's drafts at its other match lengths too), ``live`` (auto: the cost curve
+    corrected by the pass times it is told, see ``--pass-cost-factors``).
     ``sam:<capacity>``: SAMD[T] as ``inference_sam`` builds it (automaton drafts of
     ``min(40, capacity)`` tokens, Token Recycling on ``capacity`` nodes), options ``size=40``
     (automaton draft), ``thr=5``, ``bias=5``, ``alone`` (no fallback), ``scale=4`` (drafts sized
@@ -255,6 +256,7 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
             match_lengths="match" in options,
             suffix_trees="suf" in options,
             suffix_tokens=int(options.get("suftok", LogitSpecConfig.suffix_tokens)),
+            suffix_branches="branches" in options,
             live_costs="live" in options,
         )
         successors = SuccessorTable(vocab_size) if config.recycle_chains else None

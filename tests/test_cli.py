@@ -101,7 +101,7 @@ def test_three_methods_on_two_demo_questions(
                               "draft_tree_capacity": "auto", "tree_policy": "value",
                               "num_continuations": 3, "recycle_chains": 8, "recycle_depth": 6,
                               "max_auto_capacity": 64, "match_lengths": 0, "suffix_trees": 1,
-                              "suffix_tokens": 32, "live_costs": 0}
+                              "suffix_tokens": 32, "suffix_branches": 1, "live_costs": 0}
     assert len(list((tmp_path / "cache" / "costs").glob("*.json"))) == 1
     assert meta["dtype"] == "float32" and meta["template"] == "chat_template"
     assert meta["attention"]["decode"] == "flash, folded, no mask"  # the CPU's flash kernel

@@ -62,7 +62,8 @@ SMALL = LogitSpecConfig(draft_tree_capacity=8)
 # The command-line default (automatic budget), with a fixed cost curve shaped like this CPU's
 # in bfloat16 so that the trees it picks do not depend on the machine running the test.
 AUTO = LogitSpecConfig(pool=PoolConfig(3, 20, 3), draft_tree_capacity=None, tree_policy="value",
-                       recycle_chains=8, recycle_depth=6, suffix_trees=True, suffix_tokens=32)
+                       recycle_chains=8, recycle_depth=6, suffix_trees=True, suffix_tokens=32,
+                       suffix_branches=True)
 CPU_LIKE = CostCurve((1, 8, 16, 32, 64), (1.0, 1.05, 1.15, 1.35, 1.8))
 # Questions per category: every multi-turn one; more of the short-prompt categories.
 PER_CATEGORY = {"qa": 3, "math_reasoning": 3, "translation": 2, "summarization": 2, "rag": 2}

@@ -191,7 +191,7 @@ DRAFTERS = {
     "logitspec-default": lambda: ValueTreeDrafter(
         LogitSpecConfig(pool=PoolConfig(2, 3, 3), draft_tree_capacity=None, tree_policy="value",
                         max_auto_capacity=8, recycle_chains=3, recycle_depth=2, match_lengths=True,
-                        suffix_trees=True, suffix_tokens=4),
+                        suffix_trees=True, suffix_tokens=4, suffix_branches=True),
         CostCurve((1, 8), (1.0, 1.0)), SuccessorTable(VOCAB, 3)),
     "eagle": lambda: EagleDrafter(
         markov_head(MarkovLM(VOCAB), seed=2),

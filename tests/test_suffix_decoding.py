@@ -158,6 +158,20 @@ def test_extending_the_previous_context_equals_a_fresh_tree():
     assert [cache.local.count(s) for s in strings] == [fresh.local.count(s) for s in strings]
 
 
+def test_branches_are_the_other_match_lengths_drafts():
+    """Context ``1 2 3 9 5 2 3 7 6 2 3 7 8 1 2 3``: the match ``1 2 3`` (seen once before,
+    then 9 5 2) scores 3/2 and is the best draft; ``2 3`` (seen three times before: 9, 7, 7)
+    drafts 7 first at 2/4 and is a branch; a 1-token match is never one."""
+    cache = cache_after([1, 2, 3, 9, 5, 2, 3, 7, 6, 2, 3, 7, 8, 1, 2, 3])
+    best, _ = cache.drafts()
+    assert best.match_len == 3 and best.tokens == (9, 5, 2) and best.score == Fraction(3, 2)
+    (branch,) = cache.branches(skip=best.match_len)
+    assert branch.match_len == 2 and branch.tokens[0] == 7 and branch.denominator == 4
+    assert [d.match_len for d in cache.branches(skip=0)] == [3, 2]
+    assert [d.match_len for d in cache.branches(skip=0, shortest=1)] == [3, 2, 1]
+    assert cache.branches(skip=best.match_len, shortest=3) == []
+
+
 def test_draft_tree_hangs_the_draft_under_the_root():
     earlier = [([0], [1, 2, 8, 8]), ([0], [1, 2, 8, 8])]
     draft = cache_after([1, 2, 3], [1, 2], earlier=earlier).speculate()
@@ -167,11 +181,11 @@ def test_draft_tree_hangs_the_draft_under_the_root():
 
 # --------------------------------------------------------------------------- against brute force
 
-def reference(sequences, context, config, alphabet, max_depth):
-    """(best score, its match length) over one tree holding ``sequences``, by brute force:
-    for m = 1, 2, ...: the sum of the ``budget(m)`` largest eligible continuation counts over
-    count(suffix); ties to the longer match."""
-    best = (Fraction(0), 0)
+def reference_scores(sequences, context, config, alphabet, max_depth):
+    """{match length m: the score of its draft} over one tree holding ``sequences``, by brute
+    force, for every m = 1, 2, ... whose suffix occurs: the sum of the ``budget(m)`` largest
+    eligible continuation counts over count(suffix)."""
+    scores = {}
     for m in range(1, min(config.max_depth, len(context))):
         s = context[-m:]
         total = brute_count(sequences, s)
@@ -185,7 +199,14 @@ def reference(sequences, context, config, alphabet, max_depth):
              if (c := brute_count(sequences, s + list(p))) and c >= config.min_token_prob * total),
             reverse=True,
         )
-        score = Fraction(sum(counts[:budget]), total)
+        scores[m] = Fraction(sum(counts[:budget]), total)
+    return scores
+
+
+def reference(sequences, context, config, alphabet, max_depth):
+    """(best score, its match length) of :func:`reference_scores`; ties to the longer match."""
+    best = (Fraction(0), 0)
+    for m, score in reference_scores(sequences, context, config, alphabet, max_depth).items():
         if score >= best[0]:
             best = (score, m)
     return best
@@ -224,6 +245,14 @@ def test_speculate_matches_brute_force(requests, capacity, max_depth, alpha, off
             own, theirs = cache.drafts(step_depth)
             assert Fraction(sum(own.counts), own.denominator) == local[0]
             assert Fraction(sum(theirs.counts), theirs.denominator) == remote[0]
+            # the per-request tree's other drafts: every other match of 2 or more tokens
+            scores = reference_scores([context], context, config, 3, step_depth)
+            branches = cache.branches(step_depth, skip=own.match_len)
+            assert [d.match_len for d in branches] == sorted(
+                (m for m, score in scores.items() if m >= 2 and m != own.match_len and score),
+                reverse=True)
+            assert all(Fraction(sum(d.counts), d.denominator) == scores[d.match_len]
+                       for d in branches)
 
 
 # --------------------------------------------------------------------------- in the decoding loop

@@ -269,7 +269,7 @@ CURVE = CostCurve((1, 8, 64), (1.0, 1.1, 2.0))
     max_new=st.integers(1, 40),
     seed=st.integers(0, 3),
     match=st.booleans(),
-    suffix=st.booleans(),
+    suffix=st.sampled_from(["off", "best", "branches"]),
     live=st.booleans(),
     recycle=st.booleans(),
 )
@@ -282,7 +282,8 @@ def test_value_trees_are_lossless(prompt, capacity, max_new, seed, match, suffix
     drafter = make_logitspec_drafter(
         LogitSpecConfig(pool=PoolConfig(2, 6, 2), draft_tree_capacity=capacity,
                         tree_policy="value", max_auto_capacity=16, match_lengths=match,
-                        suffix_trees=suffix, suffix_tokens=5,
+                        suffix_trees=suffix != "off", suffix_branches=suffix == "branches",
+                        suffix_tokens=5,
                         recycle_chains=3 if recycle else 0, recycle_depth=3,
                         live_costs=live and capacity is None), CURVE,
         SuccessorTable(8, 3) if recycle else None)
@@ -390,6 +391,27 @@ def test_a_verbatim_repeat_is_drafted_long_from_the_suffix_tree():
         drafter.extend([token], step, [0])
     assert drafter.draft(32, np.array([32]), 64).tokens[:2] == (32, 33)
     assert drafter._features[1] == ("suf", "answers", 3, 1.0)
+
+
+@pytest.mark.parametrize("branches", [False, True])
+def test_suffix_branches_offer_the_other_match_lengths(branches):
+    """Context ``1 2 3 9 5 2 3 7 6 2 3 7 8 1 2`` and root 3: the pool's 3-gram ``1 2 3`` and the
+    question's best suffix-tree draft (the same match) both go on with 9; the shorter match
+    ``2 3`` went on with 7 twice. Only the branches put 7 under the root, with its own feature
+    (match bucket 2, share 2/3: bucket 0.75)."""
+    config = LogitSpecConfig(pool=PoolConfig(3, 20), draft_tree_capacity=64, tree_policy="value",
+                             suffix_trees=True, suffix_branches=branches)
+    drafter = ValueTreeDrafter(config)
+    drafter.begin([1, 2, 3, 9, 5, 2, 3, 7, 6, 2, 3, 7, 8, 1, 2], 0)
+    tree = drafter.draft(3, np.array([3]), 64)
+    firsts = {tree.tokens[i]: drafter._features[i] for i, p in enumerate(tree.parents) if p == 0}
+    assert 9 in firsts
+    if branches:
+        assert firsts[7] == ("suf", "branch", 2, 0.75)
+    else:
+        assert 7 not in firsts
+    with pytest.raises(ValueError, match="suffix_branches"):
+        LogitSpecConfig(tree_policy="value", suffix_branches=True)
 
 
 # shaped like a 2-core CPU's bfloat16 verification: each drafted token costs over half a step
