@@ -443,9 +443,9 @@ class RowReport:
     over questions of each question's own speedup (a few slow questions on
     one side barely move it); ``decode_speedup`` the ratio of tokens/s over
     wall time less prefill (where the two sides answer texts of other lengths,
-    the same prefill is spread over other numbers of tokens);
-    ``tokens_per_target_call`` is the method's MAT (one target forward per
-    decoding step).
+    the same prefill is spread over other numbers of tokens); ``matched_speedup``
+    each question weighted by the baseline's answer length (:func:`length_matched_speedup`);
+    ``tokens_per_target_call`` is the method's MAT (one target forward per decoding step).
     """
 
     category: str
@@ -456,10 +456,29 @@ class RowReport:
     mean_rate_speedup: float | None
     median_speedup: float | None
     decode_speedup: float | None
+    matched_speedup: float | None
     acceptance_rate: float | None
     tokens_per_target_call: float | None
     exact_match: float | None
     turn_exact_match: float | None
+
+
+def length_matched_speedup(method: Iterable[tuple[int, float]],
+                           base: Iterable[tuple[int, float]]) -> float | None:
+    """The baseline's wall time over the method's, each method answer's time scaled to the
+    length of the baseline's answer to the same question: ``method`` and ``base`` hold
+    ``(tokens, wall time)`` of the same questions in the same order; an empty method answer
+    keeps its time. In half precision the two sides may answer a question with different
+    texts: a drafted answer that turned into a 256-token loop (cheap to draft) where the
+    baseline answered 80 tokens would otherwise weigh three times as much in the pooled
+    speedup. Example: baseline 80 tokens in 2.0 s and 100 in 2.5 s; method 240 tokens in
+    3.0 s and 100 in 2.0 s: pooled speedup (340 / 5.0) / (180 / 4.5) = 1.70, length-matched
+    4.5 / (3.0 x 80 / 240 + 2.0) = 1.50."""
+    scaled = total = 0.0
+    for (tokens, seconds), (base_tokens, base_seconds) in zip(method, base, strict=True):
+        scaled += seconds * base_tokens / tokens if tokens else seconds
+        total += base_seconds
+    return ratio(total, scaled)
 
 
 def _optional_ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -488,6 +507,9 @@ def build_row(category: str, pairs: Sequence[Pair]) -> RowReport:
         mean_rate_speedup=_optional_ratio(method.mean_rate, baseline.mean_rate),
         median_speedup=median_speedup(pairs),
         decode_speedup=_optional_ratio(method.decode_tokens_per_s, baseline.decode_tokens_per_s),
+        matched_speedup=length_matched_speedup(
+            [(p.method_stats.tokens, p.method_stats.wall_time) for p in pairs],
+            [(p.base_stats.tokens, p.base_stats.wall_time) for p in pairs]),
         acceptance_rate=acceptance_rate([p.method_stats for p in pairs]),
         tokens_per_target_call=method.mat,
         exact_match=ratio(sum(same == total for same, total in matches), len(matches)),
@@ -683,6 +705,7 @@ MEAN_FIELDS: Mapping[str, Callable[[RowReport], float | None]] = {
     "mean_rate_speedup": lambda row: row.mean_rate_speedup,
     "median_speedup": lambda row: row.median_speedup,
     "decode_speedup": lambda row: row.decode_speedup,
+    "matched_speedup": lambda row: row.matched_speedup,
     "mat": lambda row: row.method.mat,
     "baseline_mat": lambda row: row.baseline.mat,
     "tokens_per_s": lambda row: row.method.tokens_per_s,
@@ -769,7 +792,7 @@ def _row_cells(r: RowReport, name: str) -> list[str]:
     return [name, str(r.questions), _fmt(r.method.tokens_per_s), _fmt(r.baseline.tokens_per_s),
             _fmt(r.speedup, ".2f", "x"), _fmt(r.mean_rate_speedup, ".2f", "x"),
             _fmt(r.median_speedup, ".2f", "x"), _fmt(r.decode_speedup, ".2f", "x"),
-            _fmt(r.method.mat), _fmt(r.baseline.mat),
+            _fmt(r.matched_speedup, ".2f", "x"), _fmt(r.method.mat), _fmt(r.baseline.mat),
             _percent(r.acceptance_rate), _percent(r.exact_match), _percent(r.turn_exact_match)]
 
 
@@ -796,8 +819,8 @@ def _environment_text(report: Report) -> str:
 def format_table(report: Report) -> str:
     """The human-readable report printed before the JSON line."""
     header = ["category", "n", "tok/s", "base tok/s", "speedup", "q-mean speedup",
-              "q-median speedup", "decode speedup", "MAT", "base MAT", "acc.rate", "exact",
-              "turn exact"]
+              "q-median speedup", "decode speedup", "length-matched speedup", "MAT", "base MAT",
+              "acc.rate", "exact", "turn exact"]
     body = [_row_cells(r, r.category) for r in report.rows]
     if report.disturbed_ids:
         body.append(_row_cells(report.clean_rows[-1], CLEAN_ROW))

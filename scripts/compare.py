@@ -114,7 +114,8 @@ from evaluation.methods import TurnGenerator  # noqa: E402
 from evaluation.prompts import resolve_template  # noqa: E402
 from evaluation.questions import Question, QuestionFileError, load_questions, select_questions  # noqa: E402
 from evaluation.speed import (  # noqa: E402
-    OVERALL_ROW, align, format_ids, load_average_of, measurement, parse_record, ratio, row_name,
+    OVERALL_ROW, align, format_ids, length_matched_speedup, load_average_of, measurement,
+    parse_record, ratio, row_name,
 )
 from evaluation import (  # noqa: E402
     inference_eagle, inference_logitspec, inference_lookahead, inference_pld, inference_racer,
@@ -389,18 +390,10 @@ def _speedup(rate: float | None, base_rate: float | None) -> float | None:
 
 
 def matched_speedup(mine: Sequence[Outcome], base: Sequence[Outcome]) -> float | None:
-    """Vanilla's wall time over this method's, each of its answers' time scaled to the length
-    of vanilla's answer to the same question (time x vanilla's tokens / its tokens; unscaled
-    for an empty answer). In half precision two methods may answer a question with different
-    texts: a drafted answer that turned into a 256-token loop (cheap to draft) instead of
-    vanilla's 80 tokens would otherwise weigh three times as much in the pooled speedup.
-    Example: vanilla 80 tokens in 2.0 s; the method 240 tokens in 3.0 s: pooled speedup
-    (240 / 3.0) / (80 / 2.0) = 2.0, matched 2.0 / (3.0 x 80 / 240) = 2.0 as well; with a
-    second question answered alike by both (100 tokens, 2.5 s vanilla, 2.0 s the method), pooled
-    (340 / 5.0) / (180 / 4.5) = 1.70, matched 4.5 / (1.0 + 2.0) = 1.50."""
-    scaled = sum(m.wall_time * b.tokens / m.tokens if m.tokens else m.wall_time
-                 for m, b in zip(mine, base))
-    return ratio(sum(b.wall_time for b in base), scaled)
+    """:func:`~evaluation.speed.length_matched_speedup` of the same measurements: an answer
+    that diverged into a longer text weighs no more than vanilla's answer to its question."""
+    return length_matched_speedup([(o.tokens, o.wall_time) for o in mine],
+                                  [(o.tokens, o.wall_time) for o in base])
 
 
 def question_median_speedup(mine: Sequence[Outcome], base: Sequence[Outcome],

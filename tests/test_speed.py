@@ -479,6 +479,27 @@ def test_prompt_tokens_need_one_entry_per_turn(tmp_path: Path, capsys: Capsys) -
     assert code == 2 and "'prompt_tokens' and 'turns' differ in length" in err
 
 
+def test_length_matched_speedup_weighs_each_question_by_the_baselines_length(
+        tmp_path: Path, capsys: Capsys) -> None:
+    """The docstring's example: the method answered question 1 with three times the
+    baseline's tokens (another text): 1.70x pooled, 1.50x at the baseline's lengths."""
+    method = [answer(1, tokens=[240], times=[3.0], texts=["loop"]),
+              answer(2, tokens=[100], times=[2.0])]
+    base = [answer(1, tokens=[80], times=[2.0]), answer(2, tokens=[100], times=[2.5])]
+    overall = compare(tmp_path, method, base).overall
+    assert overall.speedup == pytest.approx(1.70)
+    assert overall.matched_speedup == pytest.approx(1.50)
+    m, b = write(tmp_path / "m.jsonl", method), write(tmp_path / "b.jsonl", base)
+    code, out, _ = run_cli(capsys, ["--file-path", m, "--base-path", b])
+    header = next(line for line in out.splitlines() if line.startswith("category"))
+    assert code == 0 and "length-matched speedup" in header
+    payload = json.loads(out.strip().splitlines()[-1])
+    assert payload["rows"][-1]["matched_speedup"] == pytest.approx(1.50)
+    assert speed.length_matched_speedup([(0, 1.0)], [(10, 2.0)]) == pytest.approx(2.0)
+    with pytest.raises(ValueError):  # the two sides must hold the same questions
+        speed.length_matched_speedup([(1, 1.0)], [])
+
+
 def test_decode_speedup_leaves_each_sides_prefill_out(tmp_path: Path, capsys: Capsys) -> None:
     """The method answers fewer tokens to the same prompt: its prefill weighs on fewer of them;
     decoding alone compares the rest."""
