@@ -7,8 +7,8 @@ stored continuations per n-gram and chains through the target's remembered succe
 Suffix trees over the question and over the run's earlier answers (SuffixDecoding's) add their
 drafts, each node valued by its match length and how often it followed (``--suffix-trees 0``
 turns them off); the question's tree offers its draft at every match length of two tokens or
-more, not only its best-scored one (``--suffix-branches 0``: the best only). The public code's behaviour is ``--tree-policy reference
---draft_tree_capacity 64``.
+more, not only its best-scored one (``--suffix-branches 0``: the best only). The public code's
+behaviour is ``--tree-policy reference --draft_tree_capacity 64``.
 
 The cost curves (over tree size, at a few context lengths) are measured on first use and
 cached per model, dtype, device and torch version (and thread count on the CPU);
