@@ -180,7 +180,7 @@ class SuffixCache:
         match of ``skip`` tokens (the one :meth:`drafts` chose). SuffixDecoding keeps only its
         best-scored draft; a caller that values every node apart can use the rest, e.g. the
         frequent continuation of a 3-token match beside a 20-token match's rare one."""
-        tree, longest = self.local, min(self.config.max_depth, self.context_length) - 1
+        tree, longest = self.local, self._longest_match()
         budgets, mode = self._budgets, self._tree_mode
         found = []
         for position in tree.loci:
@@ -194,6 +194,11 @@ class SuffixCache:
                 found.append(draft)
         return found
 
+    def _longest_match(self) -> int:
+        """The longest match a draft may start from: shorter than ``max_depth`` and than the
+        context (the whole context is no earlier occurrence of itself)."""
+        return min(self.config.max_depth, self.context_length) - 1
+
     def _best_answer(self, best: SuffixDraft, max_depth: int | None) -> SuffixDraft:
         """``best`` or a draft of the global tree that beats it."""
         if not self.config.max_cached_answers:
@@ -205,7 +210,7 @@ class SuffixCache:
         self, tree: SuffixTree, matches: Iterable, best: SuffixDraft, max_depth: int | None
     ) -> SuffixDraft:
         """``best`` or a draft from ``matches`` (longest first) that beats it strictly."""
-        longest = min(self.config.max_depth, self.context_length) - 1
+        longest = self._longest_match()
         budgets, mode = self._budgets, self._tree_mode
         score, denominator = sum(best.counts), best.denominator
         for position in matches:
