@@ -215,8 +215,8 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
     ``racer:<capacity>``: RACER, options ``ngram=10,nodes=10000,breadth=8``.
     ``suffix:<capacity>`` (SuffixDecoding, published settings), options ``chain`` (chain mode),
     ``depth=64``, ``factor=1.0``, ``offset=0``, ``prob=0.1``, ``cached=100000``.
-    ``rest:<capacity>,store=FILE`` (REST, published settings), options ``span=16``,
-    ``min=2``, ``matches=5000``, ``len=10``.
+    ``rest:<capacity>,store=FILE`` (REST, published settings; ``store=A.npz+B.npz`` for
+    several datastores), options ``span=16``, ``min=2``, ``matches=5000``, ``len=10``.
 
     Token Recycling, recycled chains and RACER learn successors from the trace, which knows the
     target's top-k on the recorded path only (the real run also learns from rejected nodes,
@@ -302,7 +302,7 @@ def _rest_drafter(capacity: int, options: dict[str, str]) -> Drafter:
 
     if "store" not in options:
         raise ValueError("a rest spec needs store=FILE (scripts/build_rest_datastore.py)")
-    return RestDrafter([Datastore.load(options["store"])], RestConfig(
+    return RestDrafter([Datastore.load(f) for f in options["store"].split("+")], RestConfig(
         draft_tree_capacity=capacity, max_span=int(options.get("span", 16)),
         min_span=int(options.get("min", 2)), max_matches=int(options.get("matches", 5000)),
         continuation_length=int(options.get("len", 10)),

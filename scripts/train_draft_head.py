@@ -41,6 +41,9 @@ Held out: ``--holdout`` of the conversations (drawn with the seed). Reported on 
 head's top-1 agreement with the target's top-1 token (the argmax of the target's full LM head
 at the true feature) at depth 1 (exact features in) and at each unrolled depth.
 
+``--answers-only`` stops after the answers (their file serves as a REST datastore's corpus:
+the target's own replies to prompts of no benchmark); a later run without it goes on from them.
+
 Resumable: everything goes to ``--work-dir`` (default: beside the output): ``answers.jsonl``
 (one line per answered prompt), ``features-NNNN.safetensors`` (shards of conversations, their
 tokens and features), ``checkpoint.safetensors`` + ``checkpoint.json`` (the head, the optimizer
@@ -705,6 +708,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="uniform noise on input features, in units of their RMS")
     add("--cls-weight", type=float, default=0.1, help="weight of the cross-entropy term")
     add("--checkpoint-every", type=int, default=50, help="optimizer steps between checkpoints")
+    add("--answers-only", action="store_true",
+        help="stop after answering: the answers file alone (for instance a REST datastore's "
+             "corpus: scripts/build_rest_datastore.py WORK_DIR/answers.jsonl)")
     add("--device", default="cpu")
     add("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -808,6 +814,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     items = build_data(Generator(loaded, template, eos, args.gen_batch, args.max_new_tokens),
                        args, work)
     timer.add("answering")
+    if args.answers_only:
+        return {"answers": str(work / "answers.jsonl"), "conversations": len(items),
+                "answer_tokens": sum(len(item.answer_ids) for item in items),
+                "seconds": {**timer.seconds,
+                            "this_run_wall": round(time.perf_counter() - started, 1)}}
     sequences = load_conversations(work, items)
     train_ids, held_ids = split(items, args.holdout, args.seed)
     train_set = [sequences[i] for i in train_ids]
@@ -853,6 +864,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunError as exc:
         print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    if args.answers_only:
+        print(f"{summary['conversations']} conversations, {summary['answer_tokens']} answer "
+              f"tokens in {summary['answers']}")
+        print(json.dumps(summary))
+        return 0
     report = summary["report"]
     print(f"held-out top-1 agreement per depth: {report['heldout_top1_agreement']}; draft "
           f"vocabulary covers {report['heldout_vocab_coverage']:.1%} of held-out answer tokens")

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -242,6 +243,79 @@ def test_rest_with_a_datastore_built_from_demo_questions(tiny: Path, tmp_path: P
     assert speed.main(["--file-path", str(files["rest"]), "--base-path", str(files["vanilla"])]) == 0
     overall = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][-1]
     assert overall["exact_match"] == 1.0
+
+
+def test_rest_datastore_from_chat_records(tiny: Path, tmp_path: Path, capsys: Capsys) -> None:
+    """``answer_ids`` records enter as they are (train_draft_head.py's answers.jsonl, which also
+    carries the messages), ``messages`` records give their assistant turns; a bad record is one
+    line on stderr, exit 2, and writes no datastore."""
+    from logitspec.rest import Datastore
+    from transformers import AutoTokenizer
+
+    build = load_script("build_rest_datastore")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps(r) for r in [
+        {"id": 0, "messages": [{"role": "user", "content": "ignored"},
+                               {"role": "assistant", "content": "also ignored"}],
+         "answer_ids": [7, 8, 9, 2]},
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello there"},
+                      {"role": "user", "content": "Again"},
+                      {"role": "assistant", "content": "Hello"}]},
+    ]) + "\n")
+    store = tmp_path / "chat.npz"
+    assert build.main(["--model-path", str(tiny), "--out", str(store), str(chat)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["entries"] == 3
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    loaded = Datastore.load(store)
+    entries = np.split(loaded.tokens.astype(np.int64), loaded.entry_starts[1:])
+    assert [e.tolist() for e in entries] == [
+        [7, 8, 9, 2], tokenizer("Hello there", add_special_tokens=False)["input_ids"],
+        tokenizer("Hello", add_special_tokens=False)["input_ids"]]
+    for bad, message in [({"answer_ids": [3, -1]}, "token ids"),
+                         ({"answer_ids": [3, True]}, "token ids"),
+                         ({"messages": [{"role": "assistant"}]}, "'content'"),
+                         ({"messages": ["text"]}, "'content'"),
+                         ({"other": 1}, "'messages'")]:
+        path = tmp_path / "bad.jsonl"
+        path.write_text(json.dumps(bad) + "\n")
+        out = tmp_path / "bad.npz"
+        assert build.main(["--model-path", str(tiny), "--out", str(out), str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("build_rest_datastore.py: error:") and message in err, err
+        assert "\n" not in err and not out.exists()
+
+
+def test_rest_datastore_from_installed_docs(tiny: Path, tmp_path: Path, capsys: Capsys,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--installed-docs`` reads the installed distributions' long descriptions, leaving out
+    ``--exclude-packages`` (names normalized as pip does); each description is one entry."""
+    import importlib.metadata as metadata
+
+    build = load_script("build_rest_datastore")
+    docs = build.installed_docs(["TORCH", "Typing_Extensions"])
+    assert "torch" not in docs and "typing-extensions" not in docs
+    assert docs["numpy"] == metadata.distribution("numpy").metadata.get_payload()
+    assert "transformers" in docs and all(text.strip() for text in docs.values())
+    picked = {"alpha": "Alpha docs.", "beta": "Beta docs, longer."}
+    seen: list[list[str]] = []
+    monkeypatch.setattr(build, "installed_docs", lambda exclude: seen.append(exclude) or picked)
+    store = tmp_path / "docs.npz"
+    text = tmp_path / "extra.txt"
+    text.write_text("One more entry.")
+    argv = ["--model-path", str(tiny), "--out", str(store), "--installed-docs",
+            "--exclude-packages", "torch", "ray", "--", str(text)]
+    assert build.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert seen == [["torch", "ray"]] and summary["packages"] == ["alpha", "beta"]
+    assert summary["entries"] == 3
+    for bad in (["--out", str(store)], ["--out", str(store), "--exclude-packages", "x", str(text)]):
+        with pytest.raises(SystemExit) as exit_info:
+            build.main(bad)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("build_rest_datastore.py: error:") and "\n" not in err
 
 
 def test_lookahead_command(tiny: Path, tmp_path: Path, capsys: Capsys) -> None:

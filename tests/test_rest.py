@@ -207,3 +207,20 @@ def test_the_step_depth_limit_cuts_the_trie():
     drafter.begin([9, 1], 0)
     assert drafter.draft(2, np.zeros(0, dtype=np.int64), 2).tokens == (2, 3, 4)
     assert drafter.draft(2, np.zeros(0, dtype=np.int64), 0).tokens == (2,)
+
+
+def test_simulate_drafters_builds_rest_over_several_datastores(tmp_path):
+    """A replay spec names one datastore or several joined by '+', with REST's options."""
+    from cli_helpers import load_script
+
+    simulate = load_script("simulate_drafters")
+    paths = []
+    for i, entry in enumerate(([1, 2, 3, 4], [5, 6, 7])):
+        Datastore.from_entries([entry]).save(tmp_path / f"s{i}.npz")
+        paths.append(str(tmp_path / f"s{i}.npz"))
+    drafter = simulate.make_drafter(f"rest:9,store={'+'.join(paths)},span=6,len=4", None)
+    assert [d.tokens.tolist() for d in drafter.datastores] == [[1, 2, 3, 4], [5, 6, 7]]
+    assert (drafter.config.draft_tree_capacity, drafter.config.max_span,
+            drafter.config.continuation_length) == (9, 6, 4)
+    with pytest.raises(ValueError, match="store=FILE"):
+        simulate.make_drafter("rest:9", None)

@@ -158,6 +158,31 @@ def test_training_end_to_end_resumes_and_guards_its_data(tiny_chat, tmp_path, ca
     assert "\n" not in err
 
 
+def test_answers_only_then_a_datastore_then_training_on_the_same_answers(tiny_chat, tmp_path,
+                                                                         capsys):
+    """``--answers-only`` writes the answers and no head; build_rest_datastore.py takes the
+    answers file (each answer's ids, as answered); a later full run answers nothing again."""
+    out = tmp_path / "heads" / "head.safetensors"
+    argv = ["--model-path", str(tiny_chat), "--output", str(out), *TINY_RUN]
+    assert train.main([*argv, "--answers-only"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    answers = out.parent / "work" / "answers.jsonl"
+    assert summary["answers"] == str(answers) and summary["conversations"] == 10
+    records = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert summary["answer_tokens"] == sum(len(r["answer_ids"]) for r in records) > 0
+    assert not out.exists() and "answering" in summary["seconds"]
+    build = load_script("build_rest_datastore")
+    store = tmp_path / "answers.npz"
+    assert build.main(["--model-path", str(tiny_chat), "--out", str(store), str(answers)]) == 0
+    built = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert built["tokens"] == summary["answer_tokens"]
+    assert built["entries"] == sum(1 for r in records if r["answer_ids"])
+    text = answers.read_text()
+    assert train.main(argv) == 0
+    capsys.readouterr()
+    assert answers.read_text() == text and out.exists()
+
+
 def test_training_resumes_from_a_checkpoint(tiny_chat, tmp_path, capsys, monkeypatch):
     """Stopped after the first checkpoint, a rerun ends with the same head as a run that was
     never stopped (same seed, same data)."""
