@@ -7,8 +7,10 @@ stored continuations per n-gram and chains through the target's remembered succe
 Suffix trees over the question and over the run's earlier answers (SuffixDecoding's) add their
 drafts, each node valued by its match length and how often it followed (``--suffix-trees 0``
 turns them off); the question's tree offers its draft at every match length of two tokens or
-more, not only its best-scored one (``--suffix-branches 0``: the best only). The public code's
-behaviour is ``--tree-policy reference --draft_tree_capacity 64``.
+more, not only its best-scored one (``--suffix-branches 0``: the best only). ``--prompt-logits 1``
+lets the remembered successors learn the logit after every prompt token too, at the cost of
+an LM-head pass over each prompt. The public code's behaviour is ``--tree-policy reference
+--draft_tree_capacity 64``.
 
 The cost curves (over tree size, at a few context lengths) are measured on first use and
 cached per model, dtype, device and torch version (and thread count on the CPU);
@@ -103,6 +105,18 @@ class LogitSpecParams(ValueTreeParams):
     tree_policy: str = option(
         "value", "'value': keep the candidates most likely to be accepted (learned online); "
         "'reference': the public code's rank-length chains", choices=["value", "reference"])
+    prompt_logits: int = option(
+        0, "1: the remembered successors also learn the logit after every prompt token (one "
+        "LM-head pass over each new prompt, as RACER's copy-logit trees; with recycled chains); "
+        "0: from verified tokens only", type=int, choices=[0, 1])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prompt_logits not in (0, 1):
+            raise ValueError(f"prompt_logits must be 0 or 1, got {self.prompt_logits}")
+        if self.prompt_logits and not self.logitspec_config().recycle_chains:
+            raise ValueError("--prompt-logits 1 needs recycled chains (--recycle-chains > 0, "
+                             "value policy)")
 
     def logitspec_config(self, tree_policy: str | None = None) -> LogitSpecConfig:
         return super().logitspec_config(tree_policy or self.tree_policy)
@@ -114,7 +128,8 @@ def make_decoder(loaded: LoadedModel, params: LogitSpecParams) -> Decoder:
     if config.draft_tree_capacity is None:
         curve = cost_surface_for(loaded.model, str(loaded.path))
     successors = SuccessorTable(loaded.model.config.vocab_size) if config.recycle_chains else None
-    return Decoder(loaded.model, make_logitspec_drafter(config, curve, successors))
+    head = loaded.model.lm_head if params.prompt_logits else None
+    return Decoder(loaded.model, make_logitspec_drafter(config, curve, successors, head))
 
 
 METHOD = Method(

@@ -30,6 +30,7 @@ import torch
 from .acceptance import TargetOutput
 from .cost import CostCurve, CostSurface, LiveCosts
 from .pool import NGramPool
+from .recycling import prompt_logit_rows
 from .tree import DraftTree, build_tree
 from .suffix_decoding import SuffixCache, SuffixConfig
 from .suffix_tree import SuffixDraft
@@ -318,13 +319,20 @@ class ValueTreeDrafter(_PoolDrafter):
     With an automatic budget, candidates that no tree under this step's cost could keep
     (:func:`~logitspec.value_tree.entry_value`) are dropped as they are offered; with
     ``live_costs`` the cost is corrected by the verification times seen so far.
+
+    ``prompt_head`` (the target's LM head: final hidden states (T, H) -> logits (T, V)), with
+    recycled chains: when a generation begins, the successor table also copies the logit after
+    every newly prefilled prompt token, as RACER's copy-logit trees do
+    (:func:`~logitspec.recycling.prompt_logit_rows`), so that the recycled chains know the
+    prompt's tokens before any of them was verified; the drafter then asks for the prompt's
+    hidden states. It costs one LM-head pass over each prompt.
     """
 
     name = "logitspec-value"
 
     def __init__(
         self, config: LogitSpecConfig, cost_curve: CostCurve | CostSurface | None = None,
-        successors=None,
+        successors=None, prompt_head=None,
     ) -> None:
         if config.tree_policy != "value":
             raise ValueError("ValueTreeDrafter needs tree_policy='value'")
@@ -364,9 +372,16 @@ class ValueTreeDrafter(_PoolDrafter):
         self.suffixes = (SuffixCache(SuffixConfig(draft_tree_capacity=config.suffix_tokens + 1))
                          if config.suffix_trees else None)
         self._root_indexed = False
+        self.prompt_head = prompt_head if recycled else None
+        if self.prompt_head is not None:
+            self.needs_hidden = True
 
     def begin(self, context: Sequence[int], reused: int, hidden: torch.Tensor | None = None) -> None:
         super().begin(context, reused, hidden)
+        if self.prompt_head is not None and hidden is not None:
+            for start, topk, _ in prompt_logit_rows(self.prompt_head, hidden, self.successors.k):
+                first = reused + start
+                self.successors.update(context[first:first + len(topk)], topk)
         if self.suffixes is not None:
             self.suffixes.start_request([int(t) for t in context], reused)
             self._root_indexed = False
@@ -559,10 +574,12 @@ def suffix_candidates(draft: SuffixDraft, source: str,
 
 
 def make_logitspec_drafter(
-    config: LogitSpecConfig, cost_curve: CostCurve | None = None, successors=None
+    config: LogitSpecConfig, cost_curve: CostCurve | None = None, successors=None,
+    prompt_head=None,
 ) -> Drafter:
     """The drafter for ``config.tree_policy``; ``successors`` (a
-    :class:`~logitspec.recycling.SuccessorTable`) feeds the value tree's recycled chains."""
+    :class:`~logitspec.recycling.SuccessorTable`) feeds the value tree's recycled chains, and
+    with ``prompt_head`` also learns the prompt's logits (:class:`ValueTreeDrafter`)."""
     if config.tree_policy == "value":
-        return ValueTreeDrafter(config, cost_curve, successors)
+        return ValueTreeDrafter(config, cost_curve, successors, prompt_head)
     return LogitSpecDrafter(config)

@@ -62,9 +62,9 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from .acceptance import TargetOutput, read_back
+from .acceptance import TargetOutput
 from .automaton import DEFAULT_MAX_NGRAM, DEFAULT_MAX_NODES, Continuation, NGramAutomaton
-from .recycling import SuccessorTable
+from .recycling import SuccessorTable, prompt_logit_rows
 from .tree import DraftTree
 
 if TYPE_CHECKING:
@@ -72,7 +72,6 @@ if TYPE_CHECKING:
 
 DEFAULT_BREADTH = 8
 MIN_MATCH = 1  # context tokens a retrieval match needs besides the root (the public min_depth 2)
-PROMPT_CHUNK = 256  # prompt positions whose logits are computed at once (memory: CHUNK x V)
 
 
 @dataclass(frozen=True)
@@ -231,15 +230,13 @@ class RacerDrafter:
     def begin(self, context: Sequence[int], reused: int, hidden: torch.Tensor | None = None) -> None:
         """Follows the new context (the automaton and the table are kept); with the prompt's
         hidden states (len(context) - reused, H), copies the logit after each new prompt token,
-        computed and read back :data:`PROMPT_CHUNK` positions at a time."""
+        computed and read back :data:`~logitspec.recycling.PROMPT_CHUNK` positions at a time."""
         self.automaton.resume(context, reused)
         if hidden is None or self.head is None:
             return
-        for start in range(0, hidden.shape[0], PROMPT_CHUNK):
-            logits = self.head(hidden[start:start + PROMPT_CHUNK])
-            _, topk = read_back(logits, self.top_k, greedy=False)
+        for start, topk, vocab_size in prompt_logit_rows(self.head, hidden, self.top_k):
             first = reused + start
-            self.learn(context[first:first + len(topk)], topk, logits.shape[-1])
+            self.learn(context[first:first + len(topk)], topk, vocab_size)
 
     def learn(self, tokens: Sequence[int], topk: np.ndarray, vocab_size: int) -> None:
         """Copies the logits that followed ``tokens``: row ``tokens[i]`` becomes ``topk[i]``

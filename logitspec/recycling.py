@@ -23,12 +23,12 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .acceptance import TargetOutput
+from .acceptance import TargetOutput, read_back
 from .tree import DraftTree
 
 if TYPE_CHECKING:
@@ -39,6 +39,21 @@ DEFAULT_RANK_PROBS = (0.6, 0.15, 0.08, 0.05, 0.04, 0.03, 0.02, 0.02)
 RankPath = tuple[int, ...]
 # at most this many rows are written one by one (SuccessorTable.update)
 _ROW_BY_ROW = 5
+
+
+PROMPT_CHUNK = 256  # prompt positions whose logits are computed at once (memory: CHUNK x V)
+
+
+def prompt_logit_rows(head, hidden: torch.Tensor,
+                      k: int) -> Iterator[tuple[int, np.ndarray, int]]:
+    """RACER's copy-logit rows for a prompt: ``(offset, topk, V)`` per :data:`PROMPT_CHUNK`
+    positions, ``topk`` (T, k) the best ids of ``head(hidden[offset:offset + T])`` (the target's
+    logit after each of those prompt tokens), ``V`` the logits' width. ``head``: final hidden
+    states (T, H) -> logits (T, V)."""
+    for start in range(0, hidden.shape[0], PROMPT_CHUNK):
+        logits = head(hidden[start:start + PROMPT_CHUNK])
+        _, topk = read_back(logits, k, greedy=False)
+        yield start, topk, logits.shape[-1]
 
 
 class SuccessorTable:

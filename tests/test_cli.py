@@ -102,7 +102,8 @@ def test_three_methods_on_two_demo_questions(
                               "draft_tree_capacity": "auto", "tree_policy": "value",
                               "num_continuations": 3, "recycle_chains": 8, "recycle_depth": 6,
                               "max_auto_capacity": 64, "match_lengths": 0, "suffix_trees": 1,
-                              "suffix_tokens": 32, "suffix_branches": 1, "live_costs": 0}
+                              "suffix_tokens": 32, "suffix_branches": 1, "live_costs": 0,
+                              "prompt_logits": 0}
     assert len(list((tmp_path / "cache" / "costs").glob("*.json"))) == 1
     assert meta["dtype"] == "float32" and meta["template"] == "chat_template"
     assert meta["attention"]["decode"] == "flash, folded, no mask"  # the CPU's flash kernel
@@ -218,6 +219,30 @@ def test_sam_on_two_demo_questions_with_and_without_a_corpus(
                       "static_bias": 0, "fallback": "recycling", "match_scale": None,
                       "dynamic_position": "roomier", "corpus": str(tmp_path / "corpus.ids"),
                       "recycling_k": 8}
+
+
+def test_logitspec_with_the_prompts_logits(tiny: Path, tmp_path: Path, capsys: Capsys) -> None:
+    """``--prompt-logits 1`` (a fixed budget, so no cost curve is measured): the answers equal
+    vanilla's (float32 greedy) and the flag is recorded; without recycled chains it is refused
+    in one line."""
+    common = ["--model-path", str(tiny), "--question-begin", "3", "--question-end", "5",
+              "--max-new-tokens", "16", "--device", "cpu"]
+    files = {"vanilla": tmp_path / "vanilla.jsonl", "logitspec": tmp_path / "logitspec.jsonl"}
+    assert run_cli(inference_baseline, common + ["--answer-file", str(files["vanilla"])]) == 0
+    argv = common + ["--draft_tree_capacity", "16", "--prompt-logits", "1",
+                     "--answer-file", str(files["logitspec"])]
+    assert run_cli(inference_logitspec, argv) == 0
+    capsys.readouterr()
+    lines = check_answer_file(files["logitspec"], {"4": 2, "5": 1}, "logitspec")
+    assert lines[0]["meta"]["params"]["prompt_logits"] == 1
+    turns = [line["choices"][0]["turns"] for line in read_lines(files["vanilla"])]
+    assert turns == [line["choices"][0]["turns"] for line in lines]
+    bad = common + ["--prompt-logits", "1", "--recycle-chains", "0",
+                    "--answer-file", str(tmp_path / "bad.jsonl")]
+    assert run_cli(inference_logitspec, bad) == 2
+    err = capsys.readouterr().err.strip()
+    assert "recycled chains" in err and "\n" not in err
+    assert not (tmp_path / "bad.jsonl").exists()
 
 
 def test_rest_with_a_datastore_built_from_demo_questions(tiny: Path, tmp_path: Path,

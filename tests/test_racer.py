@@ -167,7 +167,7 @@ def test_observe_copies_every_node_and_the_deepest_wins():
 
 
 def test_begin_copies_the_prompt_logits_of_the_new_positions(monkeypatch):
-    monkeypatch.setattr("logitspec.racer.PROMPT_CHUNK", 2)  # several chunks
+    monkeypatch.setattr("logitspec.recycling.PROMPT_CHUNK", 2)  # several chunks
     heads = []
 
     def head(hidden):  # (T, 1) -> logits (T, 6) whose best ids are hidden + 1, then hidden + 2

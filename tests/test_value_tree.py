@@ -271,11 +271,12 @@ CURVE = CostCurve((1, 8, 64), (1.0, 1.1, 2.0))
     match=st.booleans(),
     suffix=st.sampled_from(["off", "best", "branches"]),
     live=st.booleans(),
-    recycle=st.booleans(),
+    recycle=st.sampled_from(["off", "verified", "prompt"]),
 )
 def test_value_trees_are_lossless(prompt, capacity, max_new, seed, match, suffix, live, recycle):
     """Every source (next and next-next chains in runs of rank buckets with made-on-demand
-    tails, the successor table's chains, suffix-tree drafts) at fixed and automatic budgets."""
+    tails, the successor table's chains, learned from verified tokens only or from the prompt's
+    logits too, suffix-tree drafts) at fixed and automatic budgets."""
     model = MarkovLM(8, seed=seed, scale=4.0)
     config = GenerationConfig(max_new_tokens=max_new, eos_token_ids=(7,))
     vanilla = Decoder(model).generate(prompt, config)
@@ -284,9 +285,11 @@ def test_value_trees_are_lossless(prompt, capacity, max_new, seed, match, suffix
                         tree_policy="value", max_auto_capacity=16, match_lengths=match,
                         suffix_trees=suffix != "off", suffix_branches=suffix == "branches",
                         suffix_tokens=5,
-                        recycle_chains=3 if recycle else 0, recycle_depth=3,
+                        recycle_chains=3 if recycle != "off" else 0, recycle_depth=3,
                         live_costs=live and capacity is None), CURVE,
-        SuccessorTable(8, 3) if recycle else None)
+        SuccessorTable(8, 3) if recycle != "off" else None,
+        model.lm_head if recycle == "prompt" else None)
+    assert drafter.needs_hidden == (recycle == "prompt")
     result = Decoder(model, drafter).generate(prompt, config)
     assert result.output_ids == vanilla.output_ids
     assert all(1 <= n <= drafter.tree_capacity for n in result.accept_lengths)
@@ -660,3 +663,39 @@ def test_a_steep_cost_stops_growing_after_the_first_losing_nodes():
     draft, _ = tree.grow(64, [0.0] + [float(n) for n in range(1, 65)])
     assert draft.tokens == (0,)  # 1.5 tokens for 2 passes loses to 1 for 1
     assert len(pulled) <= 3
+
+
+def test_prompt_logits_teach_the_recycled_chains_before_any_verification(monkeypatch):
+    """With the LM head, a generation's new prompt positions copy their logits into the
+    successor table (several chunks; a reused prefix is not copied again), and the very first
+    draft already holds the chain they give; without it the table knows nothing yet."""
+    monkeypatch.setattr("logitspec.recycling.PROMPT_CHUNK", 2)
+    calls = []
+
+    def head(hidden):  # (T, 1) -> logits (T, 8) ranking hidden + 1 first, then hidden + 2
+        calls.append(hidden.shape[0])
+        return (torch.nn.functional.one_hot(hidden[:, 0].long() + 1, 8) * 2.0
+                + torch.nn.functional.one_hot(hidden[:, 0].long() + 2, 8).float())
+
+    config = LogitSpecConfig(pool=PoolConfig(2, 4, 1), draft_tree_capacity=8, tree_policy="value",
+                             recycle_chains=2, recycle_depth=3)
+    drafter = make_logitspec_drafter(config, None, SuccessorTable(8, 2), head)
+    assert drafter.needs_hidden
+    context = [5, 0, 1, 2, 3]
+    drafter.begin(context, 2, torch.tensor([[2.0], [3.0], [4.0]]))  # positions 2, 3, 4 are new
+    table = drafter.successors
+    assert calls == [2, 1]
+    assert table.successors_of(1).tolist() == [3, 4]
+    assert table.successors_of(2).tolist() == [4, 5]
+    assert table.successors_of(3).tolist() == [5, 6]
+    assert table.successors_of(0).tolist() == [-1, -1]  # reused: not copied again
+    tree = drafter.draft(1, np.array([1, 0, 0], dtype=np.int64), 4)
+    chains = {tuple(tree.tokens[i] for i in path) for path in tree.retrieve_paths()}
+    assert any(chain[:3] == (1, 3, 5) for chain in chains), chains  # 1 -> 3 -> 5 (-> 6)
+    plain = make_logitspec_drafter(config, None, SuccessorTable(8, 2))
+    assert not plain.needs_hidden
+    plain.begin(context, 2, None)
+    assert (plain.successors.table == -1).all()
+    # without recycled chains the head has nothing to teach: no hidden states asked for
+    off = LogitSpecConfig(pool=PoolConfig(2, 4, 1), draft_tree_capacity=8, tree_policy="value")
+    assert not make_logitspec_drafter(off, None, None, head).needs_hidden
