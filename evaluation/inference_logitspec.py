@@ -57,6 +57,9 @@ class ValueTreeParams(RetrievalParams):
     recycle_chains: int = option(
         8, "chains through the root's remembered successors (value policy; 0: off)", type=int)
     recycle_depth: int = option(6, "longest chain of remembered successors", type=int)
+    recycle_breadth: int = option(
+        1, "below the first level, each remembered successor's N best successors are "
+        "candidates (a copy-logit tree; 1: its first only, chains)", type=int)
     max_auto_capacity: int = option(64, "largest tree an automatic budget may build", type=int)
     match_lengths: int = option(
         0, "1: value the next-token chain by how long its occurrence matches the context (value "
@@ -90,6 +93,7 @@ class ValueTreeParams(RetrievalParams):
             max_auto_capacity=self.max_auto_capacity,
             recycle_chains=self.recycle_chains if value else 0,
             recycle_depth=self.recycle_depth,
+            recycle_breadth=self.recycle_breadth if value and self.recycle_chains else 1,
             match_lengths=bool(self.match_lengths) and value,
             suffix_trees=bool(self.suffix_trees) and value,
             suffix_tokens=self.suffix_tokens,

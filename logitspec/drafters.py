@@ -120,7 +120,9 @@ class LogitSpecConfig:
     valued by how long their occurrence's match with the context is, not by the n-gram order
     that found it (:class:`ValueTreeDrafter`). ``live_costs`` (automatic budget): the cost
     curve is corrected by the verification times the decoder observes
-    (:class:`~logitspec.cost.LiveCosts`).
+    (:class:`~logitspec.cost.LiveCosts`). ``recycle_breadth`` (with recycled chains): below the
+    first level, each remembered successor's own ``recycle_breadth`` best successors are
+    candidates, not only its first (a copy-logit tree, expanded only where the value tree pops).
     """
 
     pool: PoolConfig = PoolConfig()
@@ -134,6 +136,7 @@ class LogitSpecConfig:
     value_chain_length: int = 8
     recycle_chains: int = 0
     recycle_depth: int = 4
+    recycle_breadth: int = 1
     match_lengths: bool = False
     suffix_trees: bool = False
     suffix_tokens: int = 32
@@ -153,6 +156,9 @@ class LogitSpecConfig:
             raise ValueError("recycle_chains must be >= 0 and recycle_depth >= 1")
         if self.recycle_chains and self.tree_policy != "value":
             raise ValueError("recycled chains need tree_policy='value'")
+        if self.recycle_breadth < 1 or (self.recycle_breadth > 1 and not self.recycle_chains):
+            raise ValueError(f"recycle_breadth must be >= 1, and 1 without recycled chains, "
+                             f"got {self.recycle_breadth}")
         if self.match_lengths and self.tree_policy != "value":
             raise ValueError("match-length features need tree_policy='value'")
         if self.suffix_trees and self.tree_policy != "value":
@@ -496,12 +502,30 @@ class ValueTreeDrafter(_PoolDrafter):
 
     def _offer_recycled_chains(self, tree: BestFirstTree, root: int) -> None:
         """Chains through the target's remembered successors: the ``j``-th successor of the
-        root, then each token's first successor."""
+        root, then each token's first successor; with ``recycle_breadth`` b > 1, each node's
+        b best successors below the first level (:class:`_Successors`)."""
         first = self.successors.successors_of(root)[: self.config.recycle_chains].tolist()
+        breadth = self.config.recycle_breadth
         for rank, token in enumerate(first, start=1):
             if token < 0:
                 break
-            tree.offer(self._recycled_chain(rank, token))
+            if breadth > 1:
+                feature = ("rec", bucket(rank, RANK_BUCKETS), 1)
+                tree.offer_nodes([Candidate(token, feature, _Successors(self, token, 2))])
+            else:
+                tree.offer(self._recycled_chain(rank, token))
+
+    def _successor_features(self, depth: int) -> tuple:
+        """The features of a node's successors of ranks 1..breadth at ``depth``: rank 1 as in a
+        chain, ``("rec", 0, depth bucket)``; rank r > 1 ``("rec", r bucket, depth bucket)``."""
+        key = ("rec-breadth", depth)
+        features = self._feature_cache.get(key)
+        if features is None:
+            at = bucket(depth, DEPTH_BUCKETS)
+            features = tuple(("rec", bucket(rank, RANK_BUCKETS) if rank > 1 else 0, at)
+                             for rank in range(1, self.config.recycle_breadth + 1))
+            self._feature_cache[key] = features
+        return features
 
     def _recycled_chain(self, rank: int, token: int) -> Chain:
         yield token, ("rec", bucket(rank, RANK_BUCKETS), 1)
@@ -525,6 +549,31 @@ class ValueTreeDrafter(_PoolDrafter):
             for token in tokens[1 if self._root_indexed else 0:]:
                 self.suffixes.append(token)
             self._root_indexed = False
+
+
+class _Successors:
+    """The children of a recycled node at ``depth``: its remembered successors of ranks
+    1..``recycle_breadth``, each with its own such children down to ``recycle_depth``; read
+    from the table only when the value tree pops the node (:meth:`BestFirstTree.offer_nodes`
+    iterates it then)."""
+
+    __slots__ = ("drafter", "token", "depth")
+
+    def __init__(self, drafter: ValueTreeDrafter, token: int, depth: int) -> None:
+        self.drafter, self.token, self.depth = drafter, token, depth
+
+    def __bool__(self) -> bool:
+        return self.depth <= self.drafter.config.recycle_depth
+
+    def __iter__(self):
+        drafter, depth = self.drafter, self.depth
+        if depth > drafter.config.recycle_depth:
+            return
+        row = drafter.successors.table[self.token, : drafter.config.recycle_breadth].tolist()
+        for token, feature in zip(row, drafter._successor_features(depth)):
+            if token < 0:
+                return
+            yield Candidate(token, feature, _Successors(drafter, token, depth + 1))
 
 
 def suffix_candidates(draft: SuffixDraft, source: str,

@@ -203,7 +203,8 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
     ``logitspec:auto``, options after commas: ``ngram=3,pred=20,conts=1`` (pool), ``nomerge``,
     ``value`` (value-ranked tree), ``k=32`` (next-next candidates), ``max=64`` (auto's largest
     tree), ``len=8`` (value chain length), ``rec=8,recd=6`` (recycled chains and their depth),
-    ``match`` (next-token chains valued by their match length), ``suf`` (suffix trees' drafts),
+    ``recb=4`` (each recycled node's 4 best successors below the first level), ``match``
+    (next-token chains valued by their match length), ``suf`` (suffix trees' drafts),
     ``suftok=32`` (most tokens per suffix-tree draft), ``branches`` (with ``suf``: the
     per-question tree's drafts at its other match lengths too), ``live`` (auto: the cost curve
     corrected by the pass times it is told, see ``--pass-cost-factors``).
@@ -253,6 +254,7 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
             value_chain_length=int(options.get("len", 8)),
             recycle_chains=int(options.get("rec", 0)),
             recycle_depth=int(options.get("recd", 4)),
+            recycle_breadth=int(options.get("recb", 1)),
             match_lengths="match" in options,
             suffix_trees="suf" in options,
             suffix_tokens=int(options.get("suftok", LogitSpecConfig.suffix_tokens)),

@@ -101,6 +101,7 @@ def test_three_methods_on_two_demo_questions(
     assert meta["params"] == {"max_ngram_size": 3, "num_pred_tokens": 20,
                               "draft_tree_capacity": "auto", "tree_policy": "value",
                               "num_continuations": 3, "recycle_chains": 8, "recycle_depth": 6,
+                              "recycle_breadth": 1,
                               "max_auto_capacity": 64, "match_lengths": 0, "suffix_trees": 1,
                               "suffix_tokens": 32, "suffix_branches": 1, "live_costs": 0,
                               "prompt_logits": 0}

@@ -271,12 +271,13 @@ CURVE = CostCurve((1, 8, 64), (1.0, 1.1, 2.0))
     match=st.booleans(),
     suffix=st.sampled_from(["off", "best", "branches"]),
     live=st.booleans(),
-    recycle=st.sampled_from(["off", "verified", "prompt"]),
+    recycle=st.sampled_from(["off", "verified", "prompt", "breadth"]),
 )
 def test_value_trees_are_lossless(prompt, capacity, max_new, seed, match, suffix, live, recycle):
     """Every source (next and next-next chains in runs of rank buckets with made-on-demand
     tails, the successor table's chains, learned from verified tokens only or from the prompt's
-    logits too, suffix-tree drafts) at fixed and automatic budgets."""
+    logits too, or its trees of two successors per node, suffix-tree drafts) at fixed and
+    automatic budgets."""
     model = MarkovLM(8, seed=seed, scale=4.0)
     config = GenerationConfig(max_new_tokens=max_new, eos_token_ids=(7,))
     vanilla = Decoder(model).generate(prompt, config)
@@ -286,6 +287,7 @@ def test_value_trees_are_lossless(prompt, capacity, max_new, seed, match, suffix
                         suffix_trees=suffix != "off", suffix_branches=suffix == "branches",
                         suffix_tokens=5,
                         recycle_chains=3 if recycle != "off" else 0, recycle_depth=3,
+                        recycle_breadth=2 if recycle == "breadth" else 1,
                         live_costs=live and capacity is None), CURVE,
         SuccessorTable(8, 3) if recycle != "off" else None,
         model.lm_head if recycle == "prompt" else None)
@@ -699,3 +701,37 @@ def test_prompt_logits_teach_the_recycled_chains_before_any_verification(monkeyp
     # without recycled chains the head has nothing to teach: no hidden states asked for
     off = LogitSpecConfig(pool=PoolConfig(2, 4, 1), draft_tree_capacity=8, tree_policy="value")
     assert not make_logitspec_drafter(off, None, None, head).needs_hidden
+
+
+def test_recycled_successor_trees():
+    """``recycle_breadth`` b: below the first level every node's b best remembered successors
+    are candidates, down to ``recycle_depth``; with room for all of them the tree holds exactly
+    those paths, with b = 1 the chains only."""
+    table = SuccessorTable(64, 3)
+    rows = {}
+    for token in range(1, 40):  # token t -> 3t, 3t+1, 3t+2 (mod 64, never 0 or t itself)
+        rows[token] = [(3 * token + i) % 63 + 1 for i in range(3)]
+    table.update(list(rows), np.array(list(rows.values())))
+    root = 1
+
+    def expected(breadth: int, chains: int, depth: int) -> set:
+        paths, level = set(), [(t,) for t in rows[root][:chains]]
+        for d in range(1, depth + 1):
+            paths |= set(level)
+            level = [p + (c,) for p in level for c in rows.get(p[-1], [])[:breadth]]
+        return paths
+
+    for breadth in (1, 2, 3):
+        config = LogitSpecConfig(pool=PoolConfig(2, 4, 1), draft_tree_capacity=200,
+                                 tree_policy="value", recycle_chains=2, recycle_depth=3,
+                                 recycle_breadth=breadth, num_next_next=0)
+        drafter = make_logitspec_drafter(config, None, table)
+        drafter.begin([5, 6], 0)
+        tree = drafter.draft(root, np.array([root, 0], dtype=np.int64), 8)
+        got = {tuple(tree.tokens[i] for i in tree.path_to(n))[1:] for n in range(1, len(tree.tokens))}
+        assert got == expected(breadth, 2, 3), breadth
+    assert len(expected(3, 2, 3)) == 2 + 6 + 18
+    with pytest.raises(ValueError, match="recycle_breadth"):
+        LogitSpecConfig(tree_policy="value", recycle_breadth=2)
+    with pytest.raises(ValueError, match="recycle_breadth"):
+        LogitSpecConfig(tree_policy="value", recycle_chains=2, recycle_breadth=0)
