@@ -385,9 +385,9 @@ class ValueTreeDrafter(_PoolDrafter):
     def begin(self, context: Sequence[int], reused: int, hidden: torch.Tensor | None = None) -> None:
         super().begin(context, reused, hidden)
         if self.prompt_head is not None and hidden is not None:
-            for start, topk, _ in prompt_logit_rows(self.prompt_head, hidden, self.successors.k):
-                first = reused + start
-                self.successors.update(context[first:first + len(topk)], topk)
+            rows = prompt_logit_rows(self.prompt_head, hidden, context[reused:], self.successors.k)
+            for tokens, topk, _ in rows:
+                self.successors.update(tokens, topk)
         if self.suffixes is not None:
             self.suffixes.start_request([int(t) for t in context], reused)
             self._root_indexed = False

@@ -234,9 +234,9 @@ class RacerDrafter:
         self.automaton.resume(context, reused)
         if hidden is None or self.head is None:
             return
-        for start, topk, vocab_size in prompt_logit_rows(self.head, hidden, self.top_k):
-            first = reused + start
-            self.learn(context[first:first + len(topk)], topk, vocab_size)
+        for tokens, topk, vocab_size in prompt_logit_rows(self.head, hidden, context[reused:],
+                                                          self.top_k):
+            self.learn(tokens, topk, vocab_size)
 
     def learn(self, tokens: Sequence[int], topk: np.ndarray, vocab_size: int) -> None:
         """Copies the logits that followed ``tokens``: row ``tokens[i]`` becomes ``topk[i]``

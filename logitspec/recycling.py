@@ -44,16 +44,16 @@ _ROW_BY_ROW = 5
 PROMPT_CHUNK = 256  # prompt positions whose logits are computed at once (memory: CHUNK x V)
 
 
-def prompt_logit_rows(head, hidden: torch.Tensor,
-                      k: int) -> Iterator[tuple[int, np.ndarray, int]]:
-    """RACER's copy-logit rows for a prompt: ``(offset, topk, V)`` per :data:`PROMPT_CHUNK`
-    positions, ``topk`` (T, k) the best ids of ``head(hidden[offset:offset + T])`` (the target's
-    logit after each of those prompt tokens), ``V`` the logits' width. ``head``: final hidden
-    states (T, H) -> logits (T, V)."""
+def prompt_logit_rows(head, hidden: torch.Tensor, tokens: Sequence[int],
+                      k: int) -> Iterator[tuple[Sequence[int], np.ndarray, int]]:
+    """RACER's copy-logit rows for the prompt ``tokens`` (hidden states ``hidden``, one row
+    each): ``(chunk tokens, topk, V)`` per :data:`PROMPT_CHUNK` of them, ``topk`` (T, k) the
+    best ids of ``head`` over their hidden states (the target's logit after each token), ``V``
+    the logits' width. ``head``: final hidden states (T, H) -> logits (T, V)."""
     for start in range(0, hidden.shape[0], PROMPT_CHUNK):
         logits = head(hidden[start:start + PROMPT_CHUNK])
         _, topk = read_back(logits, k, greedy=False)
-        yield start, topk, logits.shape[-1]
+        yield tokens[start:start + len(topk)], topk, logits.shape[-1]
 
 
 class SuccessorTable:
