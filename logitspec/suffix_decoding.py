@@ -175,20 +175,44 @@ class SuffixCache:
 
     def branches(self, max_depth: int | None = None, skip: int = 0,
                  shortest: int = 2) -> list[SuffixDraft]:
-        """The per-request tree's draft at every other match length: one per matched suffix
-        of ``shortest`` tokens or more (longest first), each with its own budget, except the
-        match of ``skip`` tokens (the one :meth:`drafts` chose). SuffixDecoding keeps only its
-        best-scored draft; a caller that values every node apart can use the rest, e.g. the
-        frequent continuation of a 3-token match beside a 20-token match's rare one."""
-        tree, longest = self.local, self._longest_match()
+        """The per-request tree's drafts at the other match lengths of ``shortest`` tokens or
+        more (longest first), each with its own budget: one per occurrence set, none for the
+        set of the match of ``skip`` tokens (the one :meth:`drafts` chose). SuffixDecoding
+        keeps only its best-scored draft; a caller that values every node apart can use the
+        rest, e.g. the frequent continuation of a 3-token match beside a 20-token match's rare
+        one.
+
+        A suffix that occurs exactly as often as a longer matched suffix occurs only inside
+        it: the two matches continue alike, and only the one that can draft deepest is drafted
+        (the least of its budget, ``max_depth`` and the tree's room below it; the longer on
+        ties). In a long verbatim repeat every shorter match is such a copy. Example: context
+        ``1 2 3 4 | 1 2 3``: the matches ``1 2 3`` and ``2 3`` occur twice each and give one
+        draft, at match length 3."""
+        tree, longest, window = self.local, self._longest_match(), self.config.max_depth
         budgets, mode = self._budgets, self._tree_mode
-        found = []
+        room = window if max_depth is None else max_depth
+        # per occurrence count, longest first: [count, skipped, reach, match length, position]
+        groups: list[list] = []
         for position in tree.loci:
             match_len = tree.position_depth(position)
-            if match_len == skip or match_len > longest or budgets[match_len] <= 0:
-                continue
             if match_len < shortest:
                 break  # the loci are deepest first
+            if match_len > longest:
+                continue
+            count = tree.position_count(position)
+            if not groups or groups[-1][0] != count:
+                groups.append([count, False, 0, 0, None])
+            group = groups[-1]
+            if match_len == skip:
+                group[1] = True
+                continue
+            reach = min(budgets[match_len], room, window - match_len)
+            if reach > group[2]:
+                group[2:] = reach, match_len, position
+        found = []
+        for _, skipped, _, match_len, position in groups:
+            if skipped or position is None:
+                continue
             draft = tree.speculate(position, budgets[match_len], tree=mode, max_depth=max_depth)
             if draft.tokens:
                 found.append(draft)

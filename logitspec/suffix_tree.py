@@ -337,6 +337,10 @@ class SuffixTree:
         """The matched string's length."""
         return self._depth[position] if type(position) is int else position[2]
 
+    def position_count(self, position) -> int:
+        """How often the matched string occurs."""
+        return self._locate(position)[1]
+
     def _locate(self, position) -> tuple[object, int]:
         """``(cursor, count)`` for a position: the cursor is a node (at its end), ``(node,
         depth)`` inside a node's span, or ``(seq, index, end)`` inside a tail."""

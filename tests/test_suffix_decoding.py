@@ -168,8 +168,28 @@ def test_branches_are_the_other_match_lengths_drafts():
     (branch,) = cache.branches(skip=best.match_len)
     assert branch.match_len == 2 and branch.tokens[0] == 7 and branch.denominator == 4
     assert [d.match_len for d in cache.branches(skip=0)] == [3, 2]
-    assert [d.match_len for d in cache.branches(skip=0, shortest=1)] == [3, 2, 1]
+    # ``3`` occurs as often as ``2 3`` (4 times): one occurrence set, drafted once, at 2 tokens
+    assert [d.match_len for d in cache.branches(skip=0, shortest=1)] == [3, 2]
     assert cache.branches(skip=best.match_len, shortest=3) == []
+
+
+def test_branches_draft_each_occurrence_set_once():
+    """Context ``1 2 3 4 5 6 7 8 0 | 1 2 3 4 5 6``: every match of 2 to 6 tokens is the one
+    earlier occurrence, so they make one draft, at the length that can draft deepest (the
+    longest with budget 6, or the one whose room under a window of 8 tokens is largest); with
+    the best draft's match in that set, no branch at all. Two occurrence sets: one draft each."""
+    context = [1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2, 3, 4, 5, 6]
+    cache = cache_after(context)
+    (branch,) = cache.branches(skip=0)
+    assert branch.match_len == 6 and branch.tokens == (7, 8, 0, 1, 2, 3)
+    assert cache.branches(skip=4) == []
+    small = SuffixCache(SuffixConfig(max_depth=8))
+    small.start_request(context)
+    # room below a match of m tokens: 8 - m; budget m: m = 4 reaches 4 tokens, the most
+    (branch,) = small.branches(skip=0)
+    assert branch.match_len == 4 and branch.tokens == (7, 8, 0, 1)
+    two = cache_after([5, 1, 2, 9, 3, 1, 2, 7, 5, 1, 2])  # ``5 1 2`` twice, ``1 2`` three times
+    assert [d.match_len for d in two.branches(skip=0)] == [3, 2]
 
 
 def test_draft_tree_hangs_the_draft_under_the_root():
@@ -212,6 +232,27 @@ def reference(sequences, context, config, alphabet, max_depth):
     return best
 
 
+def branch_lengths(context, scores, config, skip, max_depth):
+    """The match lengths :meth:`SuffixCache.branches` drafts, by brute force: matches of 2 or
+    more tokens grouped by their number of occurrences (one group per occurrence set), none
+    from the group of ``skip``, else the one reaching deepest (budget, ``max_depth``, the
+    window's room; the longer on ties) if its draft scores."""
+    groups: dict[int, list[int]] = {}
+    for m in sorted(scores, reverse=True):
+        if m >= 2:
+            groups.setdefault(brute_count([context], context[-m:]), []).append(m)
+
+    def reach(m):
+        return min(config.budget(m), max_depth, config.max_depth - m)
+
+    lengths = []
+    for members in groups.values():
+        best = max(members, key=lambda m: (reach(m), m))
+        if skip not in members and reach(best) > 0 and scores[best]:
+            lengths.append(best)
+    return sorted(lengths, reverse=True)
+
+
 @settings(deadline=None, max_examples=60)
 @given(requests=st.lists(st.tuples(st.lists(st.integers(0, 2), min_size=1, max_size=7),
                                    st.lists(st.integers(0, 2), max_size=8)), min_size=1, max_size=3),
@@ -248,9 +289,8 @@ def test_speculate_matches_brute_force(requests, capacity, max_depth, alpha, off
             # the per-request tree's other drafts: every other match of 2 or more tokens
             scores = reference_scores([context], context, config, 3, step_depth)
             branches = cache.branches(step_depth, skip=own.match_len)
-            assert [d.match_len for d in branches] == sorted(
-                (m for m, score in scores.items() if m >= 2 and m != own.match_len and score),
-                reverse=True)
+            assert [d.match_len for d in branches] == branch_lengths(
+                context, scores, config, own.match_len, step_depth)
             assert all(Fraction(sum(d.counts), d.denominator) == scores[d.match_len]
                        for d in branches)
 
