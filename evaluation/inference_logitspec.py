@@ -60,6 +60,11 @@ class ValueTreeParams(RetrievalParams):
     recycle_breadth: int = option(
         1, "below the first level, each remembered successor's N best successors are "
         "candidates (a copy-logit tree; 1: its first only, chains)", type=int)
+    successor_children: int = option(
+        0, "below every node that no recycled chain made, its N best remembered successors are "
+        "candidates, and theirs, --successor-hops levels down (0: off; needs recycled chains)",
+        type=int)
+    successor_hops: int = option(2, "levels of remembered successors below a node", type=int)
     max_auto_capacity: int = option(64, "largest tree an automatic budget may build", type=int)
     match_lengths: int = option(
         0, "1: value the next-token chain by how long its occurrence matches the context (value "
@@ -94,6 +99,8 @@ class ValueTreeParams(RetrievalParams):
             recycle_chains=self.recycle_chains if value else 0,
             recycle_depth=self.recycle_depth,
             recycle_breadth=self.recycle_breadth if value and self.recycle_chains else 1,
+            successor_children=self.successor_children if value else 0,
+            successor_hops=self.successor_hops,
             match_lengths=bool(self.match_lengths) and value,
             suffix_trees=bool(self.suffix_trees) and value,
             suffix_tokens=self.suffix_tokens,

@@ -123,6 +123,10 @@ class LogitSpecConfig:
     (:class:`~logitspec.cost.LiveCosts`). ``recycle_breadth`` (with recycled chains): below the
     first level, each remembered successor's own ``recycle_breadth`` best successors are
     candidates, not only its first (a copy-logit tree, expanded only where the value tree pops).
+    ``successor_children`` (with recycled chains): below every node of another source, its
+    ``successor_children`` best remembered successors are candidates, and theirs, down to
+    ``successor_hops`` levels (RACER's copy-logit expansion of its retrieved chains): a chain
+    that ends, or goes wrong, still has the target's own guesses below it.
     """
 
     pool: PoolConfig = PoolConfig()
@@ -137,6 +141,8 @@ class LogitSpecConfig:
     recycle_chains: int = 0
     recycle_depth: int = 4
     recycle_breadth: int = 1
+    successor_children: int = 0
+    successor_hops: int = 2
     match_lengths: bool = False
     suffix_trees: bool = False
     suffix_tokens: int = 32
@@ -159,6 +165,11 @@ class LogitSpecConfig:
         if self.recycle_breadth < 1 or (self.recycle_breadth > 1 and not self.recycle_chains):
             raise ValueError(f"recycle_breadth must be >= 1, and 1 without recycled chains, "
                              f"got {self.recycle_breadth}")
+        if self.successor_children < 0 or self.successor_hops < 1:
+            raise ValueError(f"successor_children must be >= 0 and successor_hops >= 1, got "
+                             f"{self.successor_children} and {self.successor_hops}")
+        if self.successor_children and not self.recycle_chains:
+            raise ValueError("successor_children needs recycled chains (the successor table)")
         if self.match_lengths and self.tree_policy != "value":
             raise ValueError("match-length features need tree_policy='value'")
         if self.suffix_trees and self.tree_policy != "value":
@@ -284,7 +295,7 @@ def value_prior(feature: tuple) -> float:
         return 0.3 / feature[1]
     if kind == "alt":
         return 0.2
-    if kind == "rec":
+    if kind == "rec" or kind == "succ":
         return 0.3 / feature[1] if feature[1] else 0.5
     if kind == "match":  # a match of m tokens: m / (m + 1), as if each had been a trial
         return feature[1] / (feature[1] + 1.0)
@@ -379,6 +390,11 @@ class ValueTreeDrafter(_PoolDrafter):
                          if config.suffix_trees else None)
         self._root_indexed = False
         self.prompt_head = prompt_head if recycled else None
+        self._successor_rows = config.successor_children if recycled else 0
+        self._succ_features = [
+            tuple(("succ", bucket(rank, RANK_BUCKETS) if rank > 1 else 0, hop)
+                  for rank in range(1, self._successor_rows + 1))
+            for hop in range(config.successor_hops + 2)]
         if self.prompt_head is not None:
             self.needs_hidden = True
 
@@ -402,7 +418,8 @@ class ValueTreeDrafter(_PoolDrafter):
         if self.costs is not None:
             self._cost = self.costs.at(self._context).cost_table(self.tree_capacity)
         # candidates below the entry value could never be kept: they are dropped when offered
-        tree = BestFirstTree(root, self.stats.rate, max_depth, self._entry_value())
+        expand = self._expand if self._successor_rows else None
+        tree = BestFirstTree(root, self.stats.rate, max_depth, self._entry_value(), expand)
         if self.tree_capacity > 1 and max_depth > 0:
             self._offer_candidates(tree, root, root_topk, max_depth)
         draft, self._features = tree.grow(self.tree_capacity, self._cost, self.overhead)
@@ -514,6 +531,18 @@ class ValueTreeDrafter(_PoolDrafter):
                 tree.offer_nodes([Candidate(token, feature, _Successors(self, token, 2))])
             else:
                 tree.offer(self._recycled_chain(rank, token))
+
+    def _expand(self, token: int, feature: Feature) -> list[Candidate] | None:
+        """The remembered successors of a node that no recycled chain made, as its children
+        (and of theirs, ``successor_hops`` levels below it)."""
+        kind = feature[0]
+        if kind == "rec":
+            return None
+        hop = feature[2] + 1 if kind == "succ" else 1
+        if hop > self.config.successor_hops:
+            return None
+        row = self.successors.table[token, : self._successor_rows].tolist()
+        return [Candidate(t, f) for t, f in zip(row, self._succ_features[hop]) if t >= 0]
 
     def _successor_features(self, depth: int) -> tuple:
         """The features of a node's successors of ranks 1..breadth at ``depth``: rank 1 as in a

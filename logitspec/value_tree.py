@@ -191,8 +191,10 @@ class BestFirstTree:
     (deeper chain nodes are never asked for). ``floor``: candidates less probable than it are
     dropped when offered, and their chains are not asked for more (rates are at most 1, so
     nothing below them is more probable); with ``floor <= entry_value(cost, overhead)`` of the
-    cost that :meth:`grow` then gets, the grown tree is the same. Offer chains with
-    :meth:`offer`, then :meth:`grow` once.
+    cost that :meth:`grow` then gets, the grown tree is the same. ``expand(token, feature)``:
+    children for every node the tree adds (as :class:`Candidate` nodes, or None), offered below
+    it as a popped :class:`Candidate`'s children are (a node that a later chain merges into is
+    not asked again). Offer chains with :meth:`offer`, then :meth:`grow` once.
 
     Example: chains [(1, "a"), (2, "b")] and [(1, "c"), (3, "d")] under the root, rates
     a .9, b .5, c .6, d .8. Pops: token 1 from the first chain (P .9: node 1), token 1 from
@@ -201,8 +203,10 @@ class BestFirstTree:
     """
 
     def __init__(self, root: int, rate: Callable[[Feature], float], max_depth: int | None = None,
-                 floor: float = 0.0) -> None:
+                 floor: float = 0.0,
+                 expand: Callable[[int, Feature], Sequence[Candidate] | None] | None = None) -> None:
         self.floor = floor
+        self.expand = expand
         self.tokens = [root]
         self.parents = [-1]
         self.depths = [0]
@@ -312,6 +316,7 @@ class BestFirstTree:
         tokens, parents, depths, probs, features = (
             self.tokens, self.parents, self.depths, self.probs, self.features)
         children, rate, heap, floor = self._children, self.rate, self._heap, self.floor
+        expand = self.expand
         max_depth = capacity if self.max_depth is None else self.max_depth
         pushpop, pop = heapq.heappushpop, heapq.heappop
         size = len(tokens)
@@ -376,6 +381,10 @@ class BestFirstTree:
                 if known and type(known) is not _Run:
                     self._order = next_order
                     self.offer_nodes(known, node, prob)
+                    next_order = self._order
+                if expand is not None and node == size - 1 and (kids := expand(token, feature)):
+                    self._order = next_order
+                    self.offer_nodes(kids, node, prob)
                     next_order = self._order
             if known and type(known) is _Run:  # the run's next head enters the heap
                 heapq.heappush(heap, known.entry(neg_prob, order + 1))

@@ -203,7 +203,8 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
     ``logitspec:auto``, options after commas: ``ngram=3,pred=20,conts=1`` (pool), ``nomerge``,
     ``value`` (value-ranked tree), ``k=32`` (next-next candidates), ``max=64`` (auto's largest
     tree), ``len=8`` (value chain length), ``rec=8,recd=6`` (recycled chains and their depth),
-    ``recb=4`` (each recycled node's 4 best successors below the first level), ``match``
+    ``recb=4`` (each recycled node's 4 best successors below the first level), ``succ=2,hops=2``
+    (below every other node its 2 best remembered successors, 2 levels down), ``match``
     (next-token chains valued by their match length), ``suf`` (suffix trees' drafts),
     ``suftok=32`` (most tokens per suffix-tree draft), ``branches`` (with ``suf``: the
     per-question tree's drafts at its other match lengths too), ``live`` (auto: the cost curve
@@ -255,6 +256,8 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
             recycle_chains=int(options.get("rec", 0)),
             recycle_depth=int(options.get("recd", 4)),
             recycle_breadth=int(options.get("recb", 1)),
+            successor_children=int(options.get("succ", 0)),
+            successor_hops=int(options.get("hops", 2)),
             match_lengths="match" in options,
             suffix_trees="suf" in options,
             suffix_tokens=int(options.get("suftok", LogitSpecConfig.suffix_tokens)),

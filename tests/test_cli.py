@@ -101,7 +101,7 @@ def test_three_methods_on_two_demo_questions(
     assert meta["params"] == {"max_ngram_size": 3, "num_pred_tokens": 20,
                               "draft_tree_capacity": "auto", "tree_policy": "value",
                               "num_continuations": 3, "recycle_chains": 8, "recycle_depth": 6,
-                              "recycle_breadth": 1,
+                              "recycle_breadth": 1, "successor_children": 0, "successor_hops": 2,
                               "max_auto_capacity": 64, "match_lengths": 0, "suffix_trees": 1,
                               "suffix_tokens": 32, "suffix_branches": 1, "live_costs": 0,
                               "prompt_logits": 0}
@@ -223,19 +223,20 @@ def test_sam_on_two_demo_questions_with_and_without_a_corpus(
 
 
 def test_logitspec_with_the_prompts_logits(tiny: Path, tmp_path: Path, capsys: Capsys) -> None:
-    """``--prompt-logits 1`` (a fixed budget, so no cost curve is measured): the answers equal
-    vanilla's (float32 greedy) and the flag is recorded; without recycled chains it is refused
-    in one line."""
+    """``--prompt-logits 1 --successor-children 2`` (a fixed budget, so no cost curve is
+    measured): the answers equal vanilla's (float32 greedy) and the flags are recorded; without
+    recycled chains either is refused in one line."""
     common = ["--model-path", str(tiny), "--question-begin", "3", "--question-end", "5",
               "--max-new-tokens", "16", "--device", "cpu"]
     files = {"vanilla": tmp_path / "vanilla.jsonl", "logitspec": tmp_path / "logitspec.jsonl"}
     assert run_cli(inference_baseline, common + ["--answer-file", str(files["vanilla"])]) == 0
     argv = common + ["--draft_tree_capacity", "16", "--prompt-logits", "1",
-                     "--answer-file", str(files["logitspec"])]
+                     "--successor-children", "2", "--answer-file", str(files["logitspec"])]
     assert run_cli(inference_logitspec, argv) == 0
     capsys.readouterr()
     lines = check_answer_file(files["logitspec"], {"4": 2, "5": 1}, "logitspec")
     assert lines[0]["meta"]["params"]["prompt_logits"] == 1
+    assert lines[0]["meta"]["params"]["successor_children"] == 2
     turns = [line["choices"][0]["turns"] for line in read_lines(files["vanilla"])]
     assert turns == [line["choices"][0]["turns"] for line in lines]
     bad = common + ["--prompt-logits", "1", "--recycle-chains", "0",
@@ -243,6 +244,12 @@ def test_logitspec_with_the_prompts_logits(tiny: Path, tmp_path: Path, capsys: C
     assert run_cli(inference_logitspec, bad) == 2
     err = capsys.readouterr().err.strip()
     assert "recycled chains" in err and "\n" not in err
+    bad = common + ["--successor-children", "2", "--recycle-chains", "0",
+                    "--answer-file", str(tmp_path / "bad.jsonl")]
+    assert run_cli(inference_logitspec, bad) == 2
+    err = capsys.readouterr().err.strip()
+    assert "successor_children needs recycled chains" in err and "\n" not in err
+    assert not (tmp_path / "bad.jsonl").exists()
     assert not (tmp_path / "bad.jsonl").exists()
 
 

@@ -8,7 +8,8 @@ ALPHA. Deterministic: fixed seeds, fixed model. A deliberately wrong acceptance 
 matching of drafts with a sampled bonus token) must fail the same test (negative control).
 Covered: retrieval drafters, the command-line default (the value tree with recycled chains,
 suffix trees and a cost-sized budget, here with match lengths too; its drafts, the suffix
-trees' among them, must be accepted) and a draft head's tree
+trees' among them, must be accepted), the value tree's successor options (successor trees,
+successors below every other node, the prompt's logits) and a draft head's tree
 beside retrieval, whose deterministic candidates are verified by the same walk.
 """
 
@@ -193,6 +194,14 @@ DRAFTERS = {
                         max_auto_capacity=8, recycle_chains=3, recycle_depth=2, match_lengths=True,
                         suffix_trees=True, suffix_tokens=4, suffix_branches=True),
         CostCurve((1, 8), (1.0, 1.0)), SuccessorTable(VOCAB, 3)),
+    # the options that grow the successor table's share of a fixed tree: successor trees of
+    # breadth 2, two successors below every other node, the prompt's logits (MarkovLM's LM
+    # head is the identity)
+    "logitspec-successors": lambda: ValueTreeDrafter(
+        LogitSpecConfig(pool=PoolConfig(2, 3, 3), draft_tree_capacity=8, tree_policy="value",
+                        recycle_chains=3, recycle_depth=3, recycle_breadth=2,
+                        successor_children=2, suffix_trees=True, suffix_tokens=4),
+        None, SuccessorTable(VOCAB, 3), prompt_head=lambda hidden: hidden),
     "eagle": lambda: EagleDrafter(
         markov_head(MarkovLM(VOCAB), seed=2),
         EagleConfig(LogitSpecConfig(pool=PoolConfig(2, 3), draft_tree_capacity=8, tree_policy="value"),
@@ -230,6 +239,7 @@ CASES = [
     ("pld", "t1.3-topp0.8"),
     ("logitspec-default", "t1.0"),
     ("logitspec-default", "t0.7-topk3"),
+    ("logitspec-successors", "t1.0"),
     ("eagle", "t1.0"),
     ("eagle", "t0.7-topk3"),
     ("racer", "t1.0"),
@@ -263,10 +273,13 @@ def test_speculative_sampling_matches_exact_distribution(model, drafter, setting
         counts = decoder.drafter.stats.counts  # the suffix trees' among them
         assert sum(success for success, _ in counts.values()) > 0
         assert sum(success for feature, (success, _) in counts.items() if feature[0] == "suf") > 0
+    if drafter == "logitspec-successors":  # successors below other nodes were accepted
+        counts = decoder.drafter.stats.counts
+        assert sum(success for feature, (success, _) in counts.items() if feature[0] == "succ") > 0
 
 
-@pytest.mark.parametrize("drafter", ["full-tree", "logitspec", "racer", "sam", "suffix", "rest",
-                                     "lookahead", "eagle"])
+@pytest.mark.parametrize("drafter", ["full-tree", "logitspec", "logitspec-successors", "racer",
+                                     "sam", "suffix", "rest", "lookahead", "eagle"])
 def test_negative_control_wrong_acceptance_rule_is_detected(model, drafter):
     settings, prompt = SETTINGS["t1.0"], PROMPTS.get(drafter, PROMPT)
     max_new = MAX_NEW_OF.get(drafter, MAX_NEW)

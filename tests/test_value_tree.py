@@ -271,13 +271,13 @@ CURVE = CostCurve((1, 8, 64), (1.0, 1.1, 2.0))
     match=st.booleans(),
     suffix=st.sampled_from(["off", "best", "branches"]),
     live=st.booleans(),
-    recycle=st.sampled_from(["off", "verified", "prompt", "breadth"]),
+    recycle=st.sampled_from(["off", "verified", "prompt", "breadth", "successors"]),
 )
 def test_value_trees_are_lossless(prompt, capacity, max_new, seed, match, suffix, live, recycle):
     """Every source (next and next-next chains in runs of rank buckets with made-on-demand
     tails, the successor table's chains, learned from verified tokens only or from the prompt's
-    logits too, or its trees of two successors per node, suffix-tree drafts) at fixed and
-    automatic budgets."""
+    logits too, or its trees of two successors per node, or successors below every other
+    node, suffix-tree drafts) at fixed and automatic budgets."""
     model = MarkovLM(8, seed=seed, scale=4.0)
     config = GenerationConfig(max_new_tokens=max_new, eos_token_ids=(7,))
     vanilla = Decoder(model).generate(prompt, config)
@@ -288,6 +288,7 @@ def test_value_trees_are_lossless(prompt, capacity, max_new, seed, match, suffix
                         suffix_tokens=5,
                         recycle_chains=3 if recycle != "off" else 0, recycle_depth=3,
                         recycle_breadth=2 if recycle == "breadth" else 1,
+                        successor_children=2 if recycle == "successors" else 0,
                         live_costs=live and capacity is None), CURVE,
         SuccessorTable(8, 3) if recycle != "off" else None,
         model.lm_head if recycle == "prompt" else None)
@@ -735,3 +736,42 @@ def test_recycled_successor_trees():
         LogitSpecConfig(tree_policy="value", recycle_breadth=2)
     with pytest.raises(ValueError, match="recycle_breadth"):
         LogitSpecConfig(tree_policy="value", recycle_chains=2, recycle_breadth=0)
+
+
+def test_successor_children_below_every_other_source():
+    """``successor_children`` c, ``successor_hops`` h: below every node that no recycled chain
+    made, its c best remembered successors, and theirs, h levels down; the recycled chain's own
+    nodes get none. Pool ``20 21 22 23 20``, root 21: the next-token chain 22 23 20; successors
+    of t are 2t, 2t + 1; the root's recycled chain (one node) is 42."""
+    table = SuccessorTable(256, 2)
+    rows = {t: [2 * t, 2 * t + 1] for t in range(1, 120)}
+    table.update(list(rows), np.array(list(rows.values())))
+
+    def below(path: tuple, hops: int) -> set:
+        found, level = set(), [path]
+        for _ in range(hops):
+            level = [p + (c,) for p in level for c in rows[p[-1]]]
+            found |= set(level)
+        return found
+
+    for hops in (1, 2):
+        config = LogitSpecConfig(pool=PoolConfig(2, 4, 1), draft_tree_capacity=200,
+                                 tree_policy="value", recycle_chains=1, recycle_depth=1,
+                                 successor_children=2, successor_hops=hops, num_next_next=0)
+        drafter = make_logitspec_drafter(config, None, table)
+        drafter.begin([20, 21, 22, 23, 20], 0)
+        tree = drafter.draft(21, np.array([21, 0], dtype=np.int64), 8)
+        got = {tuple(tree.tokens[i] for i in tree.path_to(n))[1:] for n in range(1, len(tree.tokens))}
+        chain = [(22,), (22, 23), (22, 23, 20)]
+        expected = {(42,)} | set(chain) | set().union(*(below(p, hops) for p in chain))
+        assert got == expected, hops
+        assert len(expected) == 1 + 3 + 3 * (2 if hops == 1 else 6)
+    off = LogitSpecConfig(pool=PoolConfig(2, 4, 1), draft_tree_capacity=200, tree_policy="value",
+                          recycle_chains=1, recycle_depth=1, num_next_next=0)
+    drafter = make_logitspec_drafter(off, None, table)
+    drafter.begin([20, 21, 22, 23, 20], 0)
+    assert len(drafter.draft(21, np.array([21, 0], dtype=np.int64), 8).tokens) == 1 + 1 + 3
+    with pytest.raises(ValueError, match="successor_children needs recycled chains"):
+        LogitSpecConfig(tree_policy="value", successor_children=2)
+    with pytest.raises(ValueError, match="successor_hops"):
+        LogitSpecConfig(tree_policy="value", recycle_chains=2, successor_children=2, successor_hops=0)
