@@ -620,8 +620,20 @@ def suffix_candidates(draft: SuffixDraft, source: str,
     their path) is below ``floor`` are left out with their subtrees, as
     :meth:`~logitspec.value_tree.BestFirstTree.offer_nodes` of a tree with that floor would
     drop them (the same tree, fewer candidates made).
+
+    A draft that stands for other match lengths too (``draft.also``: the same occurrences, so
+    the same continuations) gives each node, of the match buckets of all of them, the one whose
+    feature ``rate`` values highest: as when each length's draft was offered apart and the
+    trie kept the most probable of the copies of a node.
     """
     match = bucket(draft.match_len, MATCH_BUCKETS)
+    matches = ()
+    if draft.also and rate is not None:
+        matches = tuple(sorted({match} | {bucket(m, MATCH_BUCKETS) for m in draft.also},
+                               reverse=True))
+        if len(matches) == 1:
+            matches = ()
+    choose = rate
     if floor <= 0:
         rate = None  # nothing can fall below it: no probabilities to compute
     nodes: list[Candidate | None] = []
@@ -635,8 +647,10 @@ def suffix_candidates(draft: SuffixDraft, source: str,
             nodes.append(None)
             probs.append(0.0)
             continue
-        feature = ("suf", source, match,
-                   bucket(count / (earlier if parent < 0 else counts[parent]), SHARE_BUCKETS))
+        share = bucket(count / (earlier if parent < 0 else counts[parent]), SHARE_BUCKETS)
+        feature = ("suf", source, match, share)
+        if matches:  # the longest match on ties
+            feature = max((("suf", source, m, share) for m in matches), key=choose)
         prob = 1.0
         if rate is not None:
             prob = (1.0 if parent < 0 else probs[parent]) * rate(feature)

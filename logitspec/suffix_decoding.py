@@ -39,7 +39,7 @@ occurrence (the public code orders some of them by most recent count change inst
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -185,13 +185,14 @@ class SuffixCache:
         A suffix that occurs exactly as often as a longer matched suffix occurs only inside
         it: the two matches continue alike, and only the one that can draft deepest is drafted
         (the least of its budget, ``max_depth`` and the tree's room below it; the longer on
-        ties). In a long verbatim repeat every shorter match is such a copy. Example: context
-        ``1 2 3 4 | 1 2 3``: the matches ``1 2 3`` and ``2 3`` occur twice each and give one
-        draft, at match length 3."""
+        ties), with the other lengths as its ``also``. In a long verbatim repeat every shorter
+        match is such a copy. Example: context ``1 2 3 4 | 1 2 3``: the matches ``1 2 3`` and
+        ``2 3`` occur twice each and give one draft, at match length 3, also 2."""
         tree, longest, window = self.local, self._longest_match(), self.config.max_depth
         budgets, mode = self._budgets, self._tree_mode
         room = window if max_depth is None else max_depth
-        # per occurrence count, longest first: [count, skipped, reach, match length, position]
+        # per occurrence count, longest first: [count, skipped, reach, match length, position,
+        # every length that can draft]
         groups: list[list] = []
         for position in tree.loci:
             match_len = tree.position_depth(position)
@@ -201,21 +202,24 @@ class SuffixCache:
                 continue
             count = tree.position_count(position)
             if not groups or groups[-1][0] != count:
-                groups.append([count, False, 0, 0, None])
+                groups.append([count, False, 0, 0, None, []])
             group = groups[-1]
             if match_len == skip:
                 group[1] = True
                 continue
             reach = min(budgets[match_len], room, window - match_len)
+            if reach > 0:
+                group[5].append(match_len)
             if reach > group[2]:
-                group[2:] = reach, match_len, position
+                group[2:5] = reach, match_len, position
         found = []
-        for _, skipped, _, match_len, position in groups:
+        for _, skipped, _, match_len, position, lengths in groups:
             if skipped or position is None:
                 continue
             draft = tree.speculate(position, budgets[match_len], tree=mode, max_depth=max_depth)
             if draft.tokens:
-                found.append(draft)
+                also = tuple(m for m in lengths if m != match_len)
+                found.append(replace(draft, also=also) if also else draft)
         return found
 
     def _longest_match(self) -> int:

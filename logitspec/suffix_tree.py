@@ -61,7 +61,8 @@ class SuffixDraft:
     string. ``counts[i]``: occurrences of the matched string followed by the path to token
     ``i``; ``denominator``: occurrences of the matched string; token ``i``'s probability is
     ``counts[i] / denominator`` and the draft's score is their sum. ``match_len``: the matched
-    string's length.
+    string's length; ``also``: other matched lengths with the same occurrences, whose drafts
+    this one stands for (:meth:`~logitspec.suffix_decoding.SuffixCache.branches`).
     """
 
     tokens: tuple[int, ...] = ()
@@ -69,6 +70,7 @@ class SuffixDraft:
     counts: tuple[int, ...] = ()
     denominator: int = 1
     match_len: int = 0
+    also: tuple[int, ...] = ()
 
     @property
     def probs(self) -> tuple[float, ...]:

@@ -182,12 +182,13 @@ def test_branches_draft_each_occurrence_set_once():
     cache = cache_after(context)
     (branch,) = cache.branches(skip=0)
     assert branch.match_len == 6 and branch.tokens == (7, 8, 0, 1, 2, 3)
+    assert branch.also == (5, 4, 3, 2)
     assert cache.branches(skip=4) == []
     small = SuffixCache(SuffixConfig(max_depth=8))
     small.start_request(context)
     # room below a match of m tokens: 8 - m; budget m: m = 4 reaches 4 tokens, the most
     (branch,) = small.branches(skip=0)
-    assert branch.match_len == 4 and branch.tokens == (7, 8, 0, 1)
+    assert branch.match_len == 4 and branch.tokens == (7, 8, 0, 1) and branch.also == (6, 5, 3, 2)
     two = cache_after([5, 1, 2, 9, 3, 1, 2, 7, 5, 1, 2])  # ``5 1 2`` twice, ``1 2`` three times
     assert [d.match_len for d in two.branches(skip=0)] == [3, 2]
 
@@ -291,6 +292,11 @@ def test_speculate_matches_brute_force(requests, capacity, max_depth, alpha, off
             branches = cache.branches(step_depth, skip=own.match_len)
             assert [d.match_len for d in branches] == branch_lengths(
                 context, scores, config, own.match_len, step_depth)
+            for d in branches:  # the other lengths with the same occurrences that can draft
+                count = brute_count([context], context[-d.match_len:])
+                assert sorted(d.also + (d.match_len,)) == sorted(
+                    m for m in scores if m >= 2 and brute_count([context], context[-m:]) == count
+                    and min(config.budget(m), step_depth, config.max_depth - m) > 0)
             assert all(Fraction(sum(d.counts), d.denominator) == scores[d.match_len]
                        for d in branches)
 

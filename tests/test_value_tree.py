@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -343,6 +345,15 @@ def test_suffix_candidates_by_hand():
     # every rate 0.5, floor 0.3: the first tokens (0.5) stay, 8 below 7 (0.25) is left out
     halves = suffix_candidates(draft, "local", lambda feature: 0.5, 0.3)
     assert [c.token for c in halves] == [7, 9] and halves[0].children == []
+    # the draft also stands for matches of 2 and 3 tokens (buckets 2, 3): each node takes the
+    # bucket whose rate is highest for its share, the longest on ties
+    rates = {(2, 0.75): 0.9, (3, 0.25): 0.8, (6, 0.25): 0.8}
+    rate = lambda f: rates.get((f[2], f[3]), 0.1)  # noqa: E731
+    both = suffix_candidates(replace(draft, also=(2, 3)), "branch", rate)
+    assert [(c.token, c.feature) for c in both] == [
+        (7, ("suf", "branch", 2, 0.75)), (9, ("suf", "branch", 6, 0.25))]
+    assert both[0].children[0].feature == ("suf", "branch", 2, 0.75)
+    assert suffix_candidates(replace(draft, also=(2, 3)), "branch")[1].feature[2] == 6  # no rate
 
 
 @settings(deadline=None, max_examples=200)
