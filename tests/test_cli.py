@@ -405,19 +405,29 @@ def test_fastchat_template_when_the_tokenizer_has_none(tmp_path: Path, capsys: C
 
 
 def test_sampling_is_seeded(tiny: Path, tmp_path: Path, capsys: Capsys) -> None:
-    """temperature > 0 samples; the same seed gives the same answers, choice i uses seed + i."""
-    outputs = []
-    for name in ("first", "second"):
+    """temperature > 0 samples; the same seed gives the same answers, choice i uses seed + i,
+    and LogitSpec's defaults sample exactly what vanilla samples with the same seed."""
+    common = ["--model-path", str(tiny), "--question-begin", "4", "--question-end", "6",
+              "--max-new-tokens", "10", "--temperature", "1.5", "--top-k", "50"]
+
+    def sampled(module, name: str, seed: int, choices: int) -> list:
         out = tmp_path / f"{name}.jsonl"
-        argv = ["--model-path", str(tiny), "--question-begin", "4", "--question-end", "6",
-                "--max-new-tokens", "10", "--temperature", "1.5", "--top-k", "50", "--seed",
-                "7", "--num-choices", "2", "--answer-file", str(out)]
-        assert run_cli(inference_logitspec, argv) == 0
-        lines = check_answer_file(out, {"5": 1, "6": 1}, "logitspec")
-        assert [c["index"] for c in lines[0]["choices"]] == [0, 1]
-        outputs.append([[c["turns"] for c in line["choices"]] for line in lines])
-    assert outputs[0] == outputs[1]
-    assert lines[0]["meta"]["temperature"] == 1.5 and lines[0]["meta"]["seed"] == 7
+        argv = common + ["--seed", str(seed), "--num-choices", str(choices), "--answer-file", str(out)]
+        assert run_cli(module, argv) == 0
+        method = "vanilla" if module is inference_baseline else "logitspec"
+        lines = check_answer_file(out, {"5": 1, "6": 1}, method)
+        assert [c["index"] for c in lines[0]["choices"]] == list(range(choices))
+        assert lines[0]["meta"]["temperature"] == 1.5 and lines[0]["meta"]["seed"] == seed
+        return [[c["turns"] for c in line["choices"]] for line in lines]
+
+    first = sampled(inference_logitspec, "first", 7, 2)
+    assert sampled(inference_logitspec, "second", 7, 2) == first
+    # not greedy: the two choices of a question differ
+    assert any(choices[0] != choices[1] for choices in first)
+    # choice 1 is a run seeded with 8
+    assert [choices[0] for choices in sampled(inference_logitspec, "eight", 8, 1)] == [
+        choices[1] for choices in first]
+    assert sampled(inference_baseline, "vanilla", 7, 2) == first
 
 
 # --------------------------------------------------------------------------- resume
