@@ -98,7 +98,7 @@ class ValueTreeParams(RetrievalParams):
             max_auto_capacity=self.max_auto_capacity,
             recycle_chains=self.recycle_chains if value else 0,
             recycle_depth=self.recycle_depth,
-            recycle_breadth=self.recycle_breadth if value and self.recycle_chains else 1,
+            recycle_breadth=self.recycle_breadth if value else 1,
             successor_children=self.successor_children if value else 0,
             successor_hops=self.successor_hops,
             match_lengths=bool(self.match_lengths) and value,

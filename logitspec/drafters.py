@@ -394,7 +394,7 @@ class ValueTreeDrafter(_PoolDrafter):
         self._succ_features = [
             tuple(("succ", bucket(rank, RANK_BUCKETS) if rank > 1 else 0, hop)
                   for rank in range(1, self._successor_rows + 1))
-            for hop in range(config.successor_hops + 2)]
+            for hop in range(config.successor_hops + 1)]  # indexed by hop, 1..successor_hops
         if self.prompt_head is not None:
             self.needs_hidden = True
 
