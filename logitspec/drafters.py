@@ -395,6 +395,7 @@ class ValueTreeDrafter(_PoolDrafter):
             tuple(("succ", bucket(rank, RANK_BUCKETS) if rank > 1 else 0, hop)
                   for rank in range(1, self._successor_rows + 1))
             for hop in range(config.successor_hops + 1)]  # indexed by hop, 1..successor_hops
+        self._hop_of: dict = {}  # feature -> the successor level of its node's children
         if self.prompt_head is not None:
             self.needs_hidden = True
 
@@ -418,8 +419,21 @@ class ValueTreeDrafter(_PoolDrafter):
         if self.costs is not None:
             self._cost = self.costs.at(self._context).cost_table(self.tree_capacity)
         # candidates below the entry value could never be kept: they are dropped when offered
-        expand = self._expand if self._successor_rows else None
-        tree = BestFirstTree(root, self.stats.rate, max_depth, self._entry_value(), expand)
+        if self._successor_rows:  # asked for lazily, below a bound of the successors' rates
+            rate = self.stats.rate
+            bounds = [0.0] + [max(map(rate, hop)) for hop in self._succ_features[1:]]
+            hop_of, hop_below = self._hop_of, self._hop_below
+
+            def expand_bound(feature: Feature) -> float:
+                hop = hop_of.get(feature)
+                if hop is None:
+                    hop = hop_of[feature] = hop_below(feature)
+                return bounds[hop]
+
+            tree = BestFirstTree(root, rate, max_depth, self._entry_value(), self._expand,
+                                 expand_bound, self._successor_rows)
+        else:
+            tree = BestFirstTree(root, self.stats.rate, max_depth, self._entry_value())
         if self.tree_capacity > 1 and max_depth > 0:
             self._offer_candidates(tree, root, root_topk, max_depth)
         draft, self._features = tree.grow(self.tree_capacity, self._cost, self.overhead)
@@ -532,17 +546,26 @@ class ValueTreeDrafter(_PoolDrafter):
             else:
                 tree.offer(self._recycled_chain(rank, token))
 
-    def _expand(self, token: int, feature: Feature) -> list[Candidate] | None:
-        """The remembered successors of a node that no recycled chain made, as its children
-        (and of theirs, ``successor_hops`` levels below it)."""
+    def _hop_below(self, feature: Feature) -> int:
+        """The successor level a node's children would be at (0: it has none): 1 below a
+        node of another source, one more below a successor node; none below recycled chains'
+        nodes, nor past ``successor_hops``."""
         kind = feature[0]
         if kind == "rec":
-            return None
+            return 0
         hop = feature[2] + 1 if kind == "succ" else 1
-        if hop > self.config.successor_hops:
+        return hop if hop <= self.config.successor_hops else 0
+
+    def _expand(self, token: int, feature: Feature) -> list[tuple[int, Feature]] | None:
+        """The remembered successors of a node that no recycled chain made, as its children
+        (and of theirs, ``successor_hops`` levels below it)."""
+        hop = self._hop_of.get(feature)
+        if hop is None:
+            hop = self._hop_of[feature] = self._hop_below(feature)
+        if not hop:
             return None
         row = self.successors.table[token, : self._successor_rows].tolist()
-        return [Candidate(t, f) for t, f in zip(row, self._succ_features[hop]) if t >= 0]
+        return [(t, f) for t, f in zip(row, self._succ_features[hop]) if t >= 0]
 
     def _successor_features(self, depth: int) -> tuple:
         """The features of a node's successors of ranks 1..breadth at ``depth``: rank 1 as in a

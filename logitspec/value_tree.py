@@ -24,11 +24,12 @@ each chain goes on below it with its own probability, so the order stays non-inc
 the nodes popped first are exactly the most probable ones. Ties pop in the order the
 candidates were offered.
 
-Two more ways to leave work undone without changing a pop: candidates of one value (first
+Ways to leave work undone without changing a pop: candidates of one value (first
 nodes that share a feature) may wait in the heap as a *run*, only the next of them present
 (the rest would pop right after it, in offer order), and a chain whose rest is costly to
 make waits as a *placeholder* valued with a bound on its next node, made only when that
-placeholder is popped; either takes the offer order its node would have had.
+placeholder is popped; either takes the offer order its node would have had. Children that a
+source gives every added node (``expand``, e.g. remembered successors) wait the same way.
 
 A source that has already computed a whole subtree (a draft head expanded level by level)
 offers it as :class:`Candidate` nodes instead (:meth:`BestFirstTree.offer_nodes`): a node's
@@ -105,6 +106,10 @@ def _call(tail: Callable[[], Chain]) -> Chain:
 
 # the chain slot of a run's head: its tail is asked for when it is popped
 _ASK = object()
+
+
+# the chain slot of a placeholder for a node's children from ``expand``, not yet asked for
+_EXPAND = object()
 
 
 class _Run:
@@ -192,9 +197,14 @@ class BestFirstTree:
     dropped when offered, and their chains are not asked for more (rates are at most 1, so
     nothing below them is more probable); with ``floor <= entry_value(cost, overhead)`` of the
     cost that :meth:`grow` then gets, the grown tree is the same. ``expand(token, feature)``:
-    children for every node the tree adds (as :class:`Candidate` nodes, or None), offered below
+    children for every node the tree adds (``(token, feature)`` pairs, or None), offered below
     it as a popped :class:`Candidate`'s children are (a node that a later chain merges into is
-    not asked again). Offer chains with :meth:`offer`, then :meth:`grow` once.
+    not asked again). With ``expand_bound(feature)`` (at least the rate of every child
+    ``expand`` can give a node of that feature; 0 when it gives none) and ``expand_width``
+    (the most children it gives), a node's children are asked for only when a placeholder of
+    the node's probability times its bound is popped; the placeholder takes the offer orders
+    the children would have had, so the pops are the same. Offer chains with :meth:`offer`,
+    then :meth:`grow` once.
 
     Example: chains [(1, "a"), (2, "b")] and [(1, "c"), (3, "d")] under the root, rates
     a .9, b .5, c .6, d .8. Pops: token 1 from the first chain (P .9: node 1), token 1 from
@@ -204,9 +214,15 @@ class BestFirstTree:
 
     def __init__(self, root: int, rate: Callable[[Feature], float], max_depth: int | None = None,
                  floor: float = 0.0,
-                 expand: Callable[[int, Feature], Sequence[Candidate] | None] | None = None) -> None:
+                 expand: Callable[[int, Feature], Sequence[tuple[int, Feature]] | None] | None = None,
+                 expand_bound: Callable[[Feature], float] | None = None,
+                 expand_width: int = 0) -> None:
+        if expand_bound is not None and expand_width < 1:
+            raise ValueError("a lazy expansion needs expand_width >= 1 (its most children)")
         self.floor = floor
         self.expand = expand
+        self.expand_bound = expand_bound
+        self.expand_width = expand_width
         self.tokens = [root]
         self.parents = [-1]
         self.depths = [0]
@@ -316,7 +332,7 @@ class BestFirstTree:
         tokens, parents, depths, probs, features = (
             self.tokens, self.parents, self.depths, self.probs, self.features)
         children, rate, heap, floor = self._children, self.rate, self._heap, self.floor
-        expand = self.expand
+        expand, expand_bound = self.expand, self.expand_bound
         max_depth = capacity if self.max_depth is None else self.max_depth
         pushpop, pop = heapq.heappushpop, heapq.heappop
         size = len(tokens)
@@ -330,6 +346,19 @@ class BestFirstTree:
         while item is not None and size < capacity:
             neg_prob, order, parent, token, feature, chain, known = item
             if token is None:
+                if chain is _EXPAND:
+                    # a node's children, asked for now; they take the orders kept for them
+                    # (``feature`` holds the node's probability)
+                    kids = expand(tokens[parent], features[parent]) or ()
+                    if len(kids) > self.expand_width:
+                        raise ValueError(f"expand gave {len(kids)} children, more than "
+                                         f"expand_width={self.expand_width}")
+                    for kid, kid_feature in kids:
+                        if (value := feature * rate(kid_feature)) >= floor:
+                            heapq.heappush(heap, (-value, order, parent, kid, kid_feature, None, ()))
+                        order += 1
+                    item = pop(heap) if heap else None
+                    continue
                 # a placeholder of a tail's first node: the tail is made now, its node takes
                 # the placeholder's order (``feature`` holds the chain's own probability)
                 chain = make(chain)
@@ -382,10 +411,18 @@ class BestFirstTree:
                     self._order = next_order
                     self.offer_nodes(known, node, prob)
                     next_order = self._order
-                if expand is not None and node == size - 1 and (kids := expand(token, feature)):
-                    self._order = next_order
-                    self.offer_nodes(kids, node, prob)
-                    next_order = self._order
+                if expand is None or node != size - 1:
+                    pass
+                elif expand_bound is not None:
+                    if (value := prob * expand_bound(feature)) >= floor and value > 0.0:
+                        heapq.heappush(heap, (-value, next_order, node, None, prob, _EXPAND, ()))
+                        next_order += self.expand_width
+                elif kids := expand(token, feature):
+                    for kid, kid_feature in kids:
+                        if (value := prob * rate(kid_feature)) >= floor:
+                            heapq.heappush(heap, (-value, next_order, node, kid, kid_feature,
+                                                  None, ()))
+                            next_order += 1
             if known and type(known) is _Run:  # the run's next head enters the heap
                 heapq.heappush(heap, known.entry(neg_prob, order + 1))
             if item is not None:

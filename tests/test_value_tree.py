@@ -557,6 +557,65 @@ def test_offer_runs_equals_offering_every_head(runs, chain, capacity, floor, bou
         assert mine == tokens[:len(mine)]
 
 
+@settings(deadline=None, max_examples=150)
+@given(
+    chains=st.lists(st.lists(st.tuples(st.integers(1, 6), st.sampled_from(["a", "b", "c"])),
+                             min_size=1, max_size=4), max_size=5),
+    kids=st.dictionaries(st.integers(1, 12), st.lists(
+        st.tuples(st.integers(1, 12), st.sampled_from(["s1", "s2", "s3"])), max_size=3)),
+    capacity=st.integers(1, 20),
+    floor=st.sampled_from([0.0, 0.1, 0.3]),
+    costly=st.booleans(),
+    slack=st.sampled_from([0.0, 0.05]),
+)
+def test_lazy_expansion_grows_the_eager_tree(chains, kids, capacity, floor, costly, slack):
+    """``expand`` with a bound (and a width) grows the tree that asking every added node for
+    its children at once grows, with or without a cost table and a floor, ties included
+    (equal rates, repeated tokens); it asks only nodes whose placeholder was popped."""
+    rates = {"a": 0.9, "b": 0.6, "c": 0.6, "s1": 0.6, "s2": 0.5, "s3": 0.2}
+    cost = [0.0] + [1.0 + 0.08 * n * n for n in range(1, capacity + 1)] if costly else None
+    asked = []
+
+    def expand(token, feature):
+        asked.append(token)
+        return kids.get(token)
+
+    def grow(bound, width):
+        tree = BestFirstTree(0, rates.__getitem__, floor=floor, expand=expand,
+                             expand_bound=bound, expand_width=width)
+        for chain in chains:
+            tree.offer(iter(chain))
+        return tree.grow(capacity, cost)
+
+    eager = grow(None, 0)
+    eager_asked, asked[:] = list(asked), []
+    lazy = grow(lambda feature: 0.6 + slack, 3)
+    assert lazy[0] == eager[0] and lazy[1] == eager[1]
+    assert len(asked) <= len(eager_asked)
+    with pytest.raises(ValueError, match="expand_width"):
+        BestFirstTree(0, rates.__getitem__, expand=expand, expand_bound=lambda f: 0.6)
+
+
+def test_a_lazy_expansion_past_the_tree_is_never_asked():
+    """Chain 1 (.9), 2 (.9 x .9): node 1's children could be worth at most .9 x .5 = .45,
+    below node 2's .81, so with room for two drafts node 1 is never asked for them; with room
+    for three it is, and its child (.9 x .5) comes third."""
+    asked = []
+
+    def expand(token, feature):
+        asked.append(token)
+        return [(10 * token, "s")]
+
+    def grow(capacity):
+        tree = BestFirstTree(0, {"a": 0.9, "s": 0.5}.__getitem__, expand=expand,
+                             expand_bound=lambda feature: 0.5, expand_width=1)
+        tree.offer(iter([(1, "a"), (2, "a")]))
+        return tree.grow(capacity)[0]
+
+    assert grow(3).tokens == (0, 1, 2) and asked == []
+    assert grow(4).tokens == (0, 1, 2, 10) and asked == [1]
+
+
 def test_a_run_asks_for_no_tail_past_the_tree():
     """A run of ten heads (.5) in a tree of three nodes: two heads are kept and only their
     tails asked for (the third head entered the heap but was never popped)."""
