@@ -395,7 +395,7 @@ class ValueTreeDrafter(_PoolDrafter):
             tuple(("succ", bucket(rank, RANK_BUCKETS) if rank > 1 else 0, hop)
                   for rank in range(1, self._successor_rows + 1))
             for hop in range(config.successor_hops + 1)]  # indexed by hop, 1..successor_hops
-        self._hop_of: dict = {}  # feature -> the successor level of its node's children
+        self._hop_of: dict = {}  # feature -> _hop_below(feature), for the per-node bound
         if self.prompt_head is not None:
             self.needs_hidden = True
 
@@ -559,9 +559,7 @@ class ValueTreeDrafter(_PoolDrafter):
     def _expand(self, token: int, feature: Feature) -> list[tuple[int, Feature]] | None:
         """The remembered successors of a node that no recycled chain made, as its children
         (and of theirs, ``successor_hops`` levels below it)."""
-        hop = self._hop_of.get(feature)
-        if hop is None:
-            hop = self._hop_of[feature] = self._hop_below(feature)
+        hop = self._hop_below(feature)
         if not hop:
             return None
         row = self.successors.table[token, : self._successor_rows].tolist()
