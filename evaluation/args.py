@@ -117,6 +117,11 @@ class EvalConfig:
         type=int)
     warmup: int = option(
         1, "untimed warm-up generations before the first answer (per worker)", type=int)
+    prefix_cache: int = option(
+        0, "1: a question starts from the previous one's cache and prefills only what follows "
+        "the prefix its prompt shares with the previous conversation (questions about one "
+        "document); 0: every question is prefilled whole (Spec-Bench's protocol)", type=int,
+        choices=[0, 1])
 
     def __post_init__(self) -> None:
         self.generation_config()  # validates max_new_tokens and the sampling fields

@@ -12,7 +12,9 @@ steps         decoding steps: one forward pass each, with the host's drafting an
 tree_tokens   drafted tokens verified (``draft_lengths``): a bigger tree makes a pass dearer
 context       context tokens the steps attend to, per turn ``steps * (prompt_tokens +
               new_tokens / 2)``: long prompts (RAG, summarization) make attention dearer
-prompt        prompt tokens (``prompt_tokens``): the prefill
+prompt        prompt tokens prefilled: ``prompt_tokens`` less ``cached_tokens`` (those the
+              cache already held: a follow-up turn's conversation so far, a prefix shared
+              with the previous question under ``--prefix-cache 1``)
 ============  ==========================================================================
 
 A term can enter when every measurement records it (``draft_lengths``, ``prompt_tokens``) and it
@@ -64,6 +66,7 @@ class TurnWork:
     steps: int
     new_tokens: int
     prompt_tokens: int | None
+    cached_tokens: int = 0  # of prompt_tokens, those not prefilled (0 where not recorded)
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,8 @@ class Measurement:
 
     def work(self) -> dict[str, float | None]:
         """The work terms (module docstring), None where the line does not record one."""
-        prompts = [t.prompt_tokens for t in self.turns if t.prompt_tokens is not None]
+        prompts = [t.prompt_tokens - t.cached_tokens for t in self.turns
+                   if t.prompt_tokens is not None]
         known = len(prompts) == len(self.turns)
         context = sum(t.steps * ((t.prompt_tokens or 0) + t.new_tokens / 2) for t in self.turns)
         return {

@@ -3,10 +3,19 @@
 For each selected question not yet answered in the answer file, for each choice: reset the
 method's generator, then answer the turns in order, the conversation growing as in FastChat.
 Each question becomes one answer line (Spec-Bench/FastChat schema plus ``prompt_tokens``,
-``draft_lengths``, ``time_breakdown`` and ``meta``; see data/README.md), appended as soon as it
-is done.
+``cached_tokens``, ``draft_lengths``, ``time_breakdown`` and ``meta``; see data/README.md),
+appended as soon as it is done.
 
 Policies:
+
+- Prefix cache: by default every question starts from nothing (Spec-Bench's protocol: each
+  prompt is prefilled whole). With ``--prefix-cache 1`` the generator keeps the previous
+  question's keys and values, and a question prefills only what follows the longest prefix its
+  prompt shares with the previous question's conversation, as a serving engine's prefix cache
+  does for questions about one document (one entry: the last conversation). A turn's
+  ``cached_tokens`` says how many of its prompt tokens came from the cache (a follow-up turn's
+  reuse counts too), and ``wall_time`` times only the rest. The warm-up never leaves a prefix
+  behind (the generator is renewed after it).
 
 - Timing: a turn's ``wall_time`` is the decoder's own (device synchronized,
   ``time.perf_counter``): that turn's prefill and decoding, not tokenization, templating,
@@ -83,7 +92,7 @@ PHASES = ("prefill", "draft", "verify", "accept", "update")  # GenerationResult.
 TEST_EXIT_AFTER_ENV = "LOGITSPEC_TEST_EXIT_AFTER"  # tests: os._exit(9) after N answers
 RESUME_KEYS = (
     "method", "params", "model_path", "dtype", "device", "template",
-    "max_new_tokens", "temperature", "top_p", "top_k", "seed", "num_choices",
+    "max_new_tokens", "temperature", "top_p", "top_k", "seed", "num_choices", "prefix_cache",
 )
 
 
@@ -113,6 +122,7 @@ class EvalContext:
     num_choices: int
     meta: dict[str, Any]
     make_generator: Callable[[], TurnGenerator] | None = None
+    prefix_cache: bool = False  # a question starts from the previous one's cache
 
     def renew_generator(self) -> None:
         """Replaces the generator by a fresh one, which has learned nothing yet (a drafter's
@@ -154,6 +164,7 @@ def build_context(run: RunConfig) -> EvalContext:
         num_choices=settings.num_choices,
         meta=run_meta(run, template.name, loaded),
         make_generator=make,
+        prefix_cache=bool(settings.prefix_cache),
     )
 
 
@@ -169,7 +180,8 @@ def run_meta(run: RunConfig, template_name: str, loaded: LoadedModel) -> dict[st
         "model_path": e.model_location, "dtype": e.resolved_dtype, "device": device,
         "template": template_name, "max_new_tokens": e.max_new_tokens,
         "temperature": e.temperature, "top_p": e.top_p, "top_k": e.top_k, "seed": e.seed,
-        "num_choices": e.num_choices, "torch": torch.__version__,
+        "num_choices": e.num_choices, "prefix_cache": bool(e.prefix_cache),
+        "torch": torch.__version__,
         "transformers": transformers.__version__, "hardware": hardware_description(device),
         "threads": torch.get_num_threads(), **runtime_meta(loaded.model),
     }
@@ -192,6 +204,7 @@ class ChoiceRecord:
     decoding_steps: list[int] = field(default_factory=list)
     new_tokens: list[int] = field(default_factory=list)
     prompt_tokens: list[int] = field(default_factory=list)
+    cached_tokens: list[int] = field(default_factory=list)
     wall_time: list[float] = field(default_factory=list)
     accept_lengths: list[int] = field(default_factory=list)
     draft_lengths: list[int] = field(default_factory=list)
@@ -202,6 +215,7 @@ class ChoiceRecord:
         self.decoding_steps.append(result.decoding_steps)
         self.new_tokens.append(result.new_tokens)
         self.prompt_tokens.append(prompt_tokens)
+        self.cached_tokens.append(result.cached_tokens)
         self.wall_time.append(result.wall_time)
         self.accept_lengths.extend(result.accept_lengths)
         self.draft_lengths.extend(result.draft_lengths)
@@ -212,7 +226,10 @@ class ChoiceRecord:
 def answer_choice(ctx: EvalContext, question: Question, index: int) -> dict[str, Any]:
     """All turns of ``question`` as choice ``index`` (sampling seed: seed + index)."""
     config = replace(ctx.generation, seed=ctx.generation.seed + index)
-    ctx.generator.reset()
+    if ctx.prefix_cache:
+        ctx.generator.reset(keep_prefix=True)
+    else:
+        ctx.generator.reset()
     conversation = ctx.template.start()
     record = ChoiceRecord(index)
     for user_turn in question.turns:

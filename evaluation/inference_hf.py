@@ -116,8 +116,9 @@ class HFGenerator:
         self.prompt_lookup = prompt_lookup
         self.max_context = hf_model.config.max_position_embeddings
 
-    def reset(self) -> None:
-        """Nothing to forget: every turn is generated from scratch."""
+    def reset(self, keep_prefix: bool = False) -> None:
+        """Nothing to forget: every turn is generated from scratch (no prefix is ever
+        cached, so ``keep_prefix`` changes nothing)."""
 
     def _hf_config(self, config: GenerationConfig) -> Any:
         from transformers import GenerationConfig as HFGenerationConfig

@@ -10,8 +10,9 @@ A method is one small file, ``evaluation/inference_<name>.py``, that declares
 - ``main(argv)``, which hands both to :func:`evaluation.eval_loop.main`.
 
 The loop owns one generator for the whole run: it calls ``reset()`` before every question
-(and every choice) and never between the turns of a conversation, so a follow-up turn reuses
-what the generator kept of the previous one.
+(and every choice; ``reset(keep_prefix=True)`` with ``--prefix-cache 1``) and never between
+the turns of a conversation, so a follow-up turn reuses what the generator kept of the
+previous one.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from .args import option
 class TurnGenerator(Protocol):
     """What the loop needs from a method; :class:`logitspec.decoding.Decoder` is one."""
 
-    def reset(self) -> None:
-        """Forgets the conversation: the next ``generate`` starts from nothing."""
+    def reset(self, keep_prefix: bool = False) -> None:
+        """Forgets the conversation: the next ``generate`` starts from nothing; with
+        ``keep_prefix`` it may reuse what it kept of the last conversation's prefix (its
+        results' ``cached_tokens`` say how much)."""
 
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> GenerationResult:
         """Generates one turn after ``prompt_ids``, the whole conversation so far."""

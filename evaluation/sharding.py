@@ -144,7 +144,7 @@ class _FaultyGenerator:
     def __init__(self, kind: str) -> None:
         self.kind = kind
 
-    def reset(self) -> None:
+    def reset(self, keep_prefix: bool = False) -> None:
         pass
 
     def generate(self, prompt_ids: Sequence[int], config: Any) -> Any:

@@ -105,6 +105,7 @@ class Choice:
     draft_lengths: tuple[int, ...] | None
     prompt_tokens: tuple[int, ...] | None = None
     prefill_time: float | None = None  # None: the generator timed no phases
+    cached_tokens: tuple[int, ...] | None = None  # of prompt_tokens, those not prefilled
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,8 @@ def parse_choice(obj: Any, where: str) -> Choice:
     """Validate one choice. ``accept_lengths`` may be absent (files of plain
     generators); ``draft_lengths`` is optional and, when present, has one entry
     per entry of ``accept_lengths``; ``prompt_tokens`` is optional and, when
-    present, has one entry per turn."""
+    present, has one entry per turn; so is ``cached_tokens`` (with ``prompt_tokens``,
+    each at most the turn's prompt)."""
     if not isinstance(obj, dict):
         raise InputError(f"{where}: a choice must be a JSON object")
     turns = _text_list(obj, "turns", where)
@@ -190,8 +192,16 @@ def parse_choice(obj: Any, where: str) -> Choice:
     prompts = _int_list(obj, "prompt_tokens", where, 0) if "prompt_tokens" in obj else None
     if prompts is not None and len(prompts) != len(turns):
         raise InputError(f"{where}: 'prompt_tokens' and 'turns' differ in length")
+    cached = _int_list(obj, "cached_tokens", where, 0) if "cached_tokens" in obj else None
+    if cached is not None:
+        if prompts is None:
+            raise InputError(f"{where}: 'cached_tokens' without 'prompt_tokens'")
+        if len(cached) != len(turns):
+            raise InputError(f"{where}: 'cached_tokens' and 'turns' differ in length")
+        if any(c > p for c, p in zip(cached, prompts)):
+            raise InputError(f"{where}: a turn's 'cached_tokens' exceeds its 'prompt_tokens'")
     return Choice(turns, steps, new_tokens, wall_time, accept, drafts, prompts,
-                  _prefill_time(obj, where))
+                  _prefill_time(obj, where), cached)
 
 
 def _prefill_time(obj: Mapping[str, Any], where: str) -> float | None:
@@ -349,10 +359,11 @@ def question_stats(record: AnswerRecord, count: TokenCounter) -> QuestionStats:
 
 def measurement(record: AnswerRecord) -> Measurement:
     """What the disturbance model reads of an answer (all turns of all choices): its time,
-    each turn's steps, tokens and prompt, and the drafted tokens (None unless every choice
+    each turn's steps, tokens, prompt and cached prompt tokens, and the drafted tokens (None unless every choice
     recorded ``draft_lengths``). Tokens are the recorded ``new_tokens``: the generator's work."""
     turns = tuple(
-        TurnWork(steps, tokens, None if c.prompt_tokens is None else c.prompt_tokens[i])
+        TurnWork(steps, tokens, None if c.prompt_tokens is None else c.prompt_tokens[i],
+                 0 if c.cached_tokens is None else c.cached_tokens[i])
         for c in record.choices
         for i, (steps, tokens) in enumerate(zip(c.decoding_steps, c.new_tokens))
     )

@@ -122,6 +122,7 @@ class GenerationResult:
     stop_reason: str  # "eos" or "length"
     times: StepTimes = field(default_factory=StepTimes)
     wall_time: float = 0.0
+    cached_tokens: int = 0  # prompt tokens whose keys and values the cache already held
 
     @property
     def new_tokens(self) -> int:
@@ -170,8 +171,14 @@ class Decoder:
         self.cache = model.new_cache(capacity or default, mask_rows=max(self.tree_capacity, 1))
         self.context: list[int] = []
 
-    def reset(self) -> None:
-        """Forgets the context (the cache buffer is kept)."""
+    def reset(self, keep_prefix: bool = False) -> None:
+        """Forgets the conversation: the next :meth:`generate` starts from nothing (the cache
+        buffer is kept). ``keep_prefix``: the cache keeps the last context's keys and values
+        instead, and the next prompt reuses the longest prefix it shares with that context,
+        as a follow-up turn does (a question about the same document as the last one prefills
+        only what follows the document); the drafter learns it from ``begin``'s ``reused``."""
+        if keep_prefix:
+            return
         self.cache.reset()
         self.context = []
 
@@ -187,7 +194,8 @@ class Decoder:
         if self.drafter is not None:
             self.drafter.configure(config)
         last = np.array([len(prompt) - 1])
-        predicted, root_topk = verifier.read(self._prefill(prompt), self.top_k, last)
+        logits, cached = self._prefill(prompt)
+        predicted, root_topk = verifier.read(logits, self.top_k, last)
         root = verifier.first_token(predicted)
         prefill_end = time.perf_counter()
         result = self._decode(root, root_topk[0], config, verifier)
@@ -195,6 +203,7 @@ class Decoder:
         end = time.perf_counter()
         result.times.prefill = prefill_end - start
         result.wall_time = end - start
+        result.cached_tokens = cached
         return result
 
     def _check_fits(self, prompt: list[int], config: GenerationConfig) -> None:
@@ -222,9 +231,10 @@ class Decoder:
         larger = math.ceil(self.cache.capacity * CACHE_GROWTH)
         self.cache.resize(min(max(capacity, larger), self.max_context + self.tree_capacity))
 
-    def _prefill(self, prompt: list[int]) -> torch.Tensor:
+    def _prefill(self, prompt: list[int]) -> tuple[torch.Tensor, int]:
         """Fills the cache with ``prompt`` (reusing the common prefix), ``PREFILL_CHUNK``
-        tokens per forward pass; returns the last logit (1, V)."""
+        tokens per forward pass; returns the last logit (1, V) and how many of the prompt's
+        tokens the cache already held."""
         reused = _common_prefix(self.context, prompt)
         reused = min(reused, len(prompt) - 1, self.cache.length)
         self.cache.truncate(reused)
@@ -241,7 +251,7 @@ class Decoder:
         self.context = prompt
         if self.drafter is not None:
             self.drafter.begin(prompt, reused, torch.cat(chunks) if self.needs_hidden else None)
-        return self.model.lm_head(hidden[-1:])
+        return self.model.lm_head(hidden[-1:]), reused
 
     def _verifier(self, config: GenerationConfig) -> Verifier:
         if config.greedy:

@@ -52,6 +52,11 @@ Policies:
   it may answer another text, which is other work: such a re-run is reported, never kept.
 - Prompts, warm-up (``--warmup`` per method, before anything is timed), timing, token counting
   and answer lines are the harness's own (:mod:`evaluation.eval_loop`); greedy decoding.
+- Prefix cache (``--prefix-cache 1``, off by default): each method's generator keeps its
+  previous question's cache, so a question about the same document as the one before prefills
+  only what follows the shared prefix, for every method alike (its answer lines' ``cached_tokens``
+  say how much). A re-run's fresh generator has no previous question: it prefills its whole
+  prompt, which the disturbance model counts as the work it is.
 - Figures per row (speed.py's rows: the eight MT-bench categories are one) and overall, over
   every pass pooled: MAT = tokens / decoding steps; tokens/s = tokens / wall time; speedup =
   tokens/s over vanilla's on the same questions of this run; q-median speedup = the median
@@ -284,8 +289,11 @@ class RecordingGenerator:
         self.inner = inner
         self.turns: list[tuple[int, ...]] = []
 
-    def reset(self) -> None:
-        self.inner.reset()
+    def reset(self, keep_prefix: bool = False) -> None:
+        if keep_prefix:
+            self.inner.reset(keep_prefix=True)
+        else:
+            self.inner.reset()
         self.turns = []
 
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> GenerationResult:
@@ -571,7 +579,7 @@ def build_contenders(specs: Sequence[MethodSpec], models: Models, settings: Eval
             model_id=model_id(spec, settings), loaded=loaded, generator=make(), template=template,
             generation=settings.generation_config(eos), num_choices=1,
             meta=method_meta(spec, specs, settings, template.name, hardware, runtime),
-            make_generator=make,
+            make_generator=make, prefix_cache=bool(settings.prefix_cache),
         )
         paths = tuple(out_dir / answer_file_name(ctx.model_id, r, repeats)
                       for r in range(1, repeats + 1))
@@ -590,7 +598,8 @@ def method_meta(spec: MethodSpec, specs: Sequence[MethodSpec], settings: EvalCon
         "model_path": settings.model_location, "dtype": settings.resolved_dtype,
         "device": str(torch.device(settings.resolved_device)), "template": template,
         "max_new_tokens": settings.max_new_tokens, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
-        "seed": 0, "num_choices": 1, "torch": torch.__version__,
+        "seed": 0, "num_choices": 1, "prefix_cache": bool(settings.prefix_cache),
+        "torch": torch.__version__,
         "transformers": transformers.__version__, "hardware": hardware, **runtime,
         "threads": torch.get_num_threads(), "compared_with": [s.text for s in specs],
     }
@@ -918,6 +927,10 @@ def build_parser() -> OneLineParser:
         help="the first N of each category (MT-bench's eight count as one)")
     add("--max-new-tokens", type=int, default=256, help="per turn (default: %(default)s)")
     add("--warmup", type=int, default=1, help="untimed warm-up generations per method")
+    add("--prefix-cache", type=int, default=0, choices=[0, 1],
+        help="1: each method's question starts from its previous question's cache and "
+             "prefills only what follows the shared prefix (questions about one document); "
+             "0: every prompt prefilled whole (default: %(default)s)")
     add("--repeats", type=int, default=1,
         help="whole passes over the questions, each with its own rotation (default: 1)")
     add("--rerun-disturbed", action="store_true",
@@ -946,7 +959,7 @@ def eval_config(args: argparse.Namespace) -> EvalConfig:
             question_file=args.question_file, question_begin=args.question_begin,
             question_end=args.question_end, questions_per_category=args.questions_per_category,
             max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device,
-            float32_from=args.float32_from, warmup=args.warmup,
+            float32_from=args.float32_from, warmup=args.warmup, prefix_cache=args.prefix_cache,
         )
     except ValueError as exc:
         raise CompareError(str(exc)) from None

@@ -35,10 +35,11 @@ from cli_helpers import (  # noqa: E402,F401
     DEMO, load_script, read_lines, run_cli, save_tiny_llama, write_questions,
 )
 
-CHOICE_KEYS = {"index", "turns", "decoding_steps", "new_tokens", "prompt_tokens", "wall_time",
-               "accept_lengths", "draft_lengths", "time_breakdown"}
+CHOICE_KEYS = {"index", "turns", "decoding_steps", "new_tokens", "prompt_tokens", "cached_tokens",
+               "wall_time", "accept_lengths", "draft_lengths", "time_breakdown"}
 META_KEYS = {"method", "params", "model_path", "dtype", "device", "template", "max_new_tokens",
-             "temperature", "top_p", "top_k", "seed", "num_choices", "torch", "transformers",
+             "temperature", "top_p", "top_k", "seed", "num_choices", "prefix_cache", "torch",
+             "transformers",
              "hardware", "threads", "load_average", "attention", "float32_matmul_precision",
              "cpu_capability", "peak_memory_bytes"}
 Capsys = pytest.CaptureFixture[str]
@@ -60,11 +61,18 @@ def check_answer_file(path: Path, num_turns: dict[str, int], method: str) -> lis
         for choice in line["choices"]:
             assert set(choice) == CHOICE_KEYS
             turns = num_turns[str(line["question_id"])]
-            for key in ("turns", "decoding_steps", "new_tokens", "prompt_tokens", "wall_time"):
+            for key in ("turns", "decoding_steps", "new_tokens", "prompt_tokens", "cached_tokens",
+                        "wall_time"):
                 assert len(choice[key]) == turns, key
             prompts = choice["prompt_tokens"]  # the conversation grows turn by turn
             assert prompts[0] > 0 and all(a + n < b for a, n, b in
                                           zip(prompts, choice["new_tokens"], prompts[1:]))
+            # a follow-up turn reuses the conversation so far (HF generate keeps nothing); a
+            # question starts from nothing unless the run keeps the previous question's prefix
+            cached = choice["cached_tokens"]
+            assert all(0 <= c < p for c, p in zip(cached, prompts))
+            assert line["meta"]["prefix_cache"] or cached[0] == 0
+            assert all((c == 0) if method.startswith("hf") else (c > 0) for c in cached[1:])
             assert sum(choice["accept_lengths"]) == sum(choice["new_tokens"])
             assert len(choice["accept_lengths"]) == sum(choice["decoding_steps"])
             assert len(choice["draft_lengths"]) == len(choice["accept_lengths"])
@@ -596,6 +604,44 @@ def test_bad_input_in_a_real_process(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines() == [
         f"inference_baseline: error: model path {str(tmp_path / 'missing')!r} does not exist"
     ]
+
+
+def test_prefix_cache_prefills_only_what_follows_the_shared_document(
+    tiny: Path, tmp_path: Path, capsys: Capsys
+) -> None:
+    """Three questions about one document, then one about another: with ``--prefix-cache 1``
+    the second and third take the document from the cache (``cached_tokens``), and every
+    method answers the same texts; resuming the file with the cache off is refused."""
+    document = "Here is a document: " + " ".join(f"fact {i} is {i * 7 % 13}." for i in range(40))
+    other = "Another text altogether, about something else, " * 8
+    asks = ["Summarize it.", "List the facts.", "What is fact 3?"]
+    questions = write_questions(tmp_path / "q.jsonl", [
+        {"question_id": i + 1, "category": "doc", "turns": [f"{text}\n\n{ask}"]}
+        for i, (text, ask) in enumerate([(document, a) for a in asks] + [(other, asks[0])])])
+    common = ["--model-path", str(tiny), "--question-file", str(questions), "--max-new-tokens",
+              "8", "--device", "cpu", "--prefix-cache", "1", "--warmup", "1"]
+    files, texts = {}, {}
+    for module, method in ((inference_baseline, "vanilla"), (inference_logitspec, "logitspec"),
+                           (inference_pld, "pld")):
+        files[method] = tmp_path / f"{method}.jsonl"
+        assert run_cli(module, common + ["--answer-file", str(files[method])]) == 0
+        capsys.readouterr()
+        lines = check_answer_file(files[method], {str(i): 1 for i in range(1, 5)}, method)
+        assert all(line["meta"]["prefix_cache"] is True for line in lines)
+        cached = [line["choices"][0]["cached_tokens"][0] for line in lines]
+        prompts = [line["choices"][0]["prompt_tokens"][0] for line in lines]
+        # the byte-level tokenizer: the document is hundreds of tokens, the asks a dozen
+        assert cached[0] == 0 and cached[3] < 40, cached
+        assert all(len(document) < c < p for c, p in zip(cached[1:3], prompts[1:3])), cached
+        texts[method] = [line["choices"][0]["turns"] for line in lines]
+    assert texts["logitspec"] == texts["vanilla"] == texts["pld"]
+    before = files["vanilla"].read_bytes()
+    with questions.open("a") as f:  # something left to answer
+        f.write(json.dumps({"question_id": 5, "category": "doc", "turns": [asks[1]]}) + "\n")
+    assert run_cli(inference_baseline, common[:-4] + ["--answer-file", str(files["vanilla"])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "prefix_cache" in err[0]
+    assert files["vanilla"].read_bytes() == before
 
 
 def test_other_settings_are_not_mixed_into_an_answer_file(

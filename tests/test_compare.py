@@ -308,6 +308,24 @@ def test_compare_run(tiny, tmp_path, capsys, monkeypatch):
     assert "overall (2 questions)" in stdout
 
 
+def test_compare_run_with_the_prefix_cache(tiny, tmp_path, capsys, monkeypatch):
+    """``--prefix-cache 1``: each method's second question starts from its first one's cache
+    (they share the chat template's opening), and every method still answers vanilla's
+    texts."""
+    monkeypatch.setenv("LOGITSPEC_CACHE", str(tmp_path / "cache"))
+    methods = ["vanilla", "pld:8", "logitspec:8"]
+    argv = argv_for(tiny, tmp_path / "out", "--methods", *methods, "--prefix-cache", "1")
+    assert compare.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for label in methods:
+        assert result["rows"]["overall"][label]["exact_match"] == 1.0, label
+        first, second = read_lines(Path(result["answer_files"][label]))
+        assert first["meta"]["prefix_cache"] is True
+        assert first["choices"][0]["cached_tokens"][0] == 0
+        assert first["choices"][0]["cached_tokens"][1] > 0  # the follow-up turn, as always
+        assert 0 < second["choices"][0]["cached_tokens"][0] < second["choices"][0]["prompt_tokens"][0]
+
+
 class SyntheticClock:
     """A generator whose ``wall_time`` is 10 ms per decoding step, times ``slowdown`` on the
     calls numbered in ``slow_calls`` (0-based, counted in ``calls``, which the generators of

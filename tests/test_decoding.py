@@ -220,6 +220,41 @@ def test_multi_turn_reuse_equals_fresh_decoder(s, extra, keep):
             assert decoder.cache.length == len(decoder.context)
 
 
+@settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
+@given(s=scenarios(), question=st.lists(st.integers(0, 7), min_size=1, max_size=6),
+       cut=st.integers(0, 40))
+def test_a_kept_prefix_serves_the_next_question(s, question, cut):
+    """``reset(keep_prefix=True)``: the next question (the first ``cut`` tokens of the last
+    one's prompt, then its own) prefills only what follows the prefix it shares with the last
+    conversation, says so in ``cached_tokens``, and answers as a fresh decoder does; a plain
+    ``reset()`` caches nothing."""
+    model = CopyLM(s["vocab"], seed=s["seed"])
+    config, capacity = s["config"], s["capacity"]
+    args = (model, capacity, s["pool"], s["rank_lengths"], s["merge"], s["num_next_next"])
+    decoders = {name: Decoder(model, d) for name, d in drafters_for(*args).items()}
+    decoders["vanilla"] = Decoder(model)
+    prompt = s["prompt"] + question
+    conversations = {name: prompt + decoder.generate(prompt, config).output_ids
+                     for name, decoder in decoders.items()}
+    shared = prompt[: min(cut, len(prompt))]
+    second = shared + [(t + 1) % s["vocab"] for t in question[::-1]]
+    expected = reference_greedy(model, second, config)
+    for name, decoder in decoders.items():
+        # the cache holds the conversation but its last token, and the last prompt token is
+        # always prefilled (its logit chooses the first new token)
+        bound = min(len(second) - 1, decoder.cache.length, len(conversations[name]) - 1)
+        common = 0
+        while common < bound and second[common] == conversations[name][common]:
+            common += 1
+        decoder.reset(keep_prefix=True)
+        result = decoder.generate(second, config)
+        assert result.output_ids == expected, name
+        assert result.cached_tokens == common, name
+        decoder.reset()
+        again = decoder.generate(second, config)
+        assert again.output_ids == expected and again.cached_tokens == 0, name
+
+
 # ---------------------------------------------------------------------------------------------
 # Deterministic cases the properties rely on (they must keep happening)
 

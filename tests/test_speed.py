@@ -479,6 +479,28 @@ def test_prompt_tokens_need_one_entry_per_turn(tmp_path: Path, capsys: Capsys) -
     assert code == 2 and "'prompt_tokens' and 'turns' differ in length" in err
 
 
+@pytest.mark.parametrize("cached, prompts, message", [
+    ([0], [10, 12], "'cached_tokens' and 'turns' differ in length"),
+    ([0, 13], [10, 12], "a turn's 'cached_tokens' exceeds its 'prompt_tokens'"),
+    ([0, 5], None, "'cached_tokens' without 'prompt_tokens'"),
+])
+def test_cached_tokens_are_checked(tmp_path: Path, capsys: Capsys, cached, prompts,
+                                   message) -> None:
+    line = answer(1, tokens=[5, 5], times=[1.0, 1.0], prompts=prompts)
+    line["choices"][0]["cached_tokens"] = cached
+    m = write(tmp_path / "m.jsonl", [line])
+    code, _, err = run_cli(capsys, ["--file-path", m, "--base-path", m])
+    assert code == 2 and err.count("\n") == 1 and message in err
+
+
+def test_the_disturbance_model_reads_the_prefilled_tokens() -> None:
+    """A turn's prefill work is its prompt less the tokens its cache held."""
+    line = answer(1, tokens=[5, 5], times=[1.0, 1.0], prompts=[100, 130])
+    line["choices"][0]["cached_tokens"] = [40, 110]
+    work = speed.measurement(speed.parse_record(line, "line")).work()
+    assert work["prompt"] == 60 + 20 and work["context"] == 5 * 102.5 + 5 * 132.5
+
+
 def test_length_matched_speedup_weighs_each_question_by_the_baselines_length(
         tmp_path: Path, capsys: Capsys) -> None:
     """The docstring's example: the method answered question 1 with three times the
