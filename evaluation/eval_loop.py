@@ -322,6 +322,21 @@ def warm_up(ctx: EvalContext, questions: Sequence[Question], count: int) -> None
     ctx.renew_generator()
 
 
+def prime_prefix(ctx: EvalContext, question: Question) -> None:
+    """Leaves ``question``'s first prompt in a fresh generator's cache, untimed (one token
+    generated and discarded), so that with ``prefix_cache`` the next question finds the prefix
+    it would have found after ``question`` (a re-run's generator has answered nothing before).
+    A prompt that does not fit leaves nothing."""
+    conversation = ctx.template.start()
+    conversation.add_user(question.turns[0])
+    config = replace(ctx.generation, max_new_tokens=1)
+    ctx.generator.reset()
+    try:
+        ctx.generator.generate(conversation.prompt_ids(), config)
+    except PromptError:
+        ctx.generator.reset()
+
+
 @dataclass
 class Totals:
     """Running figures of this run's answers, for the progress bar and the summary."""

@@ -55,8 +55,8 @@ Policies:
 - Prefix cache (``--prefix-cache 1``, off by default): each method's generator keeps its
   previous question's cache, so a question about the same document as the one before prefills
   only what follows the shared prefix, for every method alike (its answer lines' ``cached_tokens``
-  say how much). A re-run's fresh generator has no previous question: it prefills its whole
-  prompt, which the disturbance model counts as the work it is.
+  say how much). A re-run's fresh generator first prefills the previous question's first
+  prompt, untimed, so that it starts from the prefix the pass's measurement started from.
 - Figures per row (speed.py's rows: the eight MT-bench categories are one) and overall, over
   every pass pooled: MAT = tokens / decoding steps; tokens/s = tokens / wall time; speedup =
   tokens/s over vanilla's on the same questions of this run; q-median speedup = the median
@@ -112,7 +112,7 @@ from evaluation.answer_file import (  # noqa: E402
 from evaluation.args import EvalConfig, OneLineParser  # noqa: E402
 from evaluation.disturbance import DEFAULT_THRESHOLD, Measurement, detect  # noqa: E402
 from evaluation.eval_loop import (  # noqa: E402
-    EvalContext, RunError, answer_question, hardware_description, warm_up,
+    EvalContext, RunError, answer_question, hardware_description, prime_prefix, warm_up,
 )
 from evaluation.inference_hf import HFGenerator, load_hf_model, pad_token_id  # noqa: E402
 from evaluation.methods import TurnGenerator  # noqa: E402
@@ -674,13 +674,17 @@ def rerun_disturbed(contenders: Sequence[Contender], questions: Sequence[Questio
     (updated in place) and in the pass's answer file, if both answered the same token ids."""
     by_label = {c.spec.text: c for c in contenders}
     by_key = {q.key: q for q in questions}
+    before = {q.key: p for p, q in zip(questions, questions[1:])}
     groups: dict[Unit, list[str]] = {}
     for flag in flags:
         groups.setdefault((flag.run_pass - 1, flag.question), []).append(flag.method)
     reruns, replaced = [], {}
     for index, ((run_pass, key), labels) in enumerate(groups.items()):
         for label in rotation(labels, index):
-            by_label[label].ctx.renew_generator()  # it answered this question already
+            ctx = by_label[label].ctx
+            ctx.renew_generator()  # it answered this question already
+            if ctx.prefix_cache and key in before:
+                prime_prefix(ctx, before[key])  # the cache the pass's question started from
             line, new = answer(by_label[label], by_key[key])
             old = passes[run_pass][label][key]
             assert old is not None  # only measured outcomes are flagged

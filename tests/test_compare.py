@@ -338,8 +338,8 @@ class SyntheticClock:
         self.other_text = set(other_text)
         self.prompts = []
 
-    def reset(self):
-        self.inner.reset()
+    def reset(self, keep_prefix=False):
+        self.inner.reset(keep_prefix)
 
     def generate(self, prompt_ids, config):
         self.prompts.append(tuple(prompt_ids))
@@ -427,6 +427,36 @@ def test_a_rerun_that_answers_another_text_is_not_kept(tiny, tmp_path, capsys, m
     assert result["rows"]["overall"]["pld:8"] == result["before_rerun"]["pld:8"]
     lines = read_lines(Path(result["answer_files"]["pld:8"]))
     assert sum(lines[1]["choices"][0]["wall_time"]) == pytest.approx(rerun["old_time"])
+
+
+def test_a_rerun_with_the_prefix_cache_starts_from_the_previous_questions_prefix(
+        tiny, tmp_path, capsys, monkeypatch):
+    """With ``--prefix-cache 1`` a re-run's fresh generator first prefills the previous
+    question's prompt, so the re-run takes the same prefix from the cache as the pass did."""
+    make_generator = compare.make_generator
+    built: list[SyntheticClock] = []
+    calls: dict[str, list[int]] = {}
+
+    def clocked(spec, models):
+        clock = SyntheticClock(make_generator(spec, models), calls.setdefault(spec.text, [0]),
+                               slow_calls={1} if spec.text == "pld:8" else ())
+        if spec.text == "pld:8":
+            built.append(clock)
+        return clock
+
+    monkeypatch.setattr(compare, "make_generator", clocked)
+    argv = argv_for(tiny, tmp_path / "out", "--methods", "vanilla", "pld:8", "--warmup", "0",
+                    "--rerun-disturbed", "--prefix-cache", "1")
+    argv[argv.index("--question-begin") + 1], argv[argv.index("--question-end") + 1] = "4", "8"
+    assert compare.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (rerun,) = result["reruns"]
+    assert (rerun["question"], rerun["kept"]) == ("6", "new")
+    pass_clock, rerun_clock = built
+    assert rerun_clock.prompts == [pass_clock.prompts[0], pass_clock.prompts[1]]
+    lines = {line["question_id"]: line for line in read_lines(Path(result["answer_files"]["pld:8"]))}
+    cached = lines[6]["choices"][0]["cached_tokens"][0]
+    assert 0 < cached < lines[6]["choices"][0]["prompt_tokens"][0]
 
 
 def check_files(result: dict, out_dir: Path) -> None:
