@@ -77,10 +77,11 @@ MULTI_TURN_ROW = "multi-turn conversation"
 OVERALL_ROW = "overall"
 SETTING_KEYS = (
     "method", "temperature", "top_p", "top_k", "seed", "dtype", "device",
-    "max_new_tokens", "model_path", "hardware", "torch", "threads", "params",
+    "max_new_tokens", "prefix_cache", "model_path", "hardware", "torch", "threads", "params",
 )
 COMPARED_SETTINGS = (
     "temperature", "top_p", "top_k", "seed", "dtype", "device", "max_new_tokens",
+    "prefix_cache",
 )
 ENVIRONMENT_KEYS = ("hardware", "torch", "threads")
 MAX_LISTED_IDS = 10

@@ -225,6 +225,9 @@ def test_settings_from_meta_and_missing_meta(tmp_path: Path) -> None:
     bf16 = dict(meta, dtype="bfloat16")
     other = compare(tmp_path, [answer(1, meta=meta)], [answer(1, meta=bf16)])
     assert other.settings_differ == ("dtype",) and other.environment_differs == ()
+    cached = dict(meta, prefix_cache=True)  # a baseline that prefilled less is no baseline
+    assert compare(tmp_path, [answer(1, meta=cached)], [answer(1, meta=dict(
+        meta, prefix_cache=False))]).settings_differ == ("prefix_cache",)
 
 
 def test_a_warning_when_the_files_were_measured_in_different_environments(
