@@ -360,8 +360,9 @@ def question_stats(record: AnswerRecord, count: TokenCounter) -> QuestionStats:
 
 def measurement(record: AnswerRecord) -> Measurement:
     """What the disturbance model reads of an answer (all turns of all choices): its time,
-    each turn's steps, tokens, prompt and cached prompt tokens, and the drafted tokens (None unless every choice
-    recorded ``draft_lengths``). Tokens are the recorded ``new_tokens``: the generator's work."""
+    each turn's steps, tokens, prompt and cached prompt tokens, and the drafted tokens (None
+    unless every choice recorded ``draft_lengths``). Tokens are the recorded ``new_tokens``:
+    the generator's work."""
     turns = tuple(
         TurnWork(steps, tokens, None if c.prompt_tokens is None else c.prompt_tokens[i],
                  0 if c.cached_tokens is None else c.cached_tokens[i])
