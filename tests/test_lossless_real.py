@@ -269,6 +269,43 @@ def check_same(expected, results: dict, config: GenerationConfig, turn: int = 0)
 
 
 # ---------------------------------------------------------------------------------------------
+# Questions about one document in a row, each decoder keeping the last question's cache
+# (``--prefix-cache 1``): the second question prefills only what follows the document.
+
+DOCUMENT_QUESTION = 9  # a summarization question: a news text of about 250 tokens
+ASKS = ("List the three most important facts in the text above.",
+        "Who is quoted in the text above, and what did they say?")
+PREFIX_METHODS = ("vanilla", "logitspec-auto", "suffix", "racer", "sam", "pld")
+
+
+def test_a_kept_prefix_serves_questions_about_one_document(smollm2_f32):
+    """Each method's decoder answers the two asks in a row after ``reset(keep_prefix=True)``:
+    the second takes the whole document from the cache, and every method answers exactly what
+    vanilla answers, which is also what a fresh vanilla decoder answers."""
+    model, tokenizer = smollm2_f32.model, smollm2_f32.tokenizer
+    config = GenerationConfig(max_new_tokens=2 * MAX_NEW, eos_token_ids=smollm2_f32.eos_token_ids)
+    text = next(q for q in load_questions()
+                if q["question_id"] == DOCUMENT_QUESTION)["turns"][0].removeprefix("Summarize: ")
+    prompts = [chat_ids(tokenizer, [{"role": "user", "content": f"{text}\n\n{ask}"}])
+               for ask in ASKS]
+    document = len(chat_ids(tokenizer, [{"role": "user", "content": text}])) - 8
+    decoders = {name: decoder(model, name) for name in PREFIX_METHODS}
+    for index, prompt in enumerate(prompts):
+        results = {}
+        for name, d in decoders.items():
+            d.reset(keep_prefix=True)
+            results[name] = d.generate(prompt, config)
+        expected = results.pop("vanilla")
+        check_same(expected, results, config, turn=index)
+        for name, result in results.items():
+            cached = result.cached_tokens
+            assert (cached > document if index else cached == 0), (name, cached, document)
+        assert decoder(model, "vanilla").generate(prompt, config).output_ids == expected.output_ids
+    accepted = {name: r.new_tokens - r.decoding_steps for name, r in results.items()}
+    assert all(n > 0 for n in accepted.values()), accepted  # drafts were accepted
+
+
+# ---------------------------------------------------------------------------------------------
 # A conversation whose second answer repeats the first: the pool's continuation runs into the
 # end-of-turn token, so EOS is accepted inside a drafted path.
 
