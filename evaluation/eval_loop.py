@@ -307,9 +307,7 @@ def warm_up(ctx: EvalContext, questions: Sequence[Question], count: int) -> None
         ctx.generation, max_new_tokens=min(WARMUP_MAX_NEW_TOKENS, ctx.generation.max_new_tokens)
     )
     for question in questions:
-        conversation = ctx.template.start()
-        conversation.add_user(question.turns[0])
-        prompt = conversation.prompt_ids()
+        prompt = first_prompt(ctx, question)
         try:
             for _ in range(count):
                 ctx.generator.reset()
@@ -327,14 +325,18 @@ def prime_prefix(ctx: EvalContext, question: Question) -> None:
     generated and discarded), so that with ``prefix_cache`` the next question finds the prefix
     it would have found after ``question`` (a re-run's generator has answered nothing before).
     A prompt that does not fit leaves nothing."""
-    conversation = ctx.template.start()
-    conversation.add_user(question.turns[0])
-    config = replace(ctx.generation, max_new_tokens=1)
-    ctx.generator.reset()
     try:
-        ctx.generator.generate(conversation.prompt_ids(), config)
+        ctx.generator.generate(first_prompt(ctx, question),
+                               replace(ctx.generation, max_new_tokens=1))
     except PromptError:
         ctx.generator.reset()
+
+
+def first_prompt(ctx: EvalContext, question: Question) -> list[int]:
+    """The token ids of ``question``'s first turn, as the conversation's template renders it."""
+    conversation = ctx.template.start()
+    conversation.add_user(question.turns[0])
+    return conversation.prompt_ids()
 
 
 @dataclass
