@@ -26,8 +26,11 @@ budget 1, best ``7 (2/4)``, score 1/2 -> ``3 4`` is drafted.
 
 Longer matches are tried first and a match whose budget cannot beat the best score so far ends
 the search (scores never exceed the budget); a match is skipped when its budget times its most
-frequent continuation's probability cannot beat it (no deeper token is likelier). Both give
-the same draft as trying every ``m``.
+frequent continuation's probability cannot beat it (no deeper token is likelier), or when the
+depths left below it in the tree times the probability of all its continuations cannot (a
+long match has little room below it). In a long verbatim repeat, where the longest matches
+have the least room, the match with the most room is drafted first and bounds the rest. All of
+this gives the same draft as trying every ``m``.
 
 Published defaults (the public implementation and its serving configuration): ``max_depth``
 64, alpha (``max_spec_factor``) 1.0, offset (``max_spec_offset``) 0, ``min_token_prob`` 0.1,
@@ -41,7 +44,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from itertools import chain
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -231,31 +234,85 @@ class SuffixCache:
         """``best`` or a draft of the global tree that beats it."""
         if not self.config.max_cached_answers:
             return best
-        matches = chain(reversed(self._long), self.answers.loci)
-        return self._best(self.answers, matches, best, max_depth)
+        return self._best(self.answers, self._long[::-1] + self.answers.loci, best, max_depth)
 
     def _best(
-        self, tree: SuffixTree, matches: Iterable, best: SuffixDraft, max_depth: int | None
+        self, tree: SuffixTree, matches: list, best: SuffixDraft, max_depth: int | None
     ) -> SuffixDraft:
-        """``best`` or a draft from ``matches`` (longest first) that beats it strictly."""
-        longest = self._longest_match()
+        """``best`` or a draft from ``matches`` (longest first) that beats it strictly.
+
+        A draft's score is at most its budget times its most probable first token's
+        probability (no deeper token is likelier), and at most the depths it can reach (its
+        budget, ``max_depth - m`` in the tree, the caller's ``max_depth``) times the
+        probability of all its first tokens together (the tokens at one depth continue
+        different ones of them; :meth:`~logitspec.suffix_tree.SuffixTree.continuation_counts`);
+        a match whose bound cannot beat the best so far is passed over. When a shorter match
+        can reach deeper than the longest one (in a long verbatim repeat, every match of over
+        ``max_depth / 2`` tokens has less room below it than its budget), the match that
+        reaches deepest is drafted first, and every match whose bound is below that draft's
+        score is passed over too: it cannot be the winner, so the result is the same as
+        drafting each in turn (the first of the best scores)."""
+        longest, window = self._longest_match(), self.config.max_depth
         budgets, mode = self._budgets, self._tree_mode
+        depth_of = tree.position_depth
+        levels = window if max_depth is None else min(window, max_depth)
         score, denominator = sum(best.counts), best.denominator
-        for position in matches:
-            match_len = tree.position_depth(position)
+        if not matches:
+            return best
+        probe, probe_draft, floor, below = None, None, 0, 1  # the probe's score: floor / below
+        m = depth_of(matches[0])
+        if window - m < budgets[m] and window - m < levels:  # the longest lacks room below it
+            probe = self._deepest(tree, matches, levels)
+            if probe is not None:
+                position = matches[probe]
+                probe_draft = tree.speculate(position, budgets[depth_of(position)], tree=mode,
+                                             max_depth=max_depth)
+                floor, below = sum(probe_draft.counts), probe_draft.denominator
+        for index, position in enumerate(matches):
+            match_len = depth_of(position)
             if match_len > longest:
                 continue
             budget = budgets[match_len]
             if budget * denominator <= score:
                 break  # shorter matches have no larger budget
-            top, total = tree.top_continuation(position)
-            if budget * top * denominator <= score * total:
-                continue  # no token of this draft could be likelier than its first one
-            draft = tree.speculate(position, budget, tree=mode, max_depth=max_depth)
+            room = window - match_len
+            if room < budget or levels < budget:  # it cannot draft its budget's depth
+                depths = min(room, levels)
+                if depths * denominator <= score or depths * below < floor:
+                    continue  # not even one sure token per depth could beat it
+                top, together, total = tree.continuation_counts(position)
+                most = min(budget * top, depths * together)
+            else:
+                top, total = tree.top_continuation(position)
+                most = budget * top  # over total: the most this draft can score
+            if most * denominator <= score * total or (floor and most * below < floor * total):
+                continue
+            if index == probe and probe_draft is not None:
+                draft = probe_draft
+            else:
+                draft = tree.speculate(position, budget, tree=mode, max_depth=max_depth)
             if draft.beats(best):
                 best = draft
                 score, denominator = sum(best.counts), best.denominator
         return best
+
+    def _deepest(self, tree: SuffixTree, matches: list, levels: int) -> int | None:
+        """The index of the first of ``matches`` (longest first) whose draft can reach the
+        most depths (its budget, the room below it in the tree, ``levels``), None if none
+        can draft. Going shorter, the room grows and the budget never does: past the first
+        match with room for its budget, none reaches deeper."""
+        longest, window, budgets = self._longest_match(), self.config.max_depth, self._budgets
+        deepest, found = 0, None
+        for index, position in enumerate(matches):
+            m = tree.position_depth(position)
+            if m > longest:
+                continue
+            reach = min(budgets[m], window - m, levels)
+            if reach > deepest:
+                deepest, found = reach, index
+            if window - m >= min(budgets[m], levels):
+                break
+        return found
 
 
 def draft_tree(root: int, draft: SuffixDraft) -> DraftTree:

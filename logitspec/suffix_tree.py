@@ -423,6 +423,22 @@ class SuffixTree:
         ranked = self._ranked_children(cursor)
         return (ranked[0][0] if ranked else 0), denominator
 
+    def continuation_counts(self, position) -> tuple[int, int, int]:
+        """``(top, together, denominator)``: :meth:`top_continuation`'s counts and between
+        them the occurrences of every continuation that :meth:`speculate` may draft (next
+        tokens of at least ``min_token_prob`` of the string's count) together. The tokens a
+        draft has at any one depth below the string continue different ones of them, so they
+        have at most ``together`` occurrences: a draft ``d`` tokens deep scores at most
+        ``d * together / denominator``."""
+        cursor, denominator = self._locate(position)
+        if type(cursor) is not int:
+            going_on = len(cursor) == 2 or cursor[1] < cursor[2]
+            return (denominator, denominator, denominator) if going_on else (0, 0, denominator)
+        ranked = self._ranked_children(cursor)
+        if not ranked:
+            return 0, 0, denominator
+        return ranked[0][0], sum([count for count, _, _ in ranked]), denominator
+
     def speculate(self, position, max_tokens: int, *, tree: bool = True,
                   max_depth: int | None = None) -> SuffixDraft:
         """Up to ``max_tokens`` continuations of the string at ``position``, no deeper than

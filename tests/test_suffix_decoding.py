@@ -193,6 +193,56 @@ def test_branches_draft_each_occurrence_set_once():
     assert [d.match_len for d in two.branches(skip=0)] == [3, 2]
 
 
+def every_match_in_turn(cache, tree, matches, max_depth=None):
+    """The first of the best-scoring drafts over ``matches``, each drafted (no bounds)."""
+    best = None
+    for position in matches:
+        match_len = tree.position_depth(position)
+        if match_len > min(cache.config.max_depth, cache.context_length) - 1:
+            continue
+        draft = tree.speculate(position, cache.config.budget(match_len), max_depth=max_depth)
+        if best is None or draft.beats(best):
+            best = draft
+    return best
+
+
+@pytest.mark.parametrize("period, repeats, capacity, step_depth, most_drafted", [
+    (23, 6, 33, None, 40),  # every match of 33 to 63 tokens has less room below it than budget
+    (23, 6, 9, None, 45),   # matches of 57 to 63 tokens do
+    (23, 6, 65, 9, 45),     # the step allows 9 tokens
+    (70, 2, 65, None, 2),   # one earlier copy, longer than the window
+    (5, 20, 33, None, 46),  # a short loop: shorter matches occur more often
+])
+def test_a_long_repeat_drafts_few_matches(monkeypatch, period, repeats, capacity, step_depth,
+                                          most_drafted):
+    """In a verbatim repeat every match of more than ``max_depth / 2`` tokens has less room
+    below it in the tree than its budget: each tree's draft is the first of the best over
+    every match length drafted in turn, but fewer are drafted (drafting every length that
+    its budget and first token allow drafts 67, 49, 93, 33 and 69 here). With one earlier
+    copy, the match with the most room is the only one drafted in each tree."""
+    rng = __import__("random").Random(period * repeats)
+    text = [rng.randrange(40) for _ in range(period)] * repeats
+    config = SuffixConfig(draft_tree_capacity=capacity, max_depth=64)
+    cache = cache_after([41, 42, 43] + text[:-7], text[-7:], config, earlier=[([44], text[:50])])
+    answer_matches = list(reversed(cache._long)) + cache.answers.loci
+    expected = (every_match_in_turn(cache, cache.local, cache.local.loci, step_depth),
+                every_match_in_turn(cache, cache.answers, answer_matches, step_depth))
+    drafted = []
+    speculate = type(cache.local).speculate
+
+    def counting(self, position, *args, **kwargs):
+        drafted.append(self.position_depth(position))
+        return speculate(self, position, *args, **kwargs)
+
+    monkeypatch.setattr(type(cache.local), "speculate", counting)
+    local, answers = cache.drafts(step_depth)
+    for got, want in zip((local, answers), expected):
+        assert (got.tokens, got.parents, got.counts, got.denominator, got.match_len) == (
+            want.tokens, want.parents, want.counts, want.denominator, want.match_len)
+    assert local.score > 1
+    assert len(drafted) <= most_drafted, drafted
+
+
 def test_draft_tree_hangs_the_draft_under_the_root():
     earlier = [([0], [1, 2, 8, 8]), ([0], [1, 2, 8, 8])]
     draft = cache_after([1, 2, 3], [1, 2], earlier=earlier).speculate()

@@ -167,6 +167,12 @@ def test_speculation_matches_brute_force(sequences, max_depth, min_prob, max_tok
             assert (position is None) == (total == 0)
             if position is None:
                 continue
+            # the first tokens a draft may take: their largest and summed counts
+            nexts = [c for a in range(3) if (c := brute_count(sequences, s + [a]))
+                     and c >= min_prob * total and length < max_depth]
+            counts = (max(nexts, default=0), sum(nexts), total)
+            assert tree.continuation_counts(position) == counts
+            assert tree.top_continuation(position) == (counts[0], total)
             for tree_mode in (True, False):
                 draft = tree.speculate(position, max_tokens, tree=tree_mode, max_depth=depth_limit)
                 assert draft.denominator == total and draft.match_len == length
@@ -175,6 +181,8 @@ def test_speculation_matches_brute_force(sequences, max_depth, min_prob, max_tok
                 for path, count in zip(paths, draft.counts):
                     assert count == brute_count(sequences, s + list(path)) >= min_prob * total
                     assert len(path) <= limit and length + len(path) <= max_depth
+                for depth in range(1, limit + 1):  # the bound _best relies on
+                    assert sum(c for p, c in zip(paths, draft.counts) if len(p) == depth) <= counts[1]
                 eligible = sorted(
                     (c for n in range(1, min(max_depth - length, limit) + 1)
                      for p in itertools.product(range(3), repeat=n)
