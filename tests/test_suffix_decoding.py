@@ -200,7 +200,8 @@ def every_match_in_turn(cache, tree, matches, max_depth=None):
         match_len = tree.position_depth(position)
         if match_len > min(cache.config.max_depth, cache.context_length) - 1:
             continue
-        draft = tree.speculate(position, cache.config.budget(match_len), max_depth=max_depth)
+        draft = tree.speculate(position, cache.config.budget(match_len),
+                               tree=cache.config.mode == "tree", max_depth=max_depth)
         if best is None or draft.beats(best):
             best = draft
     return best
@@ -241,6 +242,34 @@ def test_a_long_repeat_drafts_few_matches(monkeypatch, period, repeats, capacity
             want.tokens, want.parents, want.counts, want.denominator, want.match_len)
     assert local.score > 1
     assert len(drafted) <= most_drafted, drafted
+
+
+@settings(deadline=None, max_examples=80)
+@given(period=st.lists(st.integers(0, 3), min_size=1, max_size=7), repeats=st.integers(1, 8),
+       noise=st.lists(st.integers(0, 5), max_size=6), split=st.integers(0, 30),
+       max_depth=st.integers(3, 24), capacity=st.integers(2, 30),
+       alpha=st.sampled_from([0.5, 1.0, 2.0]), min_prob=st.sampled_from([0.0, 0.1, 0.4]),
+       mode=st.sampled_from(MODES), step_depth=st.sampled_from([None, 2, 9]))
+def test_deep_repeats_draft_as_every_match_in_turn(period, repeats, noise, split, max_depth,
+                                                    capacity, alpha, min_prob, mode, step_depth):
+    """Repeats deeper than the trees (where the longest matches lack room below them and the
+    match with the most room is drafted first): each tree's draft equals drafting every
+    match in turn, the first of the best scores."""
+    text = noise + period * repeats
+    config = SuffixConfig(draft_tree_capacity=capacity, max_depth=max_depth, max_spec_factor=alpha,
+                          min_token_prob=min_prob, mode=mode)
+    cut = min(split, len(text) - 1)
+    cache = cache_after(text[:cut + 1], text[cut + 1:], config, earlier=[([9], period * 3 + noise)])
+    local, answers = cache.drafts(step_depth)
+    want_local = every_match_in_turn(cache, cache.local, cache.local.loci, step_depth)
+    want_answers = every_match_in_turn(cache, cache.answers,
+                                       list(reversed(cache._long)) + cache.answers.loci, step_depth)
+    for got, want in ((local, want_local), (answers, want_answers)):
+        if want is None or not want.tokens:
+            assert not got.tokens
+            continue
+        assert (got.tokens, got.parents, got.counts, got.denominator, got.match_len) == (
+            want.tokens, want.parents, want.counts, want.denominator, want.match_len)
 
 
 def test_draft_tree_hangs_the_draft_under_the_root():
