@@ -262,7 +262,7 @@ class SuffixCache:
         probe, probe_draft, floor, below = None, None, 0, 1  # the probe's score: floor / below
         m = depth_of(matches[0])
         if window - m < budgets[m] and window - m < levels:  # the longest lacks room below it
-            probe = self._deepest(tree, matches, levels)
+            probe = self._deepest(tree, matches, longest, levels)
             if probe is not None:
                 position = matches[probe]
                 probe_draft = tree.speculate(position, budgets[depth_of(position)], tree=mode,
@@ -296,12 +296,13 @@ class SuffixCache:
                 score, denominator = sum(best.counts), best.denominator
         return best
 
-    def _deepest(self, tree: SuffixTree, matches: list, levels: int) -> int | None:
-        """The index of the first of ``matches`` (longest first) whose draft can reach the
-        most depths (its budget, the room below it in the tree, ``levels``), None if none
-        can draft. Going shorter, the room grows and the budget never does: past the first
-        match with room for its budget, none reaches deeper."""
-        longest, window, budgets = self._longest_match(), self.config.max_depth, self._budgets
+    def _deepest(self, tree: SuffixTree, matches: list, longest: int, levels: int) -> int | None:
+        """The index of the first of ``matches`` (longest first; none longer than ``longest``
+        counts) whose draft can reach the most depths (its budget, the room below it in the
+        tree, ``levels``), None if none can draft. Going shorter, the room grows and the
+        budget never does: past the first match with room for its budget, none reaches
+        deeper."""
+        window, budgets = self.config.max_depth, self._budgets
         deepest, found = 0, None
         for index, position in enumerate(matches):
             m = tree.position_depth(position)
