@@ -140,7 +140,8 @@ class GreedyMatchVerifier(SamplingVerifier):
 
 class WrongDecoder(Decoder):
     def _verifier(self, config):
-        return GreedyMatchVerifier(config.temperature, config.top_k, config.top_p, seed=config.seed)
+        return GreedyMatchVerifier(config.temperature, config.top_k, config.top_p, seed=config.seed,
+                                   device=self.model.device)
 
 
 def chi_square_pvalue(counts: Counter, expected: dict[tuple[int, ...], float], n: int) -> float:
