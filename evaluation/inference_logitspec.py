@@ -78,12 +78,17 @@ class ValueTreeParams(RetrievalParams):
         1, "1: with --suffix-trees 1, also the question's suffix tree's drafts at its other "
         "match lengths (every matched suffix of 2 tokens or more); 0: its best draft only",
         type=int, choices=[0, 1])
+    suffix_grow: int = option(
+        0, "1: with --suffix-trees 1, value each node of a suffix-tree draft by the match it "
+        "extends (the matched length plus its depth in the draft); 0: by the draft's match",
+        type=int, choices=[0, 1])
     live_costs: int = option(
         0, "1: correct the measured cost curve by the verification times seen during the run "
         "(automatic budget); 0: use it as measured", type=int, choices=[0, 1])
 
     def __post_init__(self) -> None:
-        for name in ("match_lengths", "suffix_trees", "suffix_branches", "live_costs"):
+        for name in ("match_lengths", "suffix_trees", "suffix_branches", "suffix_grow",
+                     "live_costs"):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"{name} must be 0 or 1, got {getattr(self, name)}")
         self.logitspec_config()  # validates
@@ -105,6 +110,7 @@ class ValueTreeParams(RetrievalParams):
             suffix_trees=bool(self.suffix_trees) and value,
             suffix_tokens=self.suffix_tokens,
             suffix_branches=bool(self.suffix_branches and self.suffix_trees) and value,
+            suffix_grow=bool(self.suffix_grow and self.suffix_trees) and value,
             live_costs=bool(self.live_costs) and value and self.draft_tree_capacity == "auto",
         )
 

@@ -42,6 +42,9 @@ from .value_tree import (DEPTH_BUCKETS, RANK_BUCKETS, AcceptanceStats, BestFirst
 MATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 # A suffix-tree continuation's share of its parent's occurrences, bucketed (``suffix_trees``).
 SHARE_BUCKETS = (0.25, 0.5, 0.75, 0.99, 1.0)
+# bucket(m, MATCH_BUCKETS) for m = 0 .. the last edge (longer matches: the last entry)
+_MATCH_LAST = MATCH_BUCKETS[-1]
+_MATCH_BUCKET = tuple(bucket(m, MATCH_BUCKETS) for m in range(_MATCH_LAST + 1))
 
 if TYPE_CHECKING:
     from .decoding import GenerationConfig
@@ -147,6 +150,7 @@ class LogitSpecConfig:
     suffix_trees: bool = False
     suffix_tokens: int = 32
     suffix_branches: bool = False
+    suffix_grow: bool = False
     live_costs: bool = False
 
     def __post_init__(self) -> None:
@@ -178,6 +182,8 @@ class LogitSpecConfig:
             raise ValueError(f"suffix_tokens must be >= 1, got {self.suffix_tokens}")
         if self.suffix_branches and not self.suffix_trees:
             raise ValueError("suffix_branches needs suffix_trees")
+        if self.suffix_grow and not self.suffix_trees:
+            raise ValueError("suffix_grow needs suffix_trees")
         if self.live_costs and self.draft_tree_capacity is not None:
             raise ValueError("live_costs corrects the cost of an automatic draft_tree_capacity")
         if self.num_next_next is not None and self.num_next_next < 0:
@@ -467,12 +473,12 @@ class ValueTreeDrafter(_PoolDrafter):
             self._offer_recycled_chains(tree, root)
         if self.suffixes is not None:
             local, answers = self.suffixes.drafts(max_depth)
-            rate, floor = self.stats.rate, tree.floor
-            tree.offer_nodes(suffix_candidates(local, "local", rate, floor))
-            tree.offer_nodes(suffix_candidates(answers, "answers", rate, floor))
+            rate, floor, grow = self.stats.rate, tree.floor, self.config.suffix_grow
+            tree.offer_nodes(suffix_candidates(local, "local", rate, floor, grow))
+            tree.offer_nodes(suffix_candidates(answers, "answers", rate, floor, grow))
             if self.config.suffix_branches:
                 for draft in self.suffixes.branches(max_depth, skip=local.match_len):
-                    tree.offer_nodes(suffix_candidates(draft, "branch", rate, floor))
+                    tree.offer_nodes(suffix_candidates(draft, "branch", rate, floor, grow))
 
     def _depth_features(self, kind: str, order: int, first_depth: int) -> tuple:
         """``(kind, order, depth bucket)`` for depths ``first_depth, first_depth + 1, ...``
@@ -628,7 +634,7 @@ class _Successors:
 
 def suffix_candidates(draft: SuffixDraft, source: str,
                       rate: Callable[[Feature], float] | None = None,
-                      floor: float = 0.0) -> list[Candidate]:
+                      floor: float = 0.0, grow: bool = False) -> list[Candidate]:
     """A suffix tree's draft as value-tree candidates (the draft's first tokens, each with its
     subtree). Feature ``("suf", source, m, share)``: ``m`` the bucketed match length
     (:data:`MATCH_BUCKETS`), ``share`` the bucketed fraction of the parent's occurrences that
@@ -642,18 +648,25 @@ def suffix_candidates(draft: SuffixDraft, source: str,
     :meth:`~logitspec.value_tree.BestFirstTree.offer_nodes` of a tree with that floor would
     drop them (the same tree, fewer candidates made).
 
+    With ``grow``, ``m`` is the match a node extends once its ancestors in the draft are
+    accepted: the matched length plus the node's depth less one (a first token follows a
+    match of ``m`` tokens, its child one of ``m + 1``, ...), so that deep nodes of a long copy
+    are valued apart from the first ones.
+
     A draft that stands for other match lengths too (``draft.also``: the same occurrences, so
     the same continuations) gives each node, of the match buckets of all of them, the one whose
     feature ``rate`` values highest: as when each length's draft was offered apart and the
     trie kept the most probable of the copies of a node.
     """
     match = bucket(draft.match_len, MATCH_BUCKETS)
+    lengths = (draft.match_len,)
     matches = ()
     if draft.also and rate is not None:
-        matches = tuple(sorted({match} | {bucket(m, MATCH_BUCKETS) for m in draft.also},
-                               reverse=True))
+        lengths = tuple(sorted({draft.match_len, *draft.also}, reverse=True))
+        matches = tuple(sorted({bucket(m, MATCH_BUCKETS) for m in lengths}, reverse=True))
         if len(matches) == 1:
             matches = ()
+    depths: list[int] = []
     choose = rate
     if floor <= 0:
         rate = None  # nothing can fall below it: no probabilities to compute
@@ -663,15 +676,24 @@ def suffix_candidates(draft: SuffixDraft, source: str,
     counts = draft.counts
     earlier = max(draft.denominator - 1, 1)  # the context's own occurrence has no continuation
     for token, parent, count in zip(draft.tokens, draft.parents, counts):
+        depth = 0 if parent < 0 else depths[parent] + 1
+        depths.append(depth)
         above = top if parent < 0 else nodes[parent]
         if above is None:  # its parent was left out
             nodes.append(None)
             probs.append(0.0)
             continue
         share = bucket(count / (earlier if parent < 0 else counts[parent]), SHARE_BUCKETS)
-        feature = ("suf", source, match, share)
-        if matches:  # the longest match on ties
-            feature = max((("suf", source, m, share) for m in matches), key=choose)
+        if grow and depth:
+            grown = _MATCH_BUCKET[min(draft.match_len + depth, _MATCH_LAST)]
+            feature = ("suf", source, grown, share)
+            if matches:
+                feature = max((("suf", source, _MATCH_BUCKET[min(m + depth, _MATCH_LAST)], share)
+                               for m in lengths), key=choose)
+        else:
+            feature = ("suf", source, match, share)
+            if matches:  # the longest match on ties
+                feature = max((("suf", source, m, share) for m in matches), key=choose)
         prob = 1.0
         if rate is not None:
             prob = (1.0 if parent < 0 else probs[parent]) * rate(feature)

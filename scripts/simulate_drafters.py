@@ -207,7 +207,8 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
     (below every other node its 2 best remembered successors, 2 levels down), ``match``
     (next-token chains valued by their match length), ``suf`` (suffix trees' drafts),
     ``suftok=32`` (most tokens per suffix-tree draft), ``branches`` (with ``suf``: the
-    per-question tree's drafts at its other match lengths too), ``live`` (auto: the cost curve
+    per-question tree's drafts at its other match lengths too), ``grow`` (with ``suf``: each
+    node valued by the match it extends), ``live`` (auto: the cost curve
     corrected by the pass times it is told, see ``--pass-cost-factors``).
     ``sam:<capacity>``: SAMD[T] as ``inference_sam`` builds it (automaton drafts of
     ``min(40, capacity)`` tokens, Token Recycling on ``capacity`` nodes), options ``size=40``
@@ -262,6 +263,7 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
             suffix_trees="suf" in options,
             suffix_tokens=int(options.get("suftok", LogitSpecConfig.suffix_tokens)),
             suffix_branches="branches" in options,
+            suffix_grow="grow" in options,
             live_costs="live" in options,
         )
         successors = SuccessorTable(vocab_size) if config.recycle_chains else None

@@ -356,6 +356,30 @@ def test_suffix_candidates_by_hand():
     assert suffix_candidates(replace(draft, also=(2, 3)), "branch")[1].feature[2] == 6  # no rate
 
 
+def test_suffix_candidates_grow_their_match_with_depth():
+    """With ``grow`` a node's match is the matched length plus its depth less one: 7 and 9
+    follow the 5-token match (bucket 6), 8 follows 7 and so a 6-token one, 4 below it a 7-token
+    one (bucket 8); without ``grow`` every node keeps the draft's match."""
+    draft = SuffixDraft(tokens=(7, 9, 8, 4), parents=(-1, -1, 0, 2), counts=(3, 1, 2, 2),
+                        denominator=5, match_len=5)
+
+    def features(candidates):
+        return [(c.token, c.feature[2]) for c in candidates] + [
+            pair for c in candidates for pair in features(c.children)]
+
+    assert features(suffix_candidates(draft, "local", grow=True)) == [
+        (7, 6), (9, 6), (8, 6), (4, 8)]
+    assert {m for _, m in features(suffix_candidates(draft, "local"))} == {6}
+    long = replace(draft, match_len=31)  # past the last edge: the last bucket
+    assert features(suffix_candidates(long, "local", grow=True)) == [
+        (7, 32), (9, 32), (8, 32), (4, 32)]
+    # a draft standing for a 2-token match too: a node takes the best of 2 + depth - 1 and
+    # m + depth - 1, as without grow it takes the best of their buckets
+    rate = lambda f: {3: 0.9, 4: 0.2}.get(f[2], 0.5)  # noqa: E731
+    both = suffix_candidates(replace(draft, also=(2,)), "branch", rate, grow=True)
+    assert features(both) == [(7, 6), (9, 6), (8, 3), (4, 8)]
+
+
 @settings(deadline=None, max_examples=200)
 @given(
     parents=st.lists(st.integers(-1, 30), min_size=1, max_size=30),
