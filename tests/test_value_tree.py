@@ -271,7 +271,7 @@ CURVE = CostCurve((1, 8, 64), (1.0, 1.1, 2.0))
     max_new=st.integers(1, 40),
     seed=st.integers(0, 3),
     match=st.booleans(),
-    suffix=st.sampled_from(["off", "best", "branches"]),
+    suffix=st.sampled_from(["off", "best", "branches", "grow"]),
     live=st.booleans(),
     recycle=st.sampled_from(["off", "verified", "prompt", "breadth", "successors"]),
 )
@@ -279,15 +279,16 @@ def test_value_trees_are_lossless(prompt, capacity, max_new, seed, match, suffix
     """Every source (next and next-next chains in runs of rank buckets with made-on-demand
     tails, the successor table's chains, learned from verified tokens only or from the prompt's
     logits too, or its trees of two successors per node, or successors below every other
-    node, suffix-tree drafts) at fixed and automatic budgets."""
+    node, suffix-tree drafts, valued by their draft's match or by the match each node extends)
+    at fixed and automatic budgets."""
     model = MarkovLM(8, seed=seed, scale=4.0)
     config = GenerationConfig(max_new_tokens=max_new, eos_token_ids=(7,))
     vanilla = Decoder(model).generate(prompt, config)
     drafter = make_logitspec_drafter(
         LogitSpecConfig(pool=PoolConfig(2, 6, 2), draft_tree_capacity=capacity,
                         tree_policy="value", max_auto_capacity=16, match_lengths=match,
-                        suffix_trees=suffix != "off", suffix_branches=suffix == "branches",
-                        suffix_tokens=5,
+                        suffix_trees=suffix != "off", suffix_branches=suffix in ("branches", "grow"),
+                        suffix_grow=suffix == "grow", suffix_tokens=5,
                         recycle_chains=3 if recycle != "off" else 0, recycle_depth=3,
                         recycle_breadth=2 if recycle == "breadth" else 1,
                         successor_children=2 if recycle == "successors" else 0,
