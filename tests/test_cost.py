@@ -250,11 +250,12 @@ def test_a_surface_that_no_longer_describes_the_machine_does_not_hold(monkeypatc
 
 
 def test_a_real_check_refuses_a_surface_made_up_for_another_machine():
-    """Measured for real on a tiny model: a surface claiming that 2 tokens cost 10x one token
-    is refused."""
-    made_up = CostSurface((CostCurve((1, 2), (1.0, 10.0), 64),))
+    """Measured for real on a tiny model: a surface claiming that 2 tokens cost 1000x one
+    token is refused. The measured ratio is at least 1 (the check makes the curve rising) and
+    far from 1000 even on a loaded machine (a 10x claim was once met at 12x under load)."""
+    made_up = CostSurface((CostCurve((1, 2), (1.0, 1000.0), 64),))
     check = check_cost_surface(tiny_model(), made_up, (1, 2), repeats=2)
-    assert not check.holds and 1.0 <= check.measured[0] < 5.0 and check.seconds[1] < 1.0
+    assert not check.holds and 1.0 <= check.measured[0] < 100.0
 
 
 def test_a_stored_surface_is_checked_once_per_process_and_measured_again_when_off(
