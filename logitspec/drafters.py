@@ -659,14 +659,15 @@ def suffix_candidates(draft: SuffixDraft, source: str,
     trie kept the most probable of the copies of a node.
     """
     match = bucket(draft.match_len, MATCH_BUCKETS)
-    lengths = (draft.match_len,)
-    matches = ()
+    matches = lengths = ()
     if draft.also and rate is not None:
-        lengths = tuple(sorted({draft.match_len, *draft.also}, reverse=True))
-        matches = tuple(sorted({bucket(m, MATCH_BUCKETS) for m in lengths}, reverse=True))
+        matches = tuple(sorted({match} | {bucket(m, MATCH_BUCKETS) for m in draft.also},
+                               reverse=True))
         if len(matches) == 1:
             matches = ()
-    depths: list[int] = []
+        if grow:  # below the first tokens, lengths of one bucket may grow into two
+            lengths = tuple(sorted({draft.match_len, *draft.also}, reverse=True))
+    depths: list[int] = []  # with grow: each node's depth in the draft (first tokens 0)
     choose = rate
     if floor <= 0:
         rate = None  # nothing can fall below it: no probabilities to compute
@@ -676,8 +677,9 @@ def suffix_candidates(draft: SuffixDraft, source: str,
     counts = draft.counts
     earlier = max(draft.denominator - 1, 1)  # the context's own occurrence has no continuation
     for token, parent, count in zip(draft.tokens, draft.parents, counts):
-        depth = 0 if parent < 0 else depths[parent] + 1
-        depths.append(depth)
+        if grow:
+            depth = 0 if parent < 0 else depths[parent] + 1
+            depths.append(depth)
         above = top if parent < 0 else nodes[parent]
         if above is None:  # its parent was left out
             nodes.append(None)
@@ -687,7 +689,7 @@ def suffix_candidates(draft: SuffixDraft, source: str,
         if grow and depth:
             grown = _MATCH_BUCKET[min(draft.match_len + depth, _MATCH_LAST)]
             feature = ("suf", source, grown, share)
-            if matches:
+            if len(lengths) > 1:
                 feature = max((("suf", source, _MATCH_BUCKET[min(m + depth, _MATCH_LAST)], share)
                                for m in lengths), key=choose)
         else:

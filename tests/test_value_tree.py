@@ -379,6 +379,10 @@ def test_suffix_candidates_grow_their_match_with_depth():
     rate = lambda f: {3: 0.9, 4: 0.2}.get(f[2], 0.5)  # noqa: E731
     both = suffix_candidates(replace(draft, also=(2,)), "branch", rate, grow=True)
     assert features(both) == [(7, 6), (9, 6), (8, 3), (4, 8)]
+    # 5 and 6 share bucket 6, but one level down 6 + 1 falls in bucket 8 where 5 + 1 does not
+    rate = lambda f: {8: 0.9}.get(f[2], 0.5)  # noqa: E731
+    same = suffix_candidates(replace(draft, also=(6,)), "branch", rate, grow=True)
+    assert features(same) == [(7, 6), (9, 6), (8, 8), (4, 8)]
 
 
 @settings(deadline=None, max_examples=200)
