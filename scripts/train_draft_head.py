@@ -1,7 +1,7 @@
 """Trains an EAGLE-style draft head (:mod:`logitspec.draft_head`) for a target, on this machine.
 
-    python scripts/train_draft_head.py [--model-path P] [--prompts 1200] [--follow-ups 400]
-        [--documents 400] [--max-new-tokens 256] [--draft-vocab 4096] [--epochs 2] [--unroll 2]
+    python scripts/train_draft_head.py [--model-path P] [--prompts 560] [--follow-ups 320]
+        [--documents 320] [--max-new-tokens 256] [--draft-vocab 4096] [--epochs 6] [--unroll 2]
         [--work-dir DIR] [--output PATH.safetensors]
 
 Training text, and where it comes from. No benchmark this project reports (Spec-Bench, MT-bench,
@@ -36,6 +36,10 @@ forward pass, ``--batch-size`` conversations per optimizer step; a fixed seed.
 
 Draft vocabulary: the ``--draft-vocab`` tokens most frequent in the training answers, plus the
 end-of-sequence tokens; its coverage of held-out answer tokens is reported.
+
+Size and time with the defaults for SmolLM2-135M-Instruct: 1,200 conversations (about 190,000
+answer tokens to train on), 858 optimizer steps, about 44 minutes of answering and 20 of
+training on a 2-core AMD EPYC; held-out top-1 agreement 53% at depth 1, 47% at depth 2.
 
 Held out: ``--holdout`` of the conversations (drawn with the seed). Reported on them: the
 head's top-1 agreement with the target's top-1 token (the argmax of the target's full LM head
@@ -691,14 +695,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--output", default=None, help="the head (.safetensors; default: the target's head "
         "under the model cache, where inference_eagle finds it)")
     add("--work-dir", default=None, help="data and checkpoints (default: 'work' beside the output)")
-    add("--prompts", type=int, default=1200, help="first-turn prompts")
-    add("--follow-ups", type=int, default=400, help="second turns after first answers")
-    add("--documents", type=int, default=400, help="tasks over first answers quoted as documents")
+    add("--prompts", type=int, default=560, help="first-turn prompts")
+    add("--follow-ups", type=int, default=320, help="second turns after first answers")
+    add("--documents", type=int, default=320, help="tasks over first answers quoted as documents")
     add("--max-new-tokens", type=int, default=256, help="longest answer")
     add("--gen-batch", type=int, default=32, help="prompts per generate call")
     add("--draft-vocab", type=int, default=4096, help="draft vocabulary size")
     add("--holdout", type=float, default=0.05, help="fraction of conversation families held out")
-    add("--epochs", type=int, default=2)
+    add("--epochs", type=int, default=6)
     add("--batch-size", type=int, default=8, help="conversations per optimizer step")
     add("--lr", type=float, default=1e-3)
     add("--warmup", type=int, default=40, help="warm-up steps")
