@@ -7,6 +7,9 @@ target's hidden states, :mod:`logitspec.draft_head`; alone, the one trained for 
 without any, one self-draft of ``DEFAULT_DRAFT_LAYERS``.
 Several drafts (``--num-drafts`` per model, or several models) are merged into one token tree;
 ``--combine-logitspec`` adds LogitSpec's retrieved chains to the same tree.
+``--draft-schedule cost`` sizes each draft by the target's measured verification cost (the cost
+surface of :mod:`logitspec.cost`, measured once per model, dtype and device and cached) and the
+draft's measured pass times; it drafts one chain of one draft model.
 ``python -m evaluation.inference_sps --help`` lists the flags.
 """
 
@@ -16,6 +19,7 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
+from logitspec.cost import cost_surface_for
 from logitspec.decoding import Decoder
 from logitspec.draft_length import SCHEDULES, DraftLengthConfig, load_acceptance_head
 from logitspec.draft_model import (
@@ -49,12 +53,14 @@ class SPSParams(RetrievalParams):
         nargs="?", const=CACHED_HEAD)
     num_draft_tokens: int = option(
         4, "tokens per draft (constant schedule; the heuristic's start)", type=int)
-    draft_schedule: str = option("constant", "draft length schedule", choices=SCHEDULES)
+    draft_schedule: str = option(
+        "constant", "draft length schedule (cost: the length that pays by the target's measured "
+        "verification cost)", choices=SCHEDULES)
     stop_threshold: float = option(
         0.5, "confidence schedule: stop once P(some drafted token is rejected) exceeds this",
         type=float)
     draft_length_bounds: list[int] | None = option(
-        None, "MIN MAX tokens per draft for the heuristic and confidence schedules "
+        None, "MIN MAX tokens per draft for the heuristic and confidence schedules, MAX for cost "
         "(default: 1 16)", type=int, nargs=2, metavar=("MIN", "MAX"))
     acceptance_head: str | None = option(
         None, "a trained acceptance head (.safetensors, scripts/train_acceptance_head.py) "
@@ -74,6 +80,12 @@ class SPSParams(RetrievalParams):
             raise ValueError("--draft-head must be a .safetensors file (no pickle)")
         if self.draft_length_bounds is None:
             object.__setattr__(self, "draft_length_bounds", [1, 16])
+        if self.draft_schedule == "cost":
+            models = (len(self.draft_model_path or ()) + len(self.draft_layers or ())
+                      + (self.draft_head is not None))
+            if models * self.num_drafts > 1 or self.combine_logitspec:
+                raise ValueError("--draft-schedule cost sizes one chain: one draft model, "
+                                 "--num-drafts 1, no --combine-logitspec")
         if self.acceptance_head is not None and not self.acceptance_head.endswith(".safetensors"):
             raise ValueError("--acceptance-head must be a .safetensors file (no pickle)")
         if self.draft_tree_capacity is None:
@@ -103,7 +115,11 @@ def make_decoder(loaded: LoadedModel, params: SPSParams) -> Decoder:
             path = None if params.draft_head == CACHED_HEAD else params.draft_head
             drafts.insert(0, HeadSource(find_head(loaded, path)))
         head = load_acceptance_head(params.acceptance_head, model.device) if params.acceptance_head else None
-        drafter = DraftModelDrafter(drafts, params.draft_config(), acceptance_head=head)
+        curve = None
+        if params.draft_schedule == "cost":
+            curve = cost_surface_for(model, str(loaded.path))
+        drafter = DraftModelDrafter(drafts, params.draft_config(), acceptance_head=head,
+                                    cost_curve=curve)
     except (ModelLoadError, DraftMismatchError, ValueError) as exc:
         raise eval_loop.RunError(str(exc)) from None
     if not params.combine_logitspec:

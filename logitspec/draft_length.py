@@ -19,6 +19,30 @@ Schedules (:class:`DraftLengthConfig`, ``schedule``):
   a trained :class:`AcceptanceHead` on the draft's final hidden state at the position that
   proposed it. Example, threshold 0.5, bounds (1, 8): ``a = 0.9, 0.8, 0.6`` gives
   ``1 - 0.9 = 0.1``, ``1 - 0.72 = 0.28``, ``1 - 0.432 = 0.568 > 0.5``: three tokens.
+
+- ``cost``: the length that pays on this machine. Before each token is drawn, with the draft's
+  distribution for it at hand, the token is drafted only if a longer draft is expected to give
+  more tokens per second than stopping there (:func:`worth_drafting`), from the measured
+  verification cost ``C(n)`` of ``n`` tokens (:mod:`logitspec.cost`) and the measured seconds
+  of the draft's first pass and of each further pass. With ``d`` tokens drafted whose predicted
+  acceptances (as in ``confidence``) multiply to ``keep`` and add up, over their prefixes, to
+  ``E`` (expected accepted drafted tokens), the step is worth::
+
+      R(d) = (1 + E) / (C(1 + d) + first + (d - 1) * per_pass),   R(0) = 1 / (C(1) + first)
+
+  and the next ``k`` tokens are expected to add ``keep * (e + e^2 + ... + e^k)``, each accepted
+  at the rate ``e`` (the i.i.d. model of speculative decoding's analysis), ``e`` the next
+  token's predicted acceptance read from its distribution before the draw (greedy: its largest
+  probability; sampling: the probability that a draw from it repeats itself, ``sum q^2``; or the
+  acceptance head's). Nothing drafted is ever dropped, so the length depends on earlier draws
+  only and sampling stays exact. It may draft nothing; ``bounds[1]`` caps it.
+
+  Example: costs 1.0, 1.6, 1.7, 1.8 for 1..4 tokens (no drafting time), every ``e`` and
+  acceptance 0.9: ``R(0) = 1`` and one token gives ``1.9 / 1.6 = 1.19``: drafted; a second
+  ``(1.9 + 0.81) / 1.7 = 1.59``: drafted; a third ``3.44 / 1.8 = 1.91``: drafted (the cost
+  table ends there). With costs 1.0, 1.95, 2.9, 3.85 nothing is drafted: no length reaches
+  ``R(0) = 1`` (``1.9 / 1.95``, ``2.71 / 2.9``, ``3.44 / 3.85``). One chain only (one draft
+  model, ``num_drafts`` 1): the tree it sizes is that chain.
 """
 
 from __future__ import annotations
@@ -26,11 +50,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
 
-SCHEDULES = ("constant", "heuristic", "confidence")
+SCHEDULES = ("constant", "heuristic", "confidence", "cost")
 
 
 @dataclass(frozen=True)
@@ -59,7 +84,9 @@ class DraftLengthConfig:
         if self.schedule == "constant":
             return self.num_draft_tokens
         low, high = self.bounds
-        return high if self.schedule == "confidence" else min(max(self.num_draft_tokens, low), high)
+        if self.schedule in ("confidence", "cost"):
+            return high
+        return min(max(self.num_draft_tokens, low), high)
 
     @property
     def longest(self) -> int:
@@ -82,6 +109,30 @@ def confidence_stop(drafted: int, keep_prob: float, threshold: float, bounds: tu
     return drafted >= bounds[0] and 1.0 - keep_prob > threshold
 
 
+def step_ratio(expected: float, drafted: int, cost: Sequence[float], first: float,
+               per_pass: float) -> float:
+    """Expected tokens per second of a step that verifies the root and ``drafted`` tokens
+    that are expected to give ``expected`` accepted ones (module docstring, ``cost``):
+    ``cost[n]`` seconds to verify ``n`` tokens, ``first`` for the draft's first pass and
+    ``per_pass`` for each further one."""
+    return (1.0 + expected) / (cost[1 + drafted] + first + max(drafted - 1, 0) * per_pass)
+
+
+def worth_drafting(expected: float, keep: float, drafted: int, gain: float, limit: int,
+                   cost: Sequence[float], first: float, per_pass: float) -> bool:
+    """Whether to draft token ``drafted + 1``: whether a draft of ``drafted + k`` tokens
+    (``k = 1 .. limit - drafted``) whose further tokens are each accepted at the rate ``gain``
+    (adding ``keep * gain``, ``keep * gain^2``, ...) has a higher :func:`step_ratio` than
+    stopping at ``drafted`` (module docstring). ``cost`` must cover ``1 + limit`` tokens."""
+    now = step_ratio(expected, drafted, cost, first, per_pass)
+    for k in range(1, limit - drafted + 1):
+        keep *= gain
+        expected += keep
+        if step_ratio(expected, drafted + k, cost, first, per_pass) > now:
+            return True
+    return False
+
+
 class DraftLength:
     """The schedule's state over one generation: the length to draft, when to stop early."""
 
@@ -94,7 +145,8 @@ class DraftLength:
 
     def stop(self, drafted: int, keep_prob: float) -> bool:
         """Whether a draft of ``drafted`` tokens (acceptance probabilities multiplying to
-        ``keep_prob``) is complete."""
+        ``keep_prob``) is complete (the ``cost`` schedule decides before each draw instead,
+        :func:`worth_drafting`; here only its cap)."""
         if self.config.schedule == "confidence":
             return confidence_stop(drafted, keep_prob, self.config.stop_threshold, self.config.bounds)
         return drafted >= self.length

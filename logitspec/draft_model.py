@@ -32,6 +32,7 @@ the distribution its token had given that it became a new child, which makes it 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -39,12 +40,13 @@ import numpy as np
 import torch
 
 from .acceptance import TargetOutput
-from .draft_length import AcceptanceHead, DraftLength, DraftLengthConfig
+from .draft_length import AcceptanceHead, DraftLength, DraftLengthConfig, worth_drafting
 from .kv_cache import KVCache
 from .sampling import sampling_probs
 from .tree import DraftTree
 
 if TYPE_CHECKING:
+    from .cost import CostCurve, CostSurface
     from .decoding import GenerationConfig
     from .drafters import Drafter
     from .loading import LoadedModel
@@ -302,6 +304,7 @@ class _Chain:
     tokens: list[int] = field(default_factory=list)
     rows: list[torch.Tensor] = field(default_factory=list)
     keep_prob: float = 1.0
+    expected: float = 0.0  # the sum of keep_prob over its prefixes: expected accepted tokens
     active: bool = True
 
 
@@ -335,13 +338,24 @@ class DraftModelDrafter:
         config: DraftModelConfig = DraftModelConfig(),
         *,
         acceptance_head: AcceptanceHead | None = None,
+        cost_curve: CostCurve | CostSurface | None = None,
     ) -> None:
         """``draft_models``: draft models (each gets a :class:`ModelSource`) or
-        :class:`DraftSource` objects, one or a list."""
+        :class:`DraftSource` objects, one or a list. ``cost_curve``: the target's measured
+        verification cost, which the ``cost`` schedule needs."""
         drafts = list(draft_models) if isinstance(draft_models, (list, tuple)) else [draft_models]
         if not drafts:
             raise ValueError("at least one draft model is needed")
         chains = len(drafts) * config.num_drafts
+        if config.length.schedule == "cost":
+            if cost_curve is None:
+                raise ValueError("the cost schedule needs the target's cost curve")
+            if chains > 1:
+                raise ValueError("the cost schedule sizes one chain: one draft model, num_drafts=1")
+        self.costs = cost_curve
+        self._first = self._per_pass = 0.0  # seconds of the draft's passes, averaged
+        self._cost: Sequence[float] = ()
+        self._limit = 0
         rows = max(64, chains * config.length.longest + 2)
         self.sources = [d if isinstance(d, DraftSource) else ModelSource(d, rows) for d in drafts]
         self.vocab_size = self.sources[0].vocab_size
@@ -406,9 +420,14 @@ class DraftModelDrafter:
             self.length.update(full)
 
     def _draft_source(self, source: DraftSource, root: int, limit: int) -> list[DraftChain]:
+        start = time.perf_counter()
         hidden = source.root(self.context, root, len(self.context) + 1 + self.config.num_drafts * limit)
         trie = _DraftTrie(root)
         trie.expanded(0, self._distribution(source, hidden)[0], hidden[0])
+        self._first = 0.9 * self._first + 0.1 * (time.perf_counter() - start)
+        if self.costs is not None:
+            self._cost = self.costs.at(len(self.context)).cost_table(limit + 1)
+            self._limit = limit
         chains = [_Chain() for _ in range(self.config.num_drafts)]
         for depth in range(1, limit + 1):
             for rank, chain in enumerate(c for c in chains if c.active):
@@ -416,15 +435,23 @@ class DraftModelDrafter:
             active = [c for c in chains if c.active]
             if not active or depth == limit:
                 break
+            start = time.perf_counter()
             self._expand(source, trie, sorted({c.node for c in active}))
+            self._per_pass = 0.9 * self._per_pass + 0.1 * (time.perf_counter() - start)
         return [
             DraftChain(tuple(c.tokens), None if self.greedy else torch.stack(c.rows))
             for c in chains if c.tokens
         ]
 
     def _extend_chain(self, trie: "_DraftTrie", chain: _Chain, rank: int, depth: int) -> None:
-        """Draws ``chain``'s next token at its node (greedy: the ``rank``-th most likely)."""
+        """Draws ``chain``'s next token at its node (greedy: the ``rank``-th most likely);
+        under the ``cost`` schedule, only if drafting it may pay (decided before the draw)."""
         probs, hidden = trie.dist[chain.node], trie.hidden[chain.node]
+        if self.config.length.schedule == "cost" and not worth_drafting(
+                chain.expected, chain.keep_prob, depth - 1, self._expected_acceptance(probs, hidden),
+                self._limit, self._cost, self._first, self._per_pass):
+            chain.active = False
+            return
         if self.greedy:
             token = int(probs.argmax()) if rank == 0 else int(probs.topk(rank + 1).indices[rank])
         else:
@@ -432,17 +459,25 @@ class DraftModelDrafter:
         chain.tokens.append(token)
         chain.rows.append(probs)
         chain.keep_prob *= self._acceptance(probs, hidden, token)
+        chain.expected += chain.keep_prob
         chain.node = trie.child(chain.node, token)
         if token in self.eos or self.length.stop(depth, chain.keep_prob):
             chain.active = False
 
     def _acceptance(self, probs: torch.Tensor, hidden: torch.Tensor, token: int) -> float:
         """Predicted probability that ``token`` is accepted (module :mod:`draft_length`)."""
-        if self.config.length.schedule != "confidence":
+        if self.config.length.schedule not in ("confidence", "cost"):
             return 1.0
         if self.head is not None:
             return float(self.head.probability(hidden))
         return float(probs[token])
+
+    def _expected_acceptance(self, probs: torch.Tensor, hidden: torch.Tensor) -> float:
+        """The next token's predicted acceptance before it is drawn: the acceptance head's,
+        else the largest probability (greedy) or that of a draw repeating itself (sampling)."""
+        if self.head is not None:
+            return float(self.head.probability(hidden))
+        return float(probs.max()) if self.greedy else float((probs * probs).sum())
 
     def _expand(self, source: DraftSource, trie: "_DraftTrie", frontier: list[int]) -> None:
         """Computes the draft's distribution at the ``frontier`` nodes."""

@@ -175,9 +175,9 @@ def eagle(head, capacity=16, retrieval=True, curve=AUTO_CURVE, **kw):
     return EagleDrafter(head, EagleConfig(config, retrieval=retrieval, **kw), curve, successors)
 
 
-def sps_head(head, schedule="constant", k=3, num_drafts=1, **length):
+def sps_head(head, schedule="constant", k=3, num_drafts=1, cost_curve=None, **length):
     config = DraftModelConfig(DraftLengthConfig(schedule, num_draft_tokens=k, **length), num_drafts)
-    return DraftModelDrafter(HeadSource(head), config)
+    return DraftModelDrafter(HeadSource(head), config, cost_curve=cost_curve)
 
 
 METHODS = {
@@ -189,6 +189,7 @@ METHODS = {
     "sps-heuristic": lambda h: sps_head(h, "heuristic", bounds=(1, 6)),
     "sps-confidence": lambda h: sps_head(h, "confidence", stop_threshold=0.7, bounds=(1, 5)),
     "sps-multi-draft": lambda h: sps_head(h, num_drafts=3),
+    "sps-cost": lambda h: sps_head(h, "cost", cost_curve=AUTO_CURVE, bounds=(1, 6)),
     "sps-with-logitspec": lambda h: CombinedDrafter(
         sps_head(h), LogitSpecDrafter(LogitSpecConfig(pool=PoolConfig(), draft_tree_capacity=12)), 12),
 }

@@ -17,8 +17,9 @@ from cli_helpers import load_script
 from logitspec.decoding import Decoder, GenerationConfig
 from logitspec.draft_length import (
     AcceptanceHead, DraftLength, DraftLengthConfig, confidence_stop, heuristic_update,
-    load_acceptance_head, save_acceptance_head,
+    load_acceptance_head, save_acceptance_head, step_ratio, worth_drafting,
 )
+from logitspec.cost import CostCurve
 from logitspec.draft_model import (
     CombinedDrafter, DraftMismatchError, DraftModelConfig, DraftModelDrafter, check_same_tokenizer,
 )
@@ -42,9 +43,16 @@ def other_draft(tiny_hf):
     return load_model(folder, dtype=torch.float32)
 
 
-def sps(draft, schedule="constant", k=4, num_drafts=1, **length) -> DraftModelDrafter:
+# verification costs for the cost schedule: flat and far above the draft's passes (every draft
+# that may be accepted pays), and a step whose cost grows by a whole pass per token (none pays)
+FLAT = CostCurve((1, 64), (1e6, 1e6))
+STEEP = CostCurve((1, 64), (1.0, 64.0))
+
+
+def sps(draft, schedule="constant", k=4, num_drafts=1, cost_curve=None, **length) -> DraftModelDrafter:
     config = DraftLengthConfig(schedule, num_draft_tokens=k, **length)
-    return DraftModelDrafter(draft, DraftModelConfig(config, num_drafts=num_drafts))
+    return DraftModelDrafter(draft, DraftModelConfig(config, num_drafts=num_drafts),
+                             cost_curve=cost_curve)
 
 
 def combined(draft, capacity=12) -> CombinedDrafter:
@@ -56,6 +64,7 @@ METHODS = {
     "constant": lambda t, d: sps(d),
     "heuristic": lambda t, d: sps(d, "heuristic", bounds=(1, 10)),
     "confidence": lambda t, d: sps(d, "confidence", stop_threshold=0.6, bounds=(1, 8)),
+    "cost": lambda t, d: sps(d, "cost", cost_curve=FLAT, bounds=(1, 8)),
     "multi-draft": lambda t, d: sps(d, k=3, num_drafts=3),
     "two-models": lambda t, d: DraftModelDrafter([d, t.truncated(2)], DraftModelConfig(num_drafts=2)),
     "logitspec+draft": lambda t, d: combined(d),
@@ -92,6 +101,29 @@ def test_draft_equal_to_target_accepts_whole_chains(target, num_drafts):
         PROMPTS[1], GenerationConfig(max_new_tokens=40)
     )
     assert result.accept_lengths[:-1] == [4] * (len(result.accept_lengths) - 1)
+
+
+def test_cost_schedule_follows_the_cost_curve(target):
+    """The target as its own draft: with a flat cost every step drafts to the cap and has it
+    accepted; when each verified token costs a whole pass, nothing is drafted and the steps
+    are vanilla's."""
+    config = GenerationConfig(max_new_tokens=40)
+    flat = Decoder(target, sps(target, "cost", cost_curve=FLAT, bounds=(1, 5))).generate(PROMPTS[1], config)
+    steady = steady_lengths(flat, 40, 5)
+    assert steady and set(steady) == {5}
+    assert flat.accept_lengths[: len(steady)] == [6] * len(steady)
+    steep = Decoder(target, sps(target, "cost", cost_curve=STEEP, bounds=(1, 5))).generate(PROMPTS[1], config)
+    assert set(steep.draft_lengths) == {0} and steep.output_ids == flat.output_ids
+
+
+def test_cost_schedule_needs_a_curve_and_one_chain(target):
+    with pytest.raises(ValueError, match="cost curve"):
+        sps(target, "cost")
+    with pytest.raises(ValueError, match="one chain"):
+        sps(target, "cost", num_drafts=2, cost_curve=FLAT)
+    with pytest.raises(ValueError, match="one chain"):
+        DraftModelDrafter([target, target.truncated(1)],
+                          DraftModelConfig(DraftLengthConfig("cost")), cost_curve=FLAT)
 
 
 def test_follow_up_turn_reuses_the_draft_cache(target, other_draft):
@@ -157,6 +189,43 @@ def confidence_length(accept_probs, threshold, bounds):
 )
 def test_confidence_rule_table(probs, threshold, bounds, expected):
     assert confidence_length(probs, threshold, bounds) == expected
+
+
+def cost_length(accept_probs, cost, first=0.0, per_pass=0.0):
+    """Tokens the cost schedule drafts when token i's predicted acceptance (before and after
+    its draw, as greedy drafting has it) is ``accept_probs[i]``; ``cost`` lists the seconds
+    for 1, 2, ... tokens and ends the draft."""
+    table = [0.0] + list(cost)
+    limit = len(cost) - 1
+    keep, expected = 1.0, 0.0
+    for drafted, a in enumerate(accept_probs):
+        if drafted == limit or not worth_drafting(expected, keep, drafted, a, limit, table,
+                                                  first, per_pass):
+            return drafted
+        keep *= a
+        expected += keep
+    raise AssertionError("ran out of probabilities")
+
+
+@pytest.mark.parametrize(
+    "probs,cost,first,per_pass,expected",
+    [
+        ([0.9] * 5, (1.0, 1.6, 1.7, 1.8), 0.0, 0.0, 3),  # the docstring's example: the table's end
+        ([0.9] * 5, (1.0, 1.95, 2.9, 3.85), 0.0, 0.0, 0),  # nearly a full pass per token
+        ([0.9, 0.9, 0.1, 0.9], (1.0, 1.1, 1.2, 1.3, 1.4), 0.0, 0.0, 2),  # .1 does not repay .1
+        ([0.9, 0.9, 0.1, 0.9], (1.0, 1.1, 1.2, 1.3, 1.4), 0.0, 0.5, 1),  # dear draft passes
+        ([0.3] * 5, (1.0, 1.74, 1.76, 1.78, 1.8), 0.0, 0.0, 0),  # float32 on a CPU: 1.74x for 2
+        ([0.8] * 5, (1.0, 1.74, 1.76, 1.78, 1.8), 0.0, 0.0, 4),  # ... that long drafts repay
+    ],
+)
+def test_cost_rule_table(probs, cost, first, per_pass, expected):
+    assert cost_length(probs, cost, first, per_pass) == expected
+
+
+def test_step_ratio_counts_the_draft_passes():
+    table = [0.0, 1.0, 1.5, 2.0]
+    assert step_ratio(0.0, 0, table, 0.2, 0.3) == pytest.approx(1 / 1.2)
+    assert step_ratio(1.5, 2, table, 0.2, 0.3) == pytest.approx(2.5 / (2.0 + 0.2 + 0.3))
 
 
 def test_schedule_state_constant_and_heuristic():
@@ -365,6 +434,7 @@ def test_smollm2_self_draft_greedy_equals_vanilla(smollm2_f32):
         "constant": sps(draft, k=3),
         "heuristic": sps(draft, "heuristic", k=3),
         "confidence": sps(draft, "confidence", stop_threshold=0.5, bounds=(1, 4)),
+        "cost": sps(draft, "cost", cost_curve=FLAT, bounds=(1, 4)),
         "multi-draft": sps(draft, k=2, num_drafts=2),
         "logitspec+draft": combined(draft, capacity=10),
     }

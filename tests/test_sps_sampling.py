@@ -25,6 +25,7 @@ import logitspec.draft_model as draft_model
 import logitspec.sampling as sampling
 from fakes import MarkovLM, markov_head
 from logitspec.decoding import Decoder, GenerationConfig
+from logitspec.cost import CostCurve
 from logitspec.draft_length import DraftLengthConfig
 from logitspec.draft_head import HeadSource
 from logitspec.draft_model import CombinedDrafter, DraftChain, DraftModelConfig, DraftModelDrafter, merge_chains
@@ -56,9 +57,16 @@ def markov_draft(seed: int, scale: float) -> MarkovLM:
     return model
 
 
+# the cost schedule's verification costs: a second token costs 5% more, a third 15% more, so
+# the draft's distributions decide the length (predicted acceptances of .2 draft one token, of
+# .6 two, of .9 three)
+COSTS = CostCurve((1, 2, 3, 4), (1.0, 1.05, 1.2, 1.4))
+
+
 def chain_drafter(schedule: str = "constant", k: int = 2, **length) -> DraftModelDrafter:
     config = DraftLengthConfig(schedule, num_draft_tokens=k, **length)
-    return DraftModelDrafter(markov_draft(11, 1.0), DraftModelConfig(config))
+    curve = COSTS if schedule == "cost" else None
+    return DraftModelDrafter(markov_draft(11, 1.0), DraftModelConfig(config), cost_curve=curve)
 
 
 def logitspec_drafter() -> LogitSpecDrafter:
@@ -71,6 +79,7 @@ DRAFTERS = {
     "chain": lambda: chain_drafter(),
     "chain-heuristic": lambda: chain_drafter("heuristic", 1, bounds=(1, 3)),
     "chain-confidence": lambda: chain_drafter("confidence", stop_threshold=0.4, bounds=(1, 3)),
+    "chain-cost": lambda: chain_drafter("cost", bounds=(1, 3)),
     "multi-draft": lambda: DraftModelDrafter(
         markov_draft(11, 1.0), DraftModelConfig(DraftLengthConfig(num_draft_tokens=2), num_drafts=3)
     ),
@@ -84,6 +93,7 @@ DRAFTERS = {
     "mixed": lambda: CombinedDrafter(chain_drafter(), logitspec_drafter(), 8),
     "head-chain": lambda: head_drafter(),
     "head-confidence": lambda: head_drafter("confidence", stop_threshold=0.5, bounds=(1, 3)),
+    "head-cost": lambda: head_drafter("cost", bounds=(1, 3)),
     "head-multi-draft": lambda: head_drafter(num_drafts=3),
     "head-mixed": lambda: CombinedDrafter(head_drafter(), logitspec_drafter(), 8),
 }
@@ -92,6 +102,7 @@ CASES = [
     ("chain", "t0.7-topk3"),
     ("chain-heuristic", "t1.0-topk2-topp0.9"),
     ("chain-confidence", "t1.3-topp0.8"),
+    ("chain-cost", "t0.7-topk3"),
     ("multi-draft", "t1.0"),
     ("multi-draft", "t0.7-topk3"),
     ("multi-draft-peaked", "t0.7-topk3"),
@@ -100,6 +111,7 @@ CASES = [
     ("mixed", "t1.0-topk2-topp0.9"),
     ("head-chain", "t1.0"),  # the head's drafters, each at one of the settings above
     ("head-confidence", "t1.3-topp0.8"),
+    ("head-cost", "t1.0"),
     ("head-multi-draft", "t0.7-topk3"),
     ("head-mixed", "t1.0-topk2-topp0.9"),
 ]
@@ -113,7 +125,9 @@ def head_drafter(schedule: str = "constant", num_drafts: int = 1, **length) -> D
     draft vocabulary: probability 0)."""
     head = markov_head(TARGET, seed=5, draft_vocab=(0, 1, 2, 4))
     config = DraftLengthConfig(schedule, num_draft_tokens=2, **length)
-    return DraftModelDrafter(HeadSource(head), DraftModelConfig(config, num_drafts=num_drafts))
+    curve = COSTS if schedule == "cost" else None
+    return DraftModelDrafter(HeadSource(head), DraftModelConfig(config, num_drafts=num_drafts),
+                             cost_curve=curve)
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +185,25 @@ def test_negative_control_no_residual_is_detected(target, monkeypatch):
 def test_negative_control_no_residual_with_the_head_is_detected(target, monkeypatch):
     monkeypatch.setattr(sampling, "residual", lambda p, q, token: p)
     p, _ = pvalue(target, DRAFTERS["head-chain"](), "t1.0")
+    assert p < ALPHA, f"p = {p:.2e}: the test failed to detect a biased sampler"
+
+
+def test_negative_control_a_length_decided_after_the_draw_is_detected(target, monkeypatch):
+    """The cost schedule decides before each draw. Deciding after it (here: a first token is
+    kept only if it is the draft's most likely one, else the step drafts nothing) picks the
+    draws that are kept, and is biased."""
+    extend = draft_model.DraftModelDrafter._extend_chain
+
+    def keep_only_likely(self, trie, chain, rank, depth):
+        probs = trie.dist[chain.node]
+        extend(self, trie, chain, rank, depth)
+        if depth == 1 and chain.tokens and chain.tokens[0] != int(probs.argmax()):
+            chain.tokens.clear()
+            chain.rows.clear()
+            chain.active = False
+
+    monkeypatch.setattr(draft_model.DraftModelDrafter, "_extend_chain", keep_only_likely)
+    p, _ = pvalue(target, DRAFTERS["chain-cost"](), "t1.0")
     assert p < ALPHA, f"p = {p:.2e}: the test failed to detect a biased sampler"
 
 
