@@ -81,19 +81,21 @@ class SPSParams(RetrievalParams):
         if self.draft_length_bounds is None:
             object.__setattr__(self, "draft_length_bounds", [1, 16])
         if self.draft_schedule == "cost":
-            models = (len(self.draft_model_path or ()) + len(self.draft_layers or ())
-                      + (self.draft_head is not None))
-            if models * self.num_drafts > 1 or self.combine_logitspec:
+            if self.num_draft_models * self.num_drafts > 1 or self.combine_logitspec:
                 raise ValueError("--draft-schedule cost sizes one chain: one draft model, "
                                  "--num-drafts 1, no --combine-logitspec")
         if self.acceptance_head is not None and not self.acceptance_head.endswith(".safetensors"):
             raise ValueError("--acceptance-head must be a .safetensors file (no pickle)")
         if self.draft_tree_capacity is None:
-            models = (len(self.draft_model_path or ()) + len(self.draft_layers or ())
-                      + (self.draft_head is not None))
-            drafts = 1 + models * self.num_drafts * self.length_config().longest
+            drafts = 1 + self.num_draft_models * self.num_drafts * self.length_config().longest
             object.__setattr__(self, "draft_tree_capacity", drafts + 8 * self.combine_logitspec)
         self.draft_config()  # validates
+
+    @property
+    def num_draft_models(self) -> int:
+        """Draft models, layer-skip self-drafts and the head, together."""
+        return (len(self.draft_model_path or ()) + len(self.draft_layers or ())
+                + (self.draft_head is not None))
 
     def length_config(self) -> DraftLengthConfig:
         low, high = self.draft_length_bounds
