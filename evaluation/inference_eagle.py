@@ -49,6 +49,10 @@ class EagleParams(ValueTreeParams):
     head_full_expansion: bool = option(
         False, "expand every head candidate, as EAGLE-2 does (default: only those the tree "
         "could still keep; the same trees, fewer head passes)", action="store_true")
+    head_always: bool = option(
+        False, "run the head every step at the automatic budget too (default: only while "
+        "steps with it give more tokens per second than steps without it, measured as it runs)",
+        action="store_true")
 
     def __post_init__(self) -> None:
         if self.draft_head is not None and not self.draft_head.endswith(".safetensors"):
@@ -59,7 +63,8 @@ class EagleParams(ValueTreeParams):
     def eagle_config(self) -> EagleConfig:
         return EagleConfig(self.logitspec_config(), retrieval=not self.no_retrieval,
                            top_k=self.head_top_k, expand=self.head_expand, depth=self.head_depth,
-                           min_value=self.head_min_value, prune=not self.head_full_expansion)
+                           min_value=self.head_min_value, prune=not self.head_full_expansion,
+                           gate=not self.head_always)
 
 
 def find_head(loaded: LoadedModel, path: str | None) -> DraftHead:

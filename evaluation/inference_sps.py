@@ -65,6 +65,10 @@ class SPSParams(RetrievalParams):
     acceptance_head: str | None = option(
         None, "a trained acceptance head (.safetensors, scripts/train_acceptance_head.py) "
         "for the confidence schedule")
+    draft_always: bool = option(
+        False, "cost schedule: a draft pass every step (default: steps without the draft "
+        "compete, and each step takes whichever has given more tokens per second)",
+        action="store_true")
     num_drafts: int = option(1, "drafts per draft model, merged into one tree", type=int)
     combine_logitspec: bool = option(
         False, "add LogitSpec's retrieved chains to the draft tree", action="store_true")
@@ -105,7 +109,8 @@ class SPSParams(RetrievalParams):
     def draft_config(self) -> DraftModelConfig:
         """The draft model's settings (with --combine-logitspec the budget is the tree's)."""
         capacity = None if self.combine_logitspec else self.draft_tree_capacity
-        return DraftModelConfig(self.length_config(), self.num_drafts, capacity)
+        return DraftModelConfig(self.length_config(), self.num_drafts, capacity,
+                                gate=not self.draft_always)
 
 
 def make_decoder(loaded: LoadedModel, params: SPSParams) -> Decoder:

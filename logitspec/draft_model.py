@@ -41,6 +41,7 @@ import torch
 
 from .acceptance import TargetOutput
 from .draft_length import AcceptanceHead, DraftLength, DraftLengthConfig, worth_drafting
+from .gate import SourceGate
 from .kv_cache import KVCache
 from .sampling import sampling_probs
 from .tree import DraftTree
@@ -311,11 +312,15 @@ class _Chain:
 @dataclass(frozen=True)
 class DraftModelConfig:
     """Draft-model drafting: the length schedule, ``num_drafts`` chains per draft model, and
-    the tree budget (root included; ``None``: room for every chain)."""
+    the tree budget (root included; ``None``: room for every chain). ``gate``: under the
+    ``cost`` schedule, each step drafts or not by which of the two has given more tokens per
+    second (:class:`~logitspec.gate.SourceGate`); a step without the draft skips its passes
+    (the draft's cache catches up on the next step that drafts). Off: every step drafts."""
 
     length: DraftLengthConfig = DraftLengthConfig()
     num_drafts: int = 1
     tree_capacity: int | None = None
+    gate: bool = True  # the cost schedule: steps without the draft compete (logitspec.gate)
 
     def __post_init__(self) -> None:
         if self.num_drafts < 1:
@@ -353,6 +358,9 @@ class DraftModelDrafter:
             if chains > 1:
                 raise ValueError("the cost schedule sizes one chain: one draft model, num_drafts=1")
         self.costs = cost_curve
+        use_gate = config.gate and config.length.schedule == "cost"
+        self.gate = SourceGate() if use_gate else None
+        self._step_seconds: float | None = 0.0
         self._first = self._per_pass = 0.0  # seconds of the draft's passes, averaged
         self._cost: Sequence[float] = ()
         self._limit = 0
@@ -391,10 +399,14 @@ class DraftModelDrafter:
             source.begin(self.context, reused, hidden, room)
 
     def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
-        chains = self.propose(root, max_depth)
-        return merge_chains(
+        start = time.perf_counter()
+        drafting = self.gate is None or self.gate.choose()
+        chains = self.propose(root, max_depth if drafting else 0)
+        tree = merge_chains(
             root, chains, self.tree_capacity, max_depth=max_depth, with_probs=not self.greedy
         )
+        self._step_seconds = time.perf_counter() - start
+        return tree
 
     def propose(self, root: int, max_depth: int) -> list[DraftChain]:
         """Every draft model's chains under ``root`` (at most ``max_depth`` tokens each)."""
@@ -408,12 +420,18 @@ class DraftModelDrafter:
     def observe(self, tree: DraftTree, out: TargetOutput) -> None:
         for source in self.sources:
             source.observe(tree, out)
+        if out.seconds is None:  # not timed: the gate learns nothing from this step
+            self._step_seconds = None
+        elif self._step_seconds is not None:
+            self._step_seconds += out.seconds
 
     def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
         known = len(self.context)
         self.context.extend(int(t) for t in tokens)
         for source in self.sources:
             source.extend(self.context, known, path)
+        if self.gate is not None and self._step_seconds is not None:
+            self.gate.record(len(path), self._step_seconds)
         accepted = list(tokens[1:])
         if self.chains:
             full = any(list(c.tokens) == accepted[: len(c.tokens)] for c in self.chains)

@@ -29,13 +29,24 @@ Example (``top_k = 2``, ``expand = 1``, rates equal to the head's probabilities)
 .30, .24). With a budget of 4 nodes (the root included) the tree is root, a, b and c
 (.6, .3, .3: c ties b and comes later), unless a retrieved chain offers a node worth more.
 
+At the automatic budget the head runs only while it pays (``EagleConfig.gate``): a
+:class:`~logitspec.gate.SourceGate` compares the measured tokens per second of steps with the
+head and of steps without it (retrieval alone; with ``retrieval`` off, no draft), and each step
+takes the better, the other tried now and then. Where the head's passes cost more than its
+candidates gain (a CPU whose target passes are cheap next to them) the hybrid falls back to
+LogitSpec's retrieval; where the target is large next to the head (a GPU and a 7B model) the
+head runs every step. The head's cache catches up on the skipped steps' pairs in its next
+pass. Fixed budgets, which compare acceptance rather than speed, run the head every step.
+
 Sampling: the head's candidates are deterministic (its top tokens), so the tree is verified by
-the draw-and-match walk (:mod:`logitspec.sampling`, part 1): lossless whatever the head.
+the draw-and-match walk (:mod:`logitspec.sampling`, part 1): lossless whatever the head. The
+gate decides from earlier steps' timings only.
 """
 
 from __future__ import annotations
 
 import heapq
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -45,6 +56,7 @@ import torch
 from .acceptance import TargetOutput
 from .cost import CostCurve, CostSurface
 from .draft_head import DraftHead, HeadState
+from .gate import SourceGate
 from .drafters import LogitSpecConfig, ValueTreeDrafter, value_prior
 from .tree import DraftTree
 from .value_tree import (
@@ -65,7 +77,8 @@ class EagleConfig:
     levels at most, nodes below ``min_value`` never expanded (EAGLE-2's settings for 7B
     models: top-k 10, depth 6, 60 tokens); ``prune``: expand only candidates that could still
     be kept (:meth:`EagleDrafter._head_tree`; the same trees with fewer head passes), off for
-    EAGLE-2's full expansion."""
+    EAGLE-2's full expansion. ``gate``: at the automatic budget, run the head only while it
+    pays (module docstring); off runs it every step."""
 
     logitspec: LogitSpecConfig = LogitSpecConfig(tree_policy="value")
     retrieval: bool = True
@@ -74,6 +87,7 @@ class EagleConfig:
     depth: int = 6
     min_value: float = 0.01
     prune: bool = True
+    gate: bool = True
 
     def __post_init__(self) -> None:
         if self.logitspec.tree_policy != "value":
@@ -134,6 +148,11 @@ class EagleDrafter(ValueTreeDrafter):
         )
         if not config.retrieval:
             self.top_k = 0
+        automatic = config.logitspec.draft_tree_capacity is None
+        self.gate = SourceGate() if config.gate and automatic and cost_curve is not None else None
+        self._use_head = True
+        self._overheads = [0.0, 0.0]  # drafting seconds, averaged, of steps without / with it
+        self._step_seconds = 0.0
 
     def configure(self, config: GenerationConfig) -> None:
         self.eos = frozenset(config.eos_token_ids)
@@ -144,11 +163,24 @@ class EagleDrafter(ValueTreeDrafter):
         self.state.reserve(len(context) + self.max_new_tokens + self.eagle.tree_slots + 2)
         self.state.begin(context, reused, hidden)
 
+    def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
+        if self.gate is None:
+            return super().draft(root, root_topk, max_depth)
+        start = time.perf_counter()
+        self._use_head = self.gate.choose()
+        arm = int(self._use_head)
+        self.overhead = self._overheads[arm]  # each arm's trees sized by its own drafting time
+        tree = super().draft(root, root_topk, max_depth)
+        self._overheads[arm] = self.overhead
+        self._step_seconds = time.perf_counter() - start
+        return tree
+
     def _offer_candidates(self, tree: BestFirstTree, root: int, root_topk: np.ndarray,
                           max_depth: int) -> None:
         if self.eagle.retrieval:
             super()._offer_candidates(tree, root, root_topk, max_depth)
-        tree.offer_nodes(self._head_tree(root, max_depth))
+        if self._use_head:
+            tree.offer_nodes(self._head_tree(root, max_depth))
 
     def _head_tree(self, root: int, max_depth: int) -> list[Candidate]:
         """The head's candidate tree under ``root`` (module docstring): its depth-1 nodes.
@@ -202,10 +234,16 @@ class EagleDrafter(ValueTreeDrafter):
     def observe(self, tree: DraftTree, out: TargetOutput) -> None:
         super().observe(tree, out)
         self._verified = out.hidden
+        if out.seconds is None:  # not timed (trace replay): the gate learns nothing
+            self._step_seconds = None
+        elif self._step_seconds is not None:
+            self._step_seconds += out.seconds
 
     def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
         super().extend(tokens, tree, path)
         self.state.add_features(self._verified[list(path)])
+        if self.gate is not None and self._step_seconds is not None:
+            self.gate.record(len(path), self._step_seconds)
 
 
 def _prob_index(q: float) -> int:

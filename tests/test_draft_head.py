@@ -217,8 +217,10 @@ def test_follow_up_turn_equals_vanilla(target, head, method):
 PRUNED = {
     "hybrid-8": dict(capacity=8),
     "head-alone-6": dict(capacity=6, retrieval=False, top_k=4, expand=4, depth=4, min_value=0.0),
-    "hybrid-auto-steep": dict(capacity=None, curve=CostCurve((1, 2, 4, 64), (1.0, 1.15, 1.5, 9.0))),
-    "hybrid-auto-flat": dict(capacity=None),  # nothing to prune: cheap trees, a large budget
+    "hybrid-auto-steep": dict(capacity=None, curve=CostCurve((1, 2, 4, 64), (1.0, 1.15, 1.5, 9.0)),
+                              gate=False),
+    # nothing to prune: cheap trees, a large budget
+    "hybrid-auto-flat": dict(capacity=None, gate=False),
 }
 
 
@@ -250,6 +252,52 @@ def test_pruned_expansion_drafts_the_same_trees(target, head, name):
         assert pruned_fed == full_fed
     else:
         assert pruned_fed < full_fed, (pruned_fed, full_fed)
+
+
+def gated_run(target, head, slow_head: bool, **kw):
+    """The gated hybrid decoding with 40 ms added to the head's first pass (``slow_head``) or
+    to the verification of every step that did not run the head: the steps that ran the head,
+    the steps, and the output."""
+    import time
+
+    drafter = eagle(head, None, **kw)
+    ran = []
+    if slow_head:
+        advance = drafter.state.advance
+        drafter.state.advance = lambda *a: time.sleep(0.04) or advance(*a)
+    decoder = Decoder(target, drafter)
+    verify, inner = decoder._verify, drafter._offer_candidates
+
+    def slow_without_head(tree):
+        if not slow_head and not drafter._use_head:
+            time.sleep(0.04)
+        return verify(tree)
+
+    decoder._verify = slow_without_head
+    drafter._offer_candidates = lambda *a: ran.append(drafter._use_head) or inner(*a)
+    out = decoder.generate(PROMPTS[1], GenerationConfig(max_new_tokens=80)).output_ids
+    return sum(ran), len(ran), out
+
+
+def test_gate_skips_a_head_that_costs_more_than_it_gains(target, head):
+    """A random head whose passes take 40 ms runs in its warm-up steps and its explorations
+    only; retrieval drafts the other steps; the output is vanilla's."""
+    with_head, steps, out = gated_run(target, head, slow_head=True)
+    assert out == vanilla(target, PROMPTS[1], 80)
+    assert steps >= 30 and with_head <= 4 + steps // 16 + 1, (with_head, steps)
+
+
+def test_gate_runs_a_head_that_pays(target, head):
+    """Head alone, steps without it (no draft) made 40 ms slower: the head runs in all but
+    the warm-up's and the explorations' steps without it."""
+    with_head, steps, out = gated_run(target, head, slow_head=False, retrieval=False)
+    assert out == vanilla(target, PROMPTS[1], 80)
+    assert steps >= 30 and steps - with_head <= 4 + steps // 16 + 1, (with_head, steps)
+
+
+def test_gate_only_at_the_automatic_budget(target, head):
+    assert eagle(head, None).gate is not None
+    assert eagle(head, None, gate=False).gate is None and eagle(head, 16).gate is None
 
 
 def test_head_computes_in_float32_beside_a_half_precision_cpu_target(target):

@@ -208,6 +208,14 @@ DRAFTERS = {
         EagleConfig(LogitSpecConfig(pool=PoolConfig(2, 3), draft_tree_capacity=8, tree_policy="value"),
                     top_k=3, expand=2, depth=2),
     ),
+    # the automatic budget's gate: steps with and without the head by measured speed
+    "eagle-gated": lambda: EagleDrafter(
+        markov_head(MarkovLM(VOCAB), seed=2),
+        EagleConfig(LogitSpecConfig(pool=PoolConfig(2, 3), draft_tree_capacity=None,
+                                    max_auto_capacity=8, tree_policy="value"),
+                    top_k=3, expand=2, depth=2),
+        CostCurve((1, 8), (1.0, 1.0)),
+    ),
     # windows of 3 and a 12-node automaton: retrieval and eviction within these short outputs;
     # the prompt's logits copied through MarkovLM's LM head (the identity)
     "racer": lambda: RacerDrafter(RacerConfig(8, ngram=3, max_nodes=12, max_breadth=3),
@@ -242,7 +250,7 @@ CASES = [
     ("logitspec-default", "t0.7-topk3"),
     ("logitspec-successors", "t1.0"),
     ("eagle", "t1.0"),
-    ("eagle", "t0.7-topk3"),
+    ("eagle-gated", "t0.7-topk3"),
     ("racer", "t1.0"),
     ("racer", "t0.7-topk3"),
     ("sam", "t1.0"),

@@ -1,0 +1,50 @@
+"""The source gate (logitspec/gate.py): its warm-up, its choice by measured tokens per second,
+its exploration, a change of the better arm, and bad settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from logitspec.gate import SourceGate
+
+
+def run(gate: SourceGate, steps: int, measured: dict[int, tuple[int, float]]) -> list[int]:
+    """The arms ``gate`` takes over ``steps`` steps, each arm's step measuring as ``measured``."""
+    arms = []
+    for _ in range(steps):
+        arm = int(gate.choose())
+        gate.record(*measured[arm])
+        arms.append(arm)
+    return arms
+
+
+def test_docstring_example():
+    """Warm-up on, off, on, off; then the faster arm (without the source: 40 against 33
+    tokens/s), the other every fourth step."""
+    gate = SourceGate(explore=4, warmup=2)
+    arms = run(gate, 12, {1: (2, 0.060), 0: (1.4, 0.035)})
+    assert arms == [1, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 1]
+    assert gate.rate(1) == pytest.approx(2 / 0.060) and gate.rate(0) == pytest.approx(40.0)
+    assert gate.share() == pytest.approx(4 / 12)
+
+
+def test_a_source_that_pays_runs_and_its_rival_is_explored():
+    gate = SourceGate(explore=5, warmup=1)
+    arms = run(gate, 11, {1: (3, 0.050), 0: (1, 0.030)})
+    assert arms == [1, 0, 1, 1, 0, 1, 1, 1, 1, 0, 1]
+
+
+def test_the_gate_follows_a_change():
+    """The source pays, then stops paying (its steps get slow): the moving average lets the
+    gate leave it within a few explorations."""
+    gate = SourceGate(explore=4, warmup=2, smoothing=0.5)
+    assert run(gate, 12, {1: (3, 0.05), 0: (1, 0.03)})[4:] == [1, 1, 1, 0, 1, 1, 1, 0]
+    later = run(gate, 16, {1: (3, 0.20), 0: (1, 0.03)})
+    assert later[-8:] == [0, 0, 0, 1, 0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("kw", [dict(explore=1), dict(warmup=0), dict(smoothing=0.0),
+                                dict(smoothing=1.5)])
+def test_bad_settings(kw):
+    with pytest.raises(ValueError, match="explore must be"):
+        SourceGate(**kw)
