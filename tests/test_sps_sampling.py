@@ -127,15 +127,16 @@ TARGET = MarkovLM(VOCAB, seed=3, scale=1.5)
 def head_drafter(schedule: str = "constant", num_drafts: int = 1, **length) -> DraftModelDrafter:
     """The target's random draft head as the draft; it never proposes token 3 (outside its
     draft vocabulary: probability 0). Under the cost schedule the gate decides which steps
-    draft, by measured speed, and at least every other step does (``explore=2``), so that
-    steps of both kinds, and the head's catching up, are in every sample."""
+    draft, by measured speed, and at least every other step does (``explore=2``, with a
+    regret that never spaces the tries further), so that steps of both kinds, and the head's
+    catching up, are in every sample."""
     head = markov_head(TARGET, seed=5, draft_vocab=(0, 1, 2, 4))
     config = DraftLengthConfig(schedule, num_draft_tokens=2, **length)
     curve = COSTS if schedule == "cost" else None
     drafter = DraftModelDrafter(HeadSource(head), DraftModelConfig(config, num_drafts=num_drafts),
                                 cost_curve=curve)
     if schedule == "cost":
-        drafter.gate = SourceGate(explore=2, warmup=1)
+        drafter.gate = SourceGate(explore=2, warmup=1, regret=0.99)
     return drafter
 
 
