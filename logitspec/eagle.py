@@ -32,11 +32,10 @@ Example (``top_k = 2``, ``expand = 1``, rates equal to the head's probabilities)
 At the automatic budget the head runs only while it pays (``EagleConfig.gate``): a
 :class:`~logitspec.gate.SourceGate` compares the measured tokens per second of steps with the
 head and of steps without it (retrieval alone; with ``retrieval`` off, no draft), and each step
-takes the better, the other tried now and then. Where the head's passes cost more than its
-candidates gain (a CPU whose target passes are cheap next to them) the hybrid falls back to
-LogitSpec's retrieval; where the target is large next to the head (a GPU and a 7B model) the
-head runs every step. The head's cache catches up on the skipped steps' pairs in its next
-pass. Fixed budgets, which compare acceptance rather than speed, run the head every step.
+takes the better, the other tried now and then. Where the head's passes cost more time than
+its candidates save, the hybrid falls back to LogitSpec's retrieval alone; where they save more,
+the head runs on nearly every step. The head's cache catches up on the skipped steps' pairs in
+its next pass. Fixed budgets, which compare acceptance rather than speed, run the head every step.
 
 Sampling: the head's candidates are deterministic (its top tokens), so the tree is verified by
 the draw-and-match walk (:mod:`logitspec.sampling`, part 1): lossless whatever the head. The
@@ -56,8 +55,8 @@ import torch
 from .acceptance import TargetOutput
 from .cost import CostCurve, CostSurface
 from .draft_head import DraftHead, HeadState
-from .gate import SourceGate
 from .drafters import LogitSpecConfig, ValueTreeDrafter, value_prior
+from .gate import SourceGate
 from .tree import DraftTree
 from .value_tree import (
     DEPTH_BUCKETS, AcceptanceStats, BestFirstTree, Candidate, bucket,
@@ -152,7 +151,7 @@ class EagleDrafter(ValueTreeDrafter):
         self.gate = SourceGate() if config.gate and automatic and cost_curve is not None else None
         self._use_head = True
         self._overheads = [0.0, 0.0]  # drafting seconds, averaged, of steps without / with it
-        self._step_seconds = 0.0
+        self._step_seconds: float | None = 0.0  # this step's drafting and verification
 
     def configure(self, config: GenerationConfig) -> None:
         self.eos = frozenset(config.eos_token_ids)
