@@ -58,6 +58,9 @@ class EagleParams(ValueTreeParams):
         if self.draft_head is not None and not self.draft_head.endswith(".safetensors"):
             raise ValueError("--draft-head must be a .safetensors file (no pickle)")
         super().__post_init__()
+        if self.head_always and self.draft_tree_capacity != "auto":
+            raise ValueError("--head-always applies at the automatic budget "
+                             "(--draft-tree-capacity auto), where the head may be skipped")
         self.eagle_config()  # validates
 
     def eagle_config(self) -> EagleConfig:

@@ -88,6 +88,9 @@ class SPSParams(RetrievalParams):
             if self.num_draft_models * self.num_drafts > 1 or self.combine_logitspec:
                 raise ValueError("--draft-schedule cost sizes one chain: one draft model, "
                                  "--num-drafts 1, no --combine-logitspec")
+        if self.draft_always and self.draft_schedule != "cost":
+            raise ValueError("--draft-always applies to --draft-schedule cost (the other "
+                             "schedules draft every step)")
         if self.acceptance_head is not None and not self.acceptance_head.endswith(".safetensors"):
             raise ValueError("--acceptance-head must be a .safetensors file (no pickle)")
         if self.draft_tree_capacity is None:

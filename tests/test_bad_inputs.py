@@ -19,7 +19,7 @@ import pytest
 
 from cli_helpers import DEMO, run_cli, save_tiny_llama, write_questions
 from evaluation import (
-    inference_lookahead, inference_pld, inference_racer, inference_rest, inference_sam,
+    inference_eagle, inference_lookahead, inference_pld, inference_racer, inference_rest, inference_sam,
     inference_sps, inference_suffix,
 )
 from logitspec.rest import Datastore
@@ -185,6 +185,10 @@ CASES = [
     Case("cost schedule with several drafts",
          _tiny("--draft-schedule", "cost", "--num-drafts", "2"),
          r"--draft-schedule cost sizes one chain: one draft model, --num-drafts 1", inference_sps),
+    Case("draft always without the cost schedule", _tiny("--draft-always"),
+         r"--draft-always applies to --draft-schedule cost", inference_sps),
+    Case("head always at a fixed budget", _tiny("--head-always", "--draft-tree-capacity", "16"),
+         r"--head-always applies at the automatic budget", inference_eagle),
     Case("lookahead level 2", _tiny("--level", "2"),
          r"level \(n-gram size N\) must be >= 3, got 2", inference_lookahead),
     Case("lookahead window 0", _tiny("--window", "0"), r"window \(W\) must be >= 1, got 0",
