@@ -360,7 +360,6 @@ class DraftModelDrafter:
         self.costs = cost_curve
         use_gate = config.gate and config.length.schedule == "cost"
         self.gate = SourceGate() if use_gate else None
-        self._step_seconds: float | None = 0.0
         self._first = self._per_pass = 0.0  # seconds of the draft's passes, averaged
         self._cost: Sequence[float] = ()
         self._limit = 0
@@ -399,13 +398,13 @@ class DraftModelDrafter:
             source.begin(self.context, reused, hidden, room)
 
     def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
-        start = time.perf_counter()
-        drafting = self.gate is None or self.gate.choose()
+        drafting = self.gate is None or self.gate.start_step()
         chains = self.propose(root, max_depth if drafting else 0)
         tree = merge_chains(
             root, chains, self.tree_capacity, max_depth=max_depth, with_probs=not self.greedy
         )
-        self._step_seconds = time.perf_counter() - start
+        if self.gate is not None:
+            self.gate.drafted()
         return tree
 
     def propose(self, root: int, max_depth: int) -> list[DraftChain]:
@@ -420,18 +419,16 @@ class DraftModelDrafter:
     def observe(self, tree: DraftTree, out: TargetOutput) -> None:
         for source in self.sources:
             source.observe(tree, out)
-        if out.seconds is None:  # not timed: the gate learns nothing from this step
-            self._step_seconds = None
-        elif self._step_seconds is not None:
-            self._step_seconds += out.seconds
+        if self.gate is not None:
+            self.gate.verified(out.seconds)
 
     def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
         known = len(self.context)
         self.context.extend(int(t) for t in tokens)
         for source in self.sources:
             source.extend(self.context, known, path)
-        if self.gate is not None and self._step_seconds is not None:
-            self.gate.record(len(path), self._step_seconds)
+        if self.gate is not None:
+            self.gate.end_step(len(path))
         accepted = list(tokens[1:])
         if self.chains:
             full = any(list(c.tokens) == accepted[: len(c.tokens)] for c in self.chains)
@@ -465,18 +462,22 @@ class DraftModelDrafter:
         """Draws ``chain``'s next token at its node (greedy: the ``rank``-th most likely);
         under the ``cost`` schedule, only if drafting it may pay (decided before the draw)."""
         probs, hidden = trie.dist[chain.node], trie.hidden[chain.node]
-        if self.config.length.schedule == "cost" and not worth_drafting(
-                chain.expected, chain.keep_prob, depth - 1, self._expected_acceptance(probs, hidden),
-                self._limit, self._cost, self._first, self._per_pass):
-            chain.active = False
-            return
+        expected = None
+        if self.config.length.schedule == "cost":
+            expected = self._expected_acceptance(probs, hidden)
+            if not worth_drafting(chain.expected, chain.keep_prob, depth - 1, expected,
+                                  self._limit, self._cost, self._first, self._per_pass):
+                chain.active = False
+                return
         if self.greedy:
             token = int(probs.argmax()) if rank == 0 else int(probs.topk(rank + 1).indices[rank])
         else:
             token = int(torch.multinomial(probs, 1, generator=self.generator))
         chain.tokens.append(token)
         chain.rows.append(probs)
-        chain.keep_prob *= self._acceptance(probs, hidden, token)
+        # the head's prediction, or greedy's largest probability, is the drawn token's: reused
+        known = expected is not None and (self.head is not None or self.greedy)
+        chain.keep_prob *= expected if known else self._acceptance(probs, hidden, token)
         chain.expected += chain.keep_prob
         chain.node = trie.child(chain.node, token)
         if token in self.eos or self.length.stop(depth, chain.keep_prob):

@@ -45,7 +45,6 @@ gate decides from earlier steps' timings only.
 from __future__ import annotations
 
 import heapq
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -151,7 +150,6 @@ class EagleDrafter(ValueTreeDrafter):
         self.gate = SourceGate() if config.gate and automatic and cost_curve is not None else None
         self._use_head = True
         self._overheads = [0.0, 0.0]  # drafting seconds, averaged, of steps without / with it
-        self._step_seconds: float | None = 0.0  # this step's drafting and verification
 
     def configure(self, config: GenerationConfig) -> None:
         self.eos = frozenset(config.eos_token_ids)
@@ -165,13 +163,12 @@ class EagleDrafter(ValueTreeDrafter):
     def draft(self, root: int, root_topk: np.ndarray, max_depth: int) -> DraftTree:
         if self.gate is None:
             return super().draft(root, root_topk, max_depth)
-        start = time.perf_counter()
-        self._use_head = self.gate.choose()
+        self._use_head = self.gate.start_step()
         arm = int(self._use_head)
         self.overhead = self._overheads[arm]  # each arm's trees sized by its own drafting time
         tree = super().draft(root, root_topk, max_depth)
         self._overheads[arm] = self.overhead
-        self._step_seconds = time.perf_counter() - start
+        self.gate.drafted()
         return tree
 
     def _offer_candidates(self, tree: BestFirstTree, root: int, root_topk: np.ndarray,
@@ -233,16 +230,14 @@ class EagleDrafter(ValueTreeDrafter):
     def observe(self, tree: DraftTree, out: TargetOutput) -> None:
         super().observe(tree, out)
         self._verified = out.hidden
-        if out.seconds is None:  # not timed (trace replay): the gate learns nothing
-            self._step_seconds = None
-        elif self._step_seconds is not None:
-            self._step_seconds += out.seconds
+        if self.gate is not None:
+            self.gate.verified(out.seconds)
 
     def extend(self, tokens: Sequence[int], tree: DraftTree, path: Sequence[int]) -> None:
         super().extend(tokens, tree, path)
         self.state.add_features(self._verified[list(path)])
-        if self.gate is not None and self._step_seconds is not None:
-            self.gate.record(len(path), self._step_seconds)
+        if self.gate is not None:
+            self.gate.end_step(len(path))
 
 
 def _prob_index(q: float) -> int:

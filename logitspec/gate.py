@@ -31,6 +31,7 @@ sampling verifier's output keeps its distribution whichever arm a step takes.
 from __future__ import annotations
 
 import math
+import time
 
 
 class SourceGate:
@@ -52,6 +53,8 @@ class SourceGate:
         self.step = 0
         self.arm = 1
         self._since = 0  # steps since the worse arm was last tried
+        self._start = 0.0  # when this step's drafting began
+        self._pending: float | None = None  # this step's seconds so far (None: not timed)
 
     def rate(self, arm: int) -> float:
         """Arm ``arm``'s measured tokens per second (0 before it was measured)."""
@@ -85,6 +88,25 @@ class SourceGate:
         weight = max(self.smoothing, 1.0 / self.steps[arm])
         self.tokens[arm] += weight * (tokens - self.tokens[arm])
         self.seconds[arm] += weight * (seconds - self.seconds[arm])
+
+    def start_step(self) -> bool:
+        """:meth:`choose`, and starts timing the step: the drafter calls :meth:`drafted` when
+        its tree is built, :meth:`verified` with the verification's seconds, and
+        :meth:`end_step` with the tokens the step emitted, which records it (a step whose
+        verification was not timed, as in trace replay, is not recorded)."""
+        self._start = time.perf_counter()
+        self._pending = 0.0
+        return self.choose()
+
+    def drafted(self) -> None:
+        self._pending += time.perf_counter() - self._start
+
+    def verified(self, seconds: float | None) -> None:
+        self._pending = None if seconds is None else self._pending + seconds
+
+    def end_step(self, tokens: int) -> None:
+        if self._pending is not None:
+            self.record(tokens, self._pending)
 
     def share(self) -> float:
         """The fraction of recorded steps that ran the source."""

@@ -61,3 +61,18 @@ def test_the_gate_follows_a_change():
 def test_bad_settings(kw):
     with pytest.raises(ValueError, match="explore must be"):
         SourceGate(**kw)
+
+
+def test_step_timing_records_drafting_and_verification_and_skips_untimed_steps():
+    gate = SourceGate(warmup=1)
+    assert gate.start_step()
+    gate.drafted()
+    gate.verified(0.5)
+    gate.end_step(3)
+    assert gate.steps == [0, 1] and gate.tokens[1] == 3
+    assert 0.5 <= gate.seconds[1] < 0.6  # the verification plus the (short) drafting
+    assert not gate.start_step()
+    gate.drafted()
+    gate.verified(None)  # not timed (trace replay): nothing recorded
+    gate.end_step(1)
+    assert gate.steps == [0, 1]
