@@ -209,6 +209,7 @@ class ChoiceRecord:
     accept_lengths: list[int] = field(default_factory=list)
     draft_lengths: list[int] = field(default_factory=list)
     time_breakdown: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    source_steps: list[int] | None = None  # per turn; only for a drafter with a gate
 
     def add(self, text: str, prompt_tokens: int, result: GenerationResult) -> None:
         self.turns.append(text)
@@ -221,6 +222,15 @@ class ChoiceRecord:
         self.draft_lengths.extend(result.draft_lengths)
         for phase in self.time_breakdown:
             self.time_breakdown[phase] += getattr(result.times, phase)
+        if result.source_steps is not None:
+            self.source_steps = (self.source_steps or []) + [result.source_steps]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The choice's fields, ``source_steps`` only where a gate counted them."""
+        fields = asdict(self)
+        if self.source_steps is None:
+            del fields["source_steps"]
+        return fields
 
 
 def answer_choice(ctx: EvalContext, question: Question, index: int) -> dict[str, Any]:
@@ -239,7 +249,7 @@ def answer_choice(ctx: EvalContext, question: Question, index: int) -> dict[str,
         text = conversation.answer_text(result.output_ids)
         conversation.add_answer(text)
         record.add(text, len(prompt_ids), result)
-    return asdict(record)
+    return record.as_dict()
 
 
 def answer_question(ctx: EvalContext, question: Question) -> dict[str, Any]:

@@ -107,6 +107,7 @@ class Choice:
     prompt_tokens: tuple[int, ...] | None = None
     prefill_time: float | None = None  # None: the generator timed no phases
     cached_tokens: tuple[int, ...] | None = None  # of prompt_tokens, those not prefilled
+    source_steps: tuple[int, ...] | None = None  # per turn, steps that ran a gated source
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,8 @@ def parse_choice(obj: Any, where: str) -> Choice:
     generators); ``draft_lengths`` is optional and, when present, has one entry
     per entry of ``accept_lengths``; ``prompt_tokens`` is optional and, when
     present, has one entry per turn; so is ``cached_tokens`` (with ``prompt_tokens``,
-    each at most the turn's prompt)."""
+    each at most the turn's prompt) and ``source_steps`` (each at most the turn's
+    ``decoding_steps``)."""
     if not isinstance(obj, dict):
         raise InputError(f"{where}: a choice must be a JSON object")
     turns = _text_list(obj, "turns", where)
@@ -201,8 +203,14 @@ def parse_choice(obj: Any, where: str) -> Choice:
             raise InputError(f"{where}: 'cached_tokens' and 'turns' differ in length")
         if any(c > p for c, p in zip(cached, prompts)):
             raise InputError(f"{where}: a turn's 'cached_tokens' exceeds its 'prompt_tokens'")
+    sources = _int_list(obj, "source_steps", where, 0) if "source_steps" in obj else None
+    if sources is not None:
+        if len(sources) != len(turns):
+            raise InputError(f"{where}: 'source_steps' and 'turns' differ in length")
+        if any(k > n for k, n in zip(sources, steps)):
+            raise InputError(f"{where}: a turn's 'source_steps' exceeds its 'decoding_steps'")
     return Choice(turns, steps, new_tokens, wall_time, accept, drafts, prompts,
-                  _prefill_time(obj, where), cached)
+                  _prefill_time(obj, where), cached, sources)
 
 
 def _prefill_time(obj: Mapping[str, Any], where: str) -> float | None:
@@ -336,6 +344,7 @@ class QuestionStats:
     accept_lengths: tuple[int, ...]
     draft_lengths: tuple[int, ...] | None
     prefill_time: float | None = None  # None unless every choice timed its phases
+    source_steps: int | None = None  # None unless every choice counted them
 
     @property
     def rate(self) -> float | None:
@@ -346,6 +355,7 @@ def question_stats(record: AnswerRecord, count: TokenCounter) -> QuestionStats:
     """Stats of one answer; draft lengths only when every choice recorded them."""
     drafts = [c.draft_lengths for c in record.choices]
     prefills = [c.prefill_time for c in record.choices]
+    sources = [c.source_steps for c in record.choices]
     return QuestionStats(
         tokens=count(record),
         wall_time=sum(sum(c.wall_time) for c in record.choices),
@@ -355,6 +365,7 @@ def question_stats(record: AnswerRecord, count: TokenCounter) -> QuestionStats:
         if any(d is None for d in drafts)
         else tuple(x for d in drafts if d is not None for x in d),
         prefill_time=None if any(p is None for p in prefills) else sum(p or 0.0 for p in prefills),
+        source_steps=None if any(k is None for k in sources) else sum(sum(k or ()) for k in sources),
     )
 
 
@@ -429,6 +440,14 @@ def acceptance_rate(questions: Sequence[QuestionStats]) -> float | None:
     return ratio(accepted, offered)
 
 
+def source_share(questions: Sequence[QuestionStats]) -> float | None:
+    """Steps that ran a gated draft source over all steps, on the questions that counted
+    them (None where none did). Example: 3 of 10 steps and 1 of 30 give 4 / 40 = 0.1."""
+    counted = [q for q in questions if q.source_steps is not None]
+    return ratio(sum(q.source_steps or 0 for q in counted), sum(q.steps for q in counted)) \
+        if counted else None
+
+
 def turn_matches(method: AnswerRecord, base: AnswerRecord) -> tuple[int, int]:
     """(identical turns, compared turns) of choice 0; a turn only one side has
     counts as different. Example: ["a", "b"] vs ["a", "c", "d"] gives (1, 3)."""
@@ -458,7 +477,9 @@ class RowReport:
     wall time less prefill (where the two sides answer texts of other lengths,
     the same prefill is spread over other numbers of tokens); ``matched_speedup``
     each question weighted by the baseline's answer length (:func:`length_matched_speedup`);
-    ``tokens_per_target_call`` is the method's MAT (one target forward per decoding step).
+    ``tokens_per_target_call`` is the method's MAT (one target forward per decoding step);
+    ``source_share`` the share of the method's steps that ran its gated draft source, over the
+    questions that counted them (:func:`source_share`).
     """
 
     category: str
@@ -474,6 +495,7 @@ class RowReport:
     tokens_per_target_call: float | None
     exact_match: float | None
     turn_exact_match: float | None
+    source_share: float | None = None
 
 
 def length_matched_speedup(method: Iterable[tuple[int, float]],
@@ -527,6 +549,7 @@ def build_row(category: str, pairs: Sequence[Pair]) -> RowReport:
         tokens_per_target_call=method.mat,
         exact_match=ratio(sum(same == total for same, total in matches), len(matches)),
         turn_exact_match=ratio(sum(same for same, _ in matches), sum(t for _, t in matches)),
+        source_share=source_share([p.method_stats for p in pairs]),
     )
 
 
@@ -846,6 +869,9 @@ def format_table(report: Report) -> str:
         *align([header, *body]),
         "",
         f"accepted-length histogram (method, overall): {histogram or '-'}",
+        *([f"steps that ran the gated draft source (method, overall): "
+           f"{_percent(report.overall.source_share)}"]
+          if report.overall.source_share is not None else []),
         *disturbance_lines(report),
     ]
     for side, summary in report.errors.items():

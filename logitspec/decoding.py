@@ -123,6 +123,7 @@ class GenerationResult:
     times: StepTimes = field(default_factory=StepTimes)
     wall_time: float = 0.0
     cached_tokens: int = 0  # prompt tokens whose keys and values the cache already held
+    source_steps: int | None = None  # steps that ran the drafter's gated source (None: no gate)
 
     @property
     def new_tokens(self) -> int:
@@ -198,12 +199,16 @@ class Decoder:
         predicted, root_topk = verifier.read(logits, self.top_k, last)
         root = verifier.first_token(predicted)
         prefill_end = time.perf_counter()
+        gate = getattr(self.drafter, "gate", None)
+        before = gate.source_steps if gate is not None else 0
         result = self._decode(root, root_topk[0], config, verifier)
         synchronize(device)
         end = time.perf_counter()
         result.times.prefill = prefill_end - start
         result.wall_time = end - start
         result.cached_tokens = cached
+        if gate is not None:
+            result.source_steps = gate.source_steps - before
         return result
 
     def _check_fits(self, prompt: list[int], config: GenerationConfig) -> None:

@@ -56,6 +56,10 @@ class Drafter(Protocol):
     The loop reads the target's outputs back to the host once per step; a drafter sees them as
     top-k id rows (at most ``top_k`` wide) and, if it sets ``needs_hidden``, the target's final
     hidden states (on the device). Drafters never read logits on the device themselves.
+
+    Optional: a drafter that runs a costly draft source on some steps only exposes it as
+    ``gate`` (a :class:`~logitspec.gate.SourceGate`, or None); the loop then reports how many
+    steps of each generation ran the source (``GenerationResult.source_steps``).
     """
 
     name: str

@@ -51,6 +51,7 @@ class SourceGate:
         self.seconds = [0.0, 0.0]
         self.steps = [0, 0]
         self.step = 0
+        self.source_steps = 0  # steps whose choice was the source (recorded or not)
         self.arm = 1
         self._since = 0  # steps since the worse arm was last tried
         self._start = 0.0  # when this step's drafting began
@@ -65,14 +66,15 @@ class SourceGate:
         self.step += 1
         if min(self.steps) < self.warmup:
             self.arm = 1 if self.steps[1] <= self.steps[0] else 0
-            return self.arm == 1
-        best = 1 if self.rate(1) >= self.rate(0) else 0
-        self._since += 1
-        if self._since >= self.period(best):
-            self._since = 0
-            self.arm = 1 - best
         else:
-            self.arm = best
+            best = 1 if self.rate(1) >= self.rate(0) else 0
+            self._since += 1
+            if self._since >= self.period(best):
+                self._since = 0
+                self.arm = 1 - best
+            else:
+                self.arm = best
+        self.source_steps += self.arm
         return self.arm == 1
 
     def period(self, best: int) -> int:

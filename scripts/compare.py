@@ -66,7 +66,9 @@ Policies:
   fewer tokens spreads its prefill over fewer of them); exact =
   the fraction of measurements whose every turn's token ids equal vanilla's; host overhead =
   (draft + accept + update) / all phases of the decoder's own timing, and host µs/step = the
-  same host time per decoding step (none for HF). With several passes, the speedup, q-median
+  same host time per decoding step (none for HF); source steps = the share of steps that ran
+  a gated draft source (``eagle`` at its automatic budget, SpS's ``cost`` schedule; "-" for
+  methods without a gate). With several passes, the speedup, q-median
   speedup and tokens/s of each pass on its own give a mean, sample standard deviation and
   min over passes. A question that failed for any method (a prompt too long) is left out of
   every figure and the run ends with exit code 3.
@@ -331,6 +333,7 @@ class Outcome:
     work: Measurement  # what the disturbance model reads
     load_average: float | None = None  # at the question's start
     prefill: float | None = None  # prefill seconds; None when no phase was timed (speed.py's rule)
+    source_steps: int | None = None  # steps that ran a gated draft source; None: not counted
 
     @classmethod
     def of(cls, line: dict[str, Any], turn_ids: Sequence[tuple[int, ...]]) -> "Outcome | None":
@@ -346,6 +349,8 @@ class Outcome:
             host=times["draft"] + times["accept"] + times["update"], phases=sum(times.values()),
             work=measurement(record), load_average=load_average_of(record),
             prefill=record.choices[0].prefill_time,
+            source_steps=None if record.choices[0].source_steps is None
+            else sum(record.choices[0].source_steps),
         )
 
 
@@ -362,7 +367,8 @@ class RowFigures:
     side's prefill seconds left out of its wall time (None unless both sides timed their
     phases); ``matched_speedup``: the speedup with each answer's time scaled to the length of
     vanilla's answer to the same question (:func:`matched_speedup`); ``host_us_per_step``:
-    draft + accept + update microseconds per decoding step.
+    draft + accept + update microseconds per decoding step; ``source_share``: the share of
+    steps that ran the method's gated draft source (None unless every answer counted them).
     """
 
     questions: int
@@ -378,6 +384,7 @@ class RowFigures:
     exact_match: float | None
     host_overhead: float | None
     host_us_per_step: float | None
+    source_share: float | None = None
 
 
 def _rate(outcomes: Sequence[Outcome]) -> float | None:
@@ -433,6 +440,8 @@ def row_figures(mine: Sequence[Outcome], base: Sequence[Outcome], keys: Sequence
         matched_speedup=matched_speedup(mine, base),
         exact_match=ratio(same, len(mine)), host_overhead=ratio(host, phases),
         host_us_per_step=None if not phases or not steps else 1e6 * host / steps,
+        source_share=None if any(o.source_steps is None for o in mine)
+        else ratio(sum(o.source_steps or 0 for o in mine), steps),
     )
 
 
@@ -777,7 +786,7 @@ def row_table(figures: dict[str, RowFigures],
     """Header and one line per method; with ``spread`` (several passes), the speedup and
     tokens/s over passes too."""
     header = ["method", "MAT", "tok/s", "speedup", "q-median speedup", "decode speedup",
-              "length-matched speedup", "exact", "host overhead", "host µs/step"]
+              "length-matched speedup", "exact", "host overhead", "host µs/step", "source steps"]
     if spread is not None:
         header += ["speedup over passes", "tok/s over passes"]
     body = []
@@ -785,7 +794,8 @@ def row_table(figures: dict[str, RowFigures],
         cells = [label, _fmt(f.mat), _fmt(f.tokens_per_s, ".1f"), _fmt(f.speedup, ".2f", "x"),
                  _fmt(f.median_speedup, ".2f", "x"), _fmt(f.decode_speedup, ".2f", "x"),
                  _fmt(f.matched_speedup, ".2f", "x"), _percent(f.exact_match, ".0f"),
-                 _percent(f.host_overhead, ".1f"), _fmt(f.host_us_per_step, ".0f")]
+                 _percent(f.host_overhead, ".1f"), _fmt(f.host_us_per_step, ".0f"),
+                 _percent(f.source_share, ".1f")]
         if spread is not None:
             cells += [_spread_cell(spread[label]["speedup"], ".2f", "x"),
                       _spread_cell(spread[label]["tokens_per_s"], ".1f")]

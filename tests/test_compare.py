@@ -517,11 +517,20 @@ def test_a_failed_question_is_left_out_and_exits_3(tiny, tmp_path, capsys):
 
 
 def test_compare_run_with_the_head(tiny, tmp_path, capsys, monkeypatch):
-    """The head's methods (hybrid, head alone, head as SpS draft) from the cache, lossless."""
+    """The head's methods (hybrid, head alone, head as SpS draft) from the cache, lossless;
+    the gated hybrid (automatic budget) reports the share of steps that ran the head, the
+    others none."""
     monkeypatch.setenv("LOGITSPEC_CACHE", str(tmp_path / "cache"))
     save_random_head(tiny)
-    methods = ["vanilla", "eagle:16", "eagle:16,no_retrieval=1",
+    methods = ["vanilla", "eagle:16", "eagle:16,no_retrieval=1", "eagle",
                "sps,draft_head=cached,num_draft_tokens=3", "sps,draft_head=cached,num_drafts=2"]
     assert compare.main(argv_for(tiny, tmp_path / "out", "--methods", *methods, "--warmup", "0")) == 0
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]["overall"]
     assert all(rows[label]["exact_match"] == 1.0 for label in methods)
+    assert 0.0 < rows["eagle"]["source_share"] <= 1.0
+    assert all(rows[label]["source_share"] is None for label in methods if label != "eagle")
+    lines = [json.loads(x) for x in (tmp_path / "out").rglob("*eagle*.jsonl")
+             for x in x.read_text().splitlines()]
+    gated = [c for line in lines if line["meta"]["params"]["draft_tree_capacity"] == "auto"
+             for c in line["choices"]]
+    assert gated and all(len(c["source_steps"]) == len(c["turns"]) for c in gated)

@@ -257,7 +257,7 @@ def test_pruned_expansion_drafts_the_same_trees(target, head, name):
 def gated_run(target, head, slow_head: bool, **kw):
     """The gated hybrid decoding with 40 ms added to the head's first pass (``slow_head``) or
     to the verification of every step that did not run the head: the steps that ran the head,
-    the steps, and the output."""
+    the steps, the output, and the steps that the decoder reported as running the head."""
     import time
 
     drafter = eagle(head, None, **kw)
@@ -275,23 +275,26 @@ def gated_run(target, head, slow_head: bool, **kw):
 
     decoder._verify = slow_without_head
     drafter._offer_candidates = lambda *a: ran.append(drafter._use_head) or inner(*a)
-    out = decoder.generate(PROMPTS[1], GenerationConfig(max_new_tokens=80)).output_ids
-    return sum(ran), len(ran), out
+    result = decoder.generate(PROMPTS[1], GenerationConfig(max_new_tokens=80))
+    return sum(ran), len(ran), result.output_ids, result.source_steps
 
 
 def test_gate_skips_a_head_that_costs_more_than_it_gains(target, head):
     """A random head whose passes take 40 ms runs in its warm-up steps and its explorations
-    only; retrieval drafts the other steps; the output is vanilla's."""
-    with_head, steps, out = gated_run(target, head, slow_head=True)
+    only; retrieval drafts the other steps; the output is vanilla's, and the decoder reports
+    those steps."""
+    with_head, steps, out, reported = gated_run(target, head, slow_head=True)
     assert out == vanilla(target, PROMPTS[1], 80)
+    assert reported == with_head
     assert steps >= 30 and with_head <= 4 + steps // 16 + 1, (with_head, steps)
 
 
 def test_gate_runs_a_head_that_pays(target, head):
     """Head alone, steps without it (no draft) made 40 ms slower: the head runs in all but
     the warm-up's and the explorations' steps without it."""
-    with_head, steps, out = gated_run(target, head, slow_head=False, retrieval=False)
+    with_head, steps, out, reported = gated_run(target, head, slow_head=False, retrieval=False)
     assert out == vanilla(target, PROMPTS[1], 80)
+    assert reported == with_head
     assert steps >= 30 and steps - with_head <= 4 + steps // 16 + 1, (with_head, steps)
 
 

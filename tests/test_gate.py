@@ -26,6 +26,7 @@ def test_docstring_example():
     assert arms == [1, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 1]
     assert gate.rate(1) == pytest.approx(2 / 0.060) and gate.rate(0) == pytest.approx(40.0)
     assert gate.share() == pytest.approx(4 / 12)
+    assert gate.source_steps == 4
     slow = SourceGate(explore=4, warmup=2, regret=0.05)
     arms = run(slow, 34, {1: (2, 0.100), 0: (1.4, 0.035)})
     assert [i + 1 for i, arm in enumerate(arms) if arm] == [1, 3, 14, 24, 34]
@@ -45,6 +46,23 @@ def test_exploration_is_rarer_the_further_behind_and_capped():
         run(gate, 8, {1: (1, 1.0), 0: (other, 1.0)})
         arms = run(gate, 2 * period, {1: (1, 1.0), 0: (other, 1.0)})
         assert [i + 1 for i, arm in enumerate(arms) if not arm] == [period, 2 * period], other
+
+
+def test_source_steps_counts_every_choice_of_the_source_recorded_or_not():
+    """A step whose verification was not timed (trace replay) is not recorded, but it ran the
+    source if the gate chose it: ``source_steps`` counts choices, ``share`` records."""
+    gate = SourceGate(warmup=1)
+    assert gate.start_step()
+    gate.drafted()
+    gate.verified(None)
+    gate.end_step(3)
+    assert gate.source_steps == 1 and gate.steps == [0, 0] and gate.share() == 0.0
+    assert gate.start_step()  # still warming up the source's arm: nothing recorded for it
+    gate.drafted()
+    gate.verified(0.01)
+    gate.end_step(2)
+    assert not gate.start_step()
+    assert gate.source_steps == 2 and gate.steps == [0, 1]
 
 
 def test_the_gate_follows_a_change():

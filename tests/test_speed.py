@@ -496,6 +496,38 @@ def test_cached_tokens_are_checked(tmp_path: Path, capsys: Capsys, cached, promp
     assert code == 2 and err.count("\n") == 1 and message in err
 
 
+@pytest.mark.parametrize("sources, message", [
+    ([1], "'source_steps' and 'turns' differ in length"),
+    ([1, 6], "a turn's 'source_steps' exceeds its 'decoding_steps'"),
+    ([1, -1], "'source_steps'"),
+])
+def test_source_steps_are_checked(tmp_path: Path, capsys: Capsys, sources, message) -> None:
+    line = answer(1, tokens=[5, 5], times=[1.0, 1.0])
+    line["choices"][0]["source_steps"] = sources
+    m = write(tmp_path / "m.jsonl", [line])
+    code, _, err = run_cli(capsys, ["--file-path", m, "--base-path", m])
+    assert code == 2 and err.count("\n") == 1 and message in err
+
+
+def test_source_share_pools_the_questions_that_counted_steps(tmp_path: Path,
+                                                             capsys: Capsys) -> None:
+    """The docstring's example: 3 of 10 steps and 1 of 30 ran the gated source (a question
+    without the count, from a method with no gate, is left out of the share)."""
+    counted = [answer(1, tokens=[10], steps=[10]), answer(2, tokens=[20, 10], times=[1.0, 1.0],
+                                                         steps=[20, 10])]
+    counted[0]["choices"][0]["source_steps"] = [3]
+    counted[1]["choices"][0]["source_steps"] = [1, 0]
+    base = [answer(1, tokens=[10]), answer(2, tokens=[20, 10], times=[1.0, 1.0])]
+    report = compare(tmp_path, [*counted, answer(3)], [*base, answer(3)])
+    assert report.overall.source_share == pytest.approx(4 / 40)
+    assert compare(tmp_path, base, base).overall.source_share is None
+    m, b = write(tmp_path / "m.jsonl", counted), write(tmp_path / "b.jsonl", base)
+    code, out, _ = run_cli(capsys, ["--file-path", m, "--base-path", b])
+    assert code == 0 and "steps that ran the gated draft source (method, overall): 10.0%" in out
+    code, out, _ = run_cli(capsys, ["--file-path", b, "--base-path", b])
+    assert "gated draft source" not in out
+
+
 def test_the_disturbance_model_reads_the_prefilled_tokens() -> None:
     """A turn's prefill work is its prompt less the tokens its cache held."""
     line = answer(1, tokens=[5, 5], times=[1.0, 1.0], prompts=[100, 130])
