@@ -444,8 +444,7 @@ def source_share(questions: Sequence[QuestionStats]) -> float | None:
     """Steps that ran a gated draft source over all steps, on the questions that counted
     them (None where none did). Example: 3 of 10 steps and 1 of 30 give 4 / 40 = 0.1."""
     counted = [q for q in questions if q.source_steps is not None]
-    return ratio(sum(q.source_steps or 0 for q in counted), sum(q.steps for q in counted)) \
-        if counted else None
+    return ratio(sum(q.source_steps or 0 for q in counted), sum(q.steps for q in counted))
 
 
 def turn_matches(method: AnswerRecord, base: AnswerRecord) -> tuple[int, int]:
