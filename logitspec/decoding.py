@@ -33,6 +33,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import snapshot
 from .acceptance import GreedyVerifier, TargetOutput, Verifier
 from .draft_model import check_same_vocabulary
 from .drafters import Drafter, LogitSpecConfig, LogitSpecDrafter, PoolConfig, PromptLookupDrafter
@@ -182,6 +183,17 @@ class Decoder:
             return
         self.cache.reset()
         self.context = []
+
+    def save_state(self) -> snapshot.Snapshot | None:
+        """What the drafter learned so far (:mod:`logitspec.snapshot`); None without one. The
+        cache is not part of it: :meth:`reset` and the prompt's prefill decide what it holds."""
+        return None if self.drafter is None else snapshot.take(self.drafter)
+
+    def restore_state(self, state: snapshot.Snapshot | None) -> None:
+        """Puts back a state from :meth:`save_state` of this decoder or of one built with the
+        same model and drafter settings: the next question starts as it did then."""
+        if state is not None:
+            self.drafter = state.restore()
 
     @torch.inference_mode()
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> GenerationResult:

@@ -78,9 +78,11 @@ Policies:
   disturbed (pass, question, method) with the load average at their start, and the overall
   figures without those questions (left out for every method of that pass).
   ``--rerun-disturbed`` answers each disturbed pair again after the passes (question by
-  question, a question's methods in rotated order), keeps the faster of the two measurements
-  when both answered the same token ids (in the figures and the answer file), lists old and
-  new times and the overall figures before the re-runs, then looks for disturbance again.
+  question, a question's methods in rotated order), each from the drafter state its
+  measurement started from (saved before every question, untimed: a few tens of KB and
+  milliseconds for the retrieval drafters), keeps the faster of the two measurements when
+  both answered the same token ids (in the figures and the answer file), lists old and new
+  times and the overall figures before the re-runs, then looks for disturbance again.
 - Outputs in ``--out-dir``: one answer file per method (``<model id>.jsonl``; with several
   passes ``<model id>.pass-<k>.jsonl`` per pass; speed.py reads them), ``report.md`` (with the
   hardware), ``report.png`` (speedup bars with the median per-question speedup as diamonds and,
@@ -132,6 +134,7 @@ from logitspec.cost import float32_from_for  # noqa: E402
 from logitspec.decoding import Decoder, GenerationConfig, GenerationResult  # noqa: E402
 from logitspec.loading import DTYPES, LoadedModel, ModelLoadError, load  # noqa: E402
 from logitspec.runtime import runtime_meta  # noqa: E402
+from logitspec.snapshot import Snapshot, SnapshotError  # noqa: E402
 
 PROG = "compare.py"
 EXIT_USAGE = 2
@@ -303,6 +306,19 @@ class RecordingGenerator:
         self.turns.append(tuple(result.output_ids))
         return result
 
+    def save_state(self) -> Snapshot | None:
+        """The inner generator's learned state (:meth:`logitspec.decoding.Decoder.save_state`);
+        None where it has none to save or cannot save it (an HF generator)."""
+        save = getattr(self.inner, "save_state", None)
+        try:
+            return None if save is None else save()
+        except SnapshotError:
+            return None
+
+    def restore_state(self, state: Snapshot | None) -> None:
+        if state is not None:
+            self.inner.restore_state(state)  # type: ignore[attr-defined]
+
 
 @dataclass
 class Contender:
@@ -356,6 +372,7 @@ class Outcome:
 
 Outcomes = dict[str, dict[str, "Outcome | None"]]  # one pass: method label -> question key -> outcome
 Unit = tuple[int, str]  # (pass index, question key): one question in one pass, every method
+States = dict[tuple[int, str, str], "Snapshot | None"]  # (pass index, question key, label) -> state
 
 
 @dataclass(frozen=True)
@@ -626,16 +643,20 @@ def answer(contender: Contender, question: Question) -> tuple[dict[str, Any], Ou
 
 
 def interleave(contenders: Sequence[Contender], questions: Sequence[Question], run_pass: int,
-               writers: dict[str, AnswerWriter]) -> tuple[Outcomes, dict[str, list[str]]]:
+               writers: dict[str, AnswerWriter],
+               states: States | None = None) -> tuple[Outcomes, dict[str, list[str]]]:
     """Pass ``run_pass`` (0-based): every question with every method, question ``j`` in the
     order ``rotation(labels, j + run_pass)``; returns the outcomes (label -> question key ->
-    outcome) and each question's method order."""
+    outcome) and each question's method order. ``states``, when given, receives each method's
+    learned state before each question, untimed (:func:`rerun_disturbed` starts from it)."""
     by_label = {c.spec.text: c for c in contenders}
     outcomes: Outcomes = {label: {} for label in by_label}
     orders: dict[str, list[str]] = {}
     for index, question in enumerate(questions):
         orders[question.key] = rotation(list(by_label), index + run_pass)
         for label in orders[question.key]:
+            if states is not None:
+                states[run_pass, question.key, label] = by_label[label].recorder.save_state()
             line, outcomes[label][question.key] = answer(by_label[label], question)
             writers[label].write(line)
         print(f"{PROG}: pass {run_pass + 1}, question {index + 1}/{len(questions)} "
@@ -643,9 +664,10 @@ def interleave(contenders: Sequence[Contender], questions: Sequence[Question], r
     return outcomes, orders
 
 
-def run_passes(contenders: Sequence[Contender], questions: Sequence[Question],
-               repeats: int) -> tuple[list[Outcomes], list[dict[str, list[str]]]]:
-    """``repeats`` whole passes over the questions, each into its own answer files."""
+def run_passes(contenders: Sequence[Contender], questions: Sequence[Question], repeats: int,
+               states: States | None = None) -> tuple[list[Outcomes], list[dict[str, list[str]]]]:
+    """``repeats`` whole passes over the questions, each into its own answer files;
+    ``states``: as :func:`interleave`'s."""
     passes, orders = [], []
     for run_pass in range(repeats):
         if run_pass:  # a method that learns across questions must not meet its own answers
@@ -654,7 +676,7 @@ def run_passes(contenders: Sequence[Contender], questions: Sequence[Question],
         with ExitStack() as stack:
             writers = {c.spec.text: stack.enter_context(AnswerWriter(c.paths[run_pass]))
                        for c in contenders}
-            outcomes, order = interleave(contenders, questions, run_pass, writers)
+            outcomes, order = interleave(contenders, questions, run_pass, writers, states)
         passes.append(outcomes)
         orders.append(order)
     return passes, orders
@@ -665,7 +687,9 @@ class Rerun:
     """A disturbed measurement taken again; ``kept``: "new" when the re-run was faster with
     the same token ids (it replaced the old one everywhere, answer file included), "old: other
     text" when it answered other ids (other work, whatever its time), else "old";
-    ``new_time`` is None when the re-run failed."""
+    ``new_time`` is None when the re-run failed; ``state``: "saved" when the re-run's drafter
+    started from the state the measurement's started from, "fresh" when from nothing (a method
+    whose state was not saved)."""
 
     run_pass: int
     question: str
@@ -673,14 +697,22 @@ class Rerun:
     old_time: float
     new_time: float | None
     kept: str
+    state: str = "fresh"
 
 
 def rerun_disturbed(contenders: Sequence[Contender], questions: Sequence[Question],
-                    flags: Sequence[Flag], passes: list[Outcomes]) -> list[Rerun]:
+                    flags: Sequence[Flag], passes: list[Outcomes],
+                    states: States) -> list[Rerun]:
     """Answers every flagged (pass, question, method) again, after all passes: question by
     question in flag order, a question's flagged methods in the order ``rotation(methods, i)``
     for the i-th re-run question. The faster of the two measurements is kept, in ``passes``
-    (updated in place) and in the pass's answer file, if both answered the same token ids."""
+    (updated in place) and in the pass's answer file, if both answered the same token ids.
+
+    Each re-run's generator is a fresh one, given the learned state the pass's generator had
+    before that question where ``states`` holds it: what a drafter learned from the questions
+    before (and, in a repeated pass, nothing of the later ones) shapes its trees, and in half
+    precision the trees decide how the answer rounds, so a re-run from a fresh drafter would
+    answer another text and could never be kept, while vanilla's always could."""
     by_label = {c.spec.text: c for c in contenders}
     by_key = {q.key: q for q in questions}
     before = {q.key: p for p, q in zip(questions, questions[1:])}
@@ -694,6 +726,8 @@ def rerun_disturbed(contenders: Sequence[Contender], questions: Sequence[Questio
             ctx.renew_generator()  # it answered this question already
             if ctx.prefix_cache and key in before:
                 prime_prefix(ctx, before[key])  # the cache the pass's question started from
+            state = states.get((run_pass, key, label))
+            by_label[label].recorder.restore_state(state)  # after priming, which teaches it
             line, new = answer(by_label[label], by_key[key])
             old = passes[run_pass][label][key]
             assert old is not None  # only measured outcomes are flagged
@@ -704,7 +738,8 @@ def rerun_disturbed(contenders: Sequence[Contender], questions: Sequence[Questio
                 replaced.setdefault((run_pass, label), []).append(line)
             kept = "new" if keep else "old" if same or new is None else "old: other text"
             reruns.append(Rerun(run_pass + 1, key, label, old.wall_time,
-                                None if new is None else new.wall_time, kept))
+                                None if new is None else new.wall_time, kept,
+                                "fresh" if state is None else "saved"))
         print(f"{PROG}: re-run {index + 1}/{len(groups)} (pass {run_pass + 1}, id {key}) done",
               file=sys.stderr, flush=True)
     order = {q.key: i for i, q in enumerate(questions)}
@@ -812,8 +847,8 @@ def flag_table(flags: Sequence[Flag]) -> list[list[str]]:
 
 
 def rerun_table(reruns: Sequence[Rerun]) -> list[list[str]]:
-    header = ["pass", "question", "method", "old time (s)", "new time (s)", "kept"]
-    return [header, *([str(r.run_pass), r.question, r.method, f"{r.old_time:.2f}",
+    header = ["pass", "question", "method", "drafter state", "old time (s)", "new time (s)", "kept"]
+    return [header, *([str(r.run_pass), r.question, r.method, r.state, f"{r.old_time:.2f}",
                        _fmt(r.new_time), r.kept] for r in reruns)]
 
 
@@ -1010,9 +1045,9 @@ def run_header(settings: EvalConfig, models: Models, questions: int,
 
 def compare_measurements(args: argparse.Namespace, header: dict[str, Any],
                          contenders: Sequence[Contender], questions: Sequence[Question],
-                         passes: list[Outcomes]) -> Comparison:
+                         passes: list[Outcomes], states: States | None = None) -> Comparison:
     """The figures, the disturbed measurements and, with ``--rerun-disturbed``, their
-    re-runs (which update ``passes``)."""
+    re-runs (which update ``passes``; ``states``: as :func:`rerun_disturbed`'s)."""
     keys = [q.key for q in questions]
     rows_of = {q.key: row_name(q.category) for q in questions}
     categories = {q.key: q.category for q in questions}
@@ -1021,7 +1056,7 @@ def compare_measurements(args: argparse.Namespace, header: dict[str, Any],
     before_rerun = None
     if args.rerun_disturbed and found:
         before_rerun = summarize(passes, rows_of, usable_units(passes, keys))[OVERALL_ROW]
-        reruns = rerun_disturbed(contenders, questions, found, passes)
+        reruns = rerun_disturbed(contenders, questions, found, passes, states or {})
     remaining = find_disturbed(passes, categories, args.disturbance_threshold) if reruns else found
     units = usable_units(passes, keys)
     clean_units = usable_units(passes, keys, flagged_units(remaining))
@@ -1075,9 +1110,10 @@ def run(args: argparse.Namespace) -> int:
     contenders = build_contenders(specs, models, settings, out_dir, args.repeats)
     for contender in contenders:
         warm_up(contender.ctx, questions, settings.warmup)
-    passes, orders = run_passes(contenders, questions, args.repeats)
+    states: States | None = {} if args.rerun_disturbed else None
+    passes, orders = run_passes(contenders, questions, args.repeats, states)
     header = run_header(settings, models, len(questions), args.repeats)
-    comparison = compare_measurements(args, header, contenders, questions, passes)
+    comparison = compare_measurements(args, header, contenders, questions, passes, states)
     (out_dir / "report.md").write_text(report_text(comparison, md=True))
     plot = out_dir / "report.png" if write_plot(comparison, out_dir / "report.png") else None
     print(report_text(comparison, md=False), end="")

@@ -13,6 +13,7 @@ import pytest
 from evaluation import speed
 from evaluation.disturbance import Measurement, TurnWork
 from evaluation.questions import Question
+from logitspec import snapshot
 from cli_helpers import DEMO, load_script, read_lines, run_cli, save_random_head, save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -405,9 +406,22 @@ def test_repeats_and_rerun_disturbed(tiny, tmp_path, capsys, monkeypatch):
         assert len(set(clock.prompts)) == len(clock.prompts)
 
 
+def run_with_one_rerun(tiny, tmp_path, capsys, monkeypatch, clocked, *extra):
+    """compare.py with ``clocked`` generators over questions 5 to 8, vanilla and pld:8, no
+    warm-up, ``--rerun-disturbed``: pld:8's call 1 (question 6) is the one the tests below
+    plant slow. Returns the last stdout line's JSON."""
+    monkeypatch.setattr(compare, "make_generator", clocked)
+    argv = argv_for(tiny, tmp_path / "out", "--methods", "vanilla", "pld:8", "--warmup", "0",
+                    "--rerun-disturbed", *extra)
+    argv[argv.index("--question-begin") + 1], argv[argv.index("--question-end") + 1] = "4", "8"
+    assert compare.main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
 def test_a_rerun_that_answers_another_text_is_not_kept(tiny, tmp_path, capsys, monkeypatch):
-    """The disturbed measurement is taken again, faster, but with another text (the fresh
-    drafter's trees round differently in bfloat16): other work, so the original stays."""
+    """The disturbed measurement is taken again, faster, but with another text (a generator
+    that saves no state starts afresh, and a fresh drafter's trees round differently in
+    bfloat16): other work, so the original stays."""
     make_generator = compare.make_generator
     calls: dict[str, list[int]] = {}
 
@@ -416,14 +430,9 @@ def test_a_rerun_that_answers_another_text_is_not_kept(tiny, tmp_path, capsys, m
         return SyntheticClock(make_generator(spec, models), calls.setdefault(spec.text, [0]),
                               slow_calls={1} if planted else (), other_text={4} if planted else ())
 
-    monkeypatch.setattr(compare, "make_generator", clocked)
-    argv = argv_for(tiny, tmp_path / "out", "--methods", "vanilla", "pld:8", "--warmup", "0",
-                    "--rerun-disturbed")
-    argv[argv.index("--question-begin") + 1], argv[argv.index("--question-end") + 1] = "4", "8"
-    assert compare.main(argv) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = run_with_one_rerun(tiny, tmp_path, capsys, monkeypatch, clocked)
     (rerun,) = result["reruns"]
-    assert (rerun["question"], rerun["kept"]) == ("6", "old: other text")
+    assert (rerun["question"], rerun["kept"], rerun["state"]) == ("6", "old: other text", "fresh")
     assert rerun["new_time"] < rerun["old_time"]
     assert result["rows"]["overall"]["pld:8"] == result["before_rerun"]["pld:8"]
     lines = read_lines(Path(result["answer_files"]["pld:8"]))
@@ -445,12 +454,7 @@ def test_a_rerun_with_the_prefix_cache_starts_from_the_previous_questions_prefix
             built.append(clock)
         return clock
 
-    monkeypatch.setattr(compare, "make_generator", clocked)
-    argv = argv_for(tiny, tmp_path / "out", "--methods", "vanilla", "pld:8", "--warmup", "0",
-                    "--rerun-disturbed", "--prefix-cache", "1")
-    argv[argv.index("--question-begin") + 1], argv[argv.index("--question-end") + 1] = "4", "8"
-    assert compare.main(argv) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = run_with_one_rerun(tiny, tmp_path, capsys, monkeypatch, clocked, "--prefix-cache", "1")
     (rerun,) = result["reruns"]
     assert (rerun["question"], rerun["kept"]) == ("6", "new")
     pass_clock, rerun_clock = built
@@ -458,6 +462,48 @@ def test_a_rerun_with_the_prefix_cache_starts_from_the_previous_questions_prefix
     lines = read_lines(Path(result["answer_files"]["pld:8"]))
     choice = next(line for line in lines if line["question_id"] == 6)["choices"][0]
     assert 0 < choice["cached_tokens"][0] < choice["prompt_tokens"][0]
+
+
+class LearningClock(SyntheticClock):
+    """A :class:`SyntheticClock` whose answers depend on what it learned, as a bfloat16 run's
+    depend on its drafter's trees: each answer's last token is the number of questions this
+    generator answered before, its state, which it saves and restores as a decoder does."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.answered = 0
+
+    def generate(self, prompt_ids, config):
+        result = super().generate(prompt_ids, config)
+        ids = [*result.output_ids[:-1], self.answered]
+        self.answered += 1
+        return dataclasses.replace(result, output_ids=ids)
+
+    def save_state(self):
+        return snapshot.take(self.answered)
+
+    def restore_state(self, state):
+        self.answered = state.restore()
+
+
+def test_a_rerun_starts_from_the_state_its_measurement_started_from(tiny, tmp_path, capsys,
+                                                                     monkeypatch):
+    """pld:8's second answer of the pass (call 1) is planted slow. Its re-run is a fresh
+    generator given the state saved before that answer, so it answers the same text, faster,
+    and is kept; from a fresh state it would answer another text (the test above)."""
+    make_generator = compare.make_generator
+    calls: dict[str, list[int]] = {}
+
+    def clocked(spec, models):
+        return LearningClock(make_generator(spec, models), calls.setdefault(spec.text, [0]),
+                             slow_calls={1} if spec.text == "pld:8" else ())
+
+    result = run_with_one_rerun(tiny, tmp_path, capsys, monkeypatch, clocked)
+    (rerun,) = result["reruns"]
+    assert (rerun["question"], rerun["state"], rerun["kept"]) == ("6", "saved", "new")
+    assert rerun["old_time"] == pytest.approx(3 * rerun["new_time"])
+    lines = read_lines(Path(result["answer_files"]["pld:8"]))
+    assert sum(lines[1]["choices"][0]["wall_time"]) == pytest.approx(rerun["new_time"])
 
 
 def check_files(result: dict, out_dir: Path) -> None:
