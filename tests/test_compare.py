@@ -14,6 +14,7 @@ from evaluation import speed
 from evaluation.disturbance import Measurement, TurnWork
 from evaluation.questions import Question
 from logitspec import snapshot
+from logitspec.decoding import GenerationConfig
 from cli_helpers import DEMO, load_script, read_lines, run_cli, save_random_head, save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -580,3 +581,44 @@ def test_compare_run_with_the_head(tiny, tmp_path, capsys, monkeypatch):
     gated = [c for line in lines if line["meta"]["params"]["draft_tree_capacity"] == "auto"
              for c in line["choices"]]
     assert gated and all(len(c["source_steps"]) == len(c["turns"]) for c in gated)
+
+
+STATEFUL = ["pld:8", "recycling:16", "logitspec:16", "logitspec:16,tree_policy=reference",
+            "racer:8", "sam:16", "suffix:16", "lookahead,level=3,guess=2", "eagle:16",
+            "sps,draft_head=cached,num_draft_tokens=3"]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny, tmp_path_factory):
+    """The tiny model, and a random head where the head's methods look for it."""
+    from logitspec.loading import load
+
+    cache = tmp_path_factory.mktemp("head-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LOGITSPEC_CACHE", str(cache))
+        save_random_head(tiny)
+    return compare.Models(load(str(tiny), dtype="float32")), cache
+
+
+@pytest.mark.parametrize("text", STATEFUL)
+def test_every_method_saves_its_drafter_state_for_a_rerun(tiny_models, monkeypatch, text):
+    """``--rerun-disturbed`` relies on it: each method's generator saves what it learned from
+    one question, and a fresh generator given that state answers the next question with the
+    same drafts, step for step (a method whose state could not be saved would re-run from
+    nothing and, in half precision, answer another text)."""
+    models, cache = tiny_models
+    monkeypatch.setenv("LOGITSPEC_CACHE", str(cache))
+    spec, config = compare.parse_spec(text), GenerationConfig(max_new_tokens=24)
+    first, second = [5, 6, 7, 8, 9, 5, 6, 7, 10, 11], [5, 6, 7, 12, 13, 5, 6, 7]
+    run = compare.recorded_generator(spec, models)
+    run.generate(first, config)
+    run.reset()
+    state = run.save_state()
+    assert state is not None
+    expected = run.generate(second, config)
+    again = compare.recorded_generator(spec, models)
+    again.restore_state(state)
+    result = again.generate(second, config)
+    assert result.output_ids == expected.output_ids
+    assert (result.draft_lengths, result.accept_lengths) == (expected.draft_lengths,
+                                                             expected.accept_lengths)
