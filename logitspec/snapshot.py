@@ -8,7 +8,9 @@ different tree rounds differently, and the answer can change. :func:`take` copie
 (everything reachable from the object, by value) except the ``torch.nn.Module`` objects it
 refers to, which are weights that decoding never changes: those are kept by reference, so a
 snapshot of a drafter holding the target's LM head or a draft model costs only its own
-tables. :meth:`Snapshot.restore` builds an independent copy each time it is called.
+tables. :meth:`Snapshot.restore` builds an independent copy each time it is called. A
+snapshot lives in memory only: it is never written to or read from a file, so the rule that
+nothing is loaded from a pickle on disk holds.
 
 Example::
 
