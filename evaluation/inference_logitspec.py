@@ -85,10 +85,13 @@ class ValueTreeParams(RetrievalParams):
     live_costs: int = option(
         0, "1: correct the measured cost curve by the verification times seen during the run "
         "(automatic budget); 0: use it as measured", type=int, choices=[0, 1])
+    agreement: int = option(
+        0, "1: value a token that several sources propose right below the root by how many "
+        "do (value policy); 0: by the best of their features", type=int, choices=[0, 1])
 
     def __post_init__(self) -> None:
         for name in ("match_lengths", "suffix_trees", "suffix_branches", "suffix_grow",
-                     "live_costs"):
+                     "live_costs", "agreement"):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"{name} must be 0 or 1, got {getattr(self, name)}")
         self.logitspec_config()  # validates
@@ -112,6 +115,7 @@ class ValueTreeParams(RetrievalParams):
             suffix_branches=bool(self.suffix_branches and self.suffix_trees) and value,
             suffix_grow=bool(self.suffix_grow and self.suffix_trees) and value,
             live_costs=bool(self.live_costs) and value and self.draft_tree_capacity == "auto",
+            agreement=bool(self.agreement) and value,
         )
 
 

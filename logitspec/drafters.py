@@ -133,7 +133,9 @@ class LogitSpecConfig:
     ``successor_children`` (with recycled chains): below every node of another source, its
     ``successor_children`` best remembered successors are candidates, and theirs, down to
     ``successor_hops`` levels (RACER's copy-logit expansion of its retrieved chains): a chain
-    that ends, or goes wrong, still has the target's own guesses below it.
+    that ends, or goes wrong, still has the target's own guesses below it. ``agreement``
+    (value policy): a token that several sources propose right below the root is valued by
+    how many of them do (:class:`ValueTreeDrafter`), not only by the best of their features.
     """
 
     pool: PoolConfig = PoolConfig()
@@ -156,6 +158,7 @@ class LogitSpecConfig:
     suffix_branches: bool = False
     suffix_grow: bool = False
     live_costs: bool = False
+    agreement: bool = False
 
     def __post_init__(self) -> None:
         if self.tree_policy not in ("reference", "value"):
@@ -188,6 +191,8 @@ class LogitSpecConfig:
             raise ValueError("suffix_branches needs suffix_trees")
         if self.suffix_grow and not self.suffix_trees:
             raise ValueError("suffix_grow needs suffix_trees")
+        if self.agreement and self.tree_policy != "value":
+            raise ValueError("agreement features need tree_policy='value'")
         if self.live_costs and self.draft_tree_capacity is not None:
             raise ValueError("live_costs corrects the cost of an automatic draft_tree_capacity")
         if self.num_next_next is not None and self.num_next_next < 0:
@@ -301,6 +306,8 @@ class LogitSpecDrafter(_PoolDrafter):
 def value_prior(feature: tuple) -> float:
     """Acceptance rates assumed before any step was observed."""
     kind = feature[0]
+    if kind == "agree":  # v sources that would each be right with probability p
+        return 1.0 - (1.0 - value_prior(feature[2])) ** feature[1]
     if kind == "first":
         return 0.3 / feature[1]
     if kind == "alt":
@@ -406,6 +413,7 @@ class ValueTreeDrafter(_PoolDrafter):
                   for rank in range(1, self._successor_rows + 1))
             for hop in range(config.successor_hops + 1)]  # indexed by hop, 1..successor_hops
         self._hop_of: dict = {}  # feature -> _hop_below(feature), for the per-node bound
+        self._votes: dict[int, int] | None = None  # this step's agreed first tokens (agreement)
         if self.prompt_head is not None:
             self.needs_hidden = True
 
@@ -469,20 +477,71 @@ class ValueTreeDrafter(_PoolDrafter):
     def _offer_candidates(self, tree: BestFirstTree, root: int, root_topk: np.ndarray,
                           max_depth: int) -> None:
         """Offers every candidate source's chains under ``root``."""
-        self._offer_next_chains(tree, root)
+        pool = self.pool
+        occurrences = pool.occurrences(self._query(root))
         ranks = self._ranks_reaching(tree.floor)
-        if ranks:
-            self._offer_next_next_chains(tree, root, root_topk[: ranks + 1].tolist(), ranks)
-        if self.successors is not None and self.config.recycle_chains:
-            self._offer_recycled_chains(tree, root)
+        top = root_topk[: ranks + 1].tolist() if ranks else []
+        recycled = (self.successors.successors_of(root)[: self.config.recycle_chains].tolist()
+                    if self.successors is not None and self.config.recycle_chains else [])
+        suffix_drafts = []
         if self.suffixes is not None:
             local, answers = self.suffixes.drafts(max_depth)
-            rate, floor, grow = self.stats.rate, tree.floor, self.config.suffix_grow
-            tree.offer_nodes(suffix_candidates(local, "local", rate, floor, grow))
-            tree.offer_nodes(suffix_candidates(answers, "answers", rate, floor, grow))
+            suffix_drafts = [(local, "local"), (answers, "answers")]
             if self.config.suffix_branches:
-                for draft in self.suffixes.branches(max_depth, skip=local.match_len):
-                    tree.offer_nodes(suffix_candidates(draft, "branch", rate, floor, grow))
+                suffix_drafts += [(draft, "branch") for draft in
+                                  self.suffixes.branches(max_depth, skip=local.match_len)]
+        self._votes = None
+        if self.config.agreement:
+            self._votes = self._first_token_votes(root, occurrences, top, ranks, recycled,
+                                                  suffix_drafts)
+        self._offer_next_chains(tree, root, occurrences)
+        if ranks:
+            self._offer_next_next_chains(tree, root, top, ranks)
+        if recycled:
+            self._offer_recycled_chains(tree, root, recycled)
+        rate, floor, grow = self.stats.rate, tree.floor, self.config.suffix_grow
+        for draft, source in suffix_drafts:
+            tree.offer_nodes(self._agreed_nodes(suffix_candidates(draft, source, rate, floor, grow)))
+
+    def _first_token_votes(self, root: int, occurrences, top: list[int], ranks: int,
+                           recycled: list[int], suffix_drafts: list) -> dict[int, int]:
+        """How many sources propose each token right below ``root`` (the tokens two or more
+        propose): the pool's continuations, the last logit's next-next ranks, the remembered
+        successors, the question's suffix tree (its branches included) and the run's."""
+        sources: dict[int, int] = {}
+        tokens, limit = self.pool.tokens, min(self.tree_capacity - 1, self.pool.num_pred_tokens)
+        firsts = [
+            [tokens[pos + 1] for pos in occurrences[1] if pos + 1 < len(tokens)] if limit else [],
+            [t for t in top if t != root][:ranks],
+            [t for t in recycled if t >= 0],
+            [int(t) for d, source in suffix_drafts if source != "answers"
+             for t, parent in zip(d.tokens, d.parents) if parent < 0],
+            [int(t) for d, source in suffix_drafts if source == "answers"
+             for t, parent in zip(d.tokens, d.parents) if parent < 0],
+        ]
+        for bit, proposed in enumerate(firsts):
+            for token in proposed:
+                sources[token] = sources.get(token, 0) | (1 << bit)
+        return {token: min(bin(bits).count("1"), 3) for token, bits in sources.items()
+                if bits & (bits - 1)}
+
+    def _agreed(self, token: int, feature: Feature) -> Feature:
+        """``feature`` of a node right below the root, or ``("agree", v, feature)`` when ``v``
+        >= 2 sources propose its token (``v`` capped at 3)."""
+        votes = self._votes.get(token) if self._votes else None
+        if votes is None:
+            return feature
+        key = ("agree", votes, feature)
+        cached = self._feature_cache.get(key)
+        if cached is None:
+            cached = self._feature_cache[key] = key
+        return cached
+
+    def _agreed_nodes(self, nodes: list[Candidate]) -> list[Candidate]:
+        if self._votes:
+            for node in nodes:
+                node.feature = self._agreed(node.token, node.feature)
+        return nodes
 
     def _depth_features(self, kind: str, order: int, first_depth: int) -> tuple:
         """``(kind, order, depth bucket)`` for depths ``first_depth, first_depth + 1, ...``
@@ -495,16 +554,19 @@ class ValueTreeDrafter(_PoolDrafter):
             self._feature_cache[key] = features
         return features
 
-    def _offer_next_chains(self, tree: BestFirstTree, root: int) -> None:
+    def _offer_next_chains(self, tree: BestFirstTree, root: int, occurrences) -> None:
         pool = self.pool
         limit = min(self.tree_capacity - 1, pool.num_pred_tokens)
-        n, stored = pool.occurrences(self._query(root))
+        n, stored = occurrences
         tokens, lengths = pool.tokens, self.config.match_lengths
         for j, pos in enumerate(stored):
             order = bucket(pool.agreement(pos, (root,), MATCH_BUCKETS[-1]), MATCH_BUCKETS) if lengths else n
             cont = tokens[pos + 1:pos + 1 + limit]
             kind = "alt" if j else "match" if lengths else "next"
-            tree.offer(zip(cont, self._depth_features(kind, order, 1)))
+            features = self._depth_features(kind, order, 1)
+            if self._votes and cont and cont[0] in self._votes:
+                features = (self._agreed(cont[0], features[0]),) + features[1:]
+            tree.offer(zip(cont, features))
 
     def _ranks_reaching(self, floor: float) -> int:
         """How many next-next ranks to offer: up to the last whose rate reaches ``floor`` (the
@@ -525,6 +587,16 @@ class ValueTreeDrafter(_PoolDrafter):
         tokens = [token for token in top if token != root][:ranks]
         runs = [(feature, tokens[start - 1:end]) for feature, start, end in self._rank_runs
                 if start <= ranks]
+        if self._votes:  # agreed tokens leave their rank's run for a run of their own
+            votes = self._votes
+            split = []
+            for feature, run in runs:
+                split.append((feature, [t for t in run if t not in votes]))
+                for v in (3, 2):
+                    agreed = [t for t in run if votes.get(t) == v]
+                    if agreed:
+                        split.append((self._agreed(agreed[0], feature), agreed))
+            runs = [(feature, run) for feature, run in split if run]
         rate = self.stats.rate
         bound = max([rate(feature) for feature in self._tail_firsts])
         tree.offer_runs(runs, self._tail_argument, tail_bound=bound,
@@ -541,26 +613,28 @@ class ValueTreeDrafter(_PoolDrafter):
         n, cont = self.pool.first_match(prefix + [token], self.config.value_chain_length - 1)
         return zip(cont, self._depth_features("cont", n, 2)) if cont else iter(())
 
-    def _offer_recycled_chains(self, tree: BestFirstTree, root: int) -> None:
+    def _offer_recycled_chains(self, tree: BestFirstTree, root: int, first: list[int]) -> None:
         """Chains through the target's remembered successors: the ``j``-th successor of the
-        root, then each token's first successor; with ``recycle_breadth`` b > 1, each node's
-        b best successors below the first level (:class:`_Successors`)."""
-        first = self.successors.successors_of(root)[: self.config.recycle_chains].tolist()
+        root (``first``, the root's row), then each token's first successor; with
+        ``recycle_breadth`` b > 1, each node's b best successors below the first level
+        (:class:`_Successors`)."""
         breadth = self.config.recycle_breadth
         for rank, token in enumerate(first, start=1):
             if token < 0:
                 break
+            feature = self._agreed(token, ("rec", bucket(rank, RANK_BUCKETS), 1))
             if breadth > 1:
-                feature = ("rec", bucket(rank, RANK_BUCKETS), 1)
                 tree.offer_nodes([Candidate(token, feature, _Successors(self, token, 2))])
             else:
-                tree.offer(self._recycled_chain(rank, token))
+                tree.offer(self._recycled_chain(feature, token))
 
     def _hop_below(self, feature: Feature) -> int:
         """The successor level a node's children would be at (0: it has none): 1 below a
         node of another source, one more below a successor node; none below recycled chains'
         nodes, nor past ``successor_hops``."""
         kind = feature[0]
+        if kind == "agree":
+            return self._hop_below(feature[2])
         if kind == "rec":
             return 0
         hop = feature[2] + 1 if kind == "succ" else 1
@@ -587,8 +661,8 @@ class ValueTreeDrafter(_PoolDrafter):
             self._feature_cache[key] = features
         return features
 
-    def _recycled_chain(self, rank: int, token: int) -> Chain:
-        yield token, ("rec", bucket(rank, RANK_BUCKETS), 1)
+    def _recycled_chain(self, first: Feature, token: int) -> Chain:
+        yield token, first
         table = self.successors.table
         for feature in self._depth_features("rec", 0, 2)[: self.config.recycle_depth - 1]:
             token = int(table[token, 0])

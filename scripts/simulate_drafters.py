@@ -208,7 +208,8 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
     (next-token chains valued by their match length), ``suf`` (suffix trees' drafts),
     ``suftok=32`` (most tokens per suffix-tree draft), ``branches`` (with ``suf``: the
     per-question tree's drafts at its other match lengths too), ``grow`` (with ``suf``: each
-    node valued by the match it extends), ``live`` (auto: the cost curve
+    node valued by the match it extends), ``agree`` (first tokens valued by how many sources
+    propose them), ``live`` (auto: the cost curve
     corrected by the pass times it is told, see ``--pass-cost-factors``).
     ``sam:<capacity>``: SAMD[T] as ``inference_sam`` builds it (automaton drafts of
     ``min(40, capacity)`` tokens, Token Recycling on ``capacity`` nodes), options ``size=40``
@@ -265,6 +266,7 @@ def make_drafter(spec: str, curve: CostCurve | None, vocab_size: int = 49152) ->
             suffix_branches="branches" in options,
             suffix_grow="grow" in options,
             live_costs="live" in options,
+            agreement="agree" in options,
         )
         successors = SuccessorTable(vocab_size) if config.recycle_chains else None
         return make_logitspec_drafter(config, curve, successors)

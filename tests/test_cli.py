@@ -112,7 +112,7 @@ def test_three_methods_on_two_demo_questions(
                               "recycle_breadth": 1, "successor_children": 0, "successor_hops": 2,
                               "max_auto_capacity": 64, "match_lengths": 0, "suffix_trees": 1,
                               "suffix_tokens": 32, "suffix_branches": 1, "suffix_grow": 0,
-                              "live_costs": 0,
+                              "live_costs": 0, "agreement": 0,
                               "prompt_logits": 0}
     assert len(list((tmp_path / "cache" / "costs").glob("*.json"))) == 1
     assert meta["dtype"] == "float32" and meta["template"] == "chat_template"

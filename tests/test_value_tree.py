@@ -17,6 +17,7 @@ from logitspec.recycling import SuccessorTable
 from logitspec.decoding import Decoder, GenerationConfig
 from logitspec.drafters import (
     LogitSpecConfig, PoolConfig, ValueTreeDrafter, make_logitspec_drafter, suffix_candidates,
+    value_prior,
 )
 from logitspec.suffix_tree import SuffixDraft
 from logitspec.tree import DraftTree
@@ -259,6 +260,8 @@ def test_config_validation():
         LogitSpecConfig(suffix_trees=True)
     with pytest.raises(ValueError, match="suffix_tokens"):
         LogitSpecConfig(tree_policy="value", suffix_trees=True, suffix_tokens=0)
+    with pytest.raises(ValueError, match="agreement"):
+        LogitSpecConfig(agreement=True)
 
 
 CURVE = CostCurve((1, 8, 64), (1.0, 1.1, 2.0))
@@ -274,13 +277,15 @@ CURVE = CostCurve((1, 8, 64), (1.0, 1.1, 2.0))
     suffix=st.sampled_from(["off", "best", "branches", "grow"]),
     live=st.booleans(),
     recycle=st.sampled_from(["off", "verified", "prompt", "breadth", "successors"]),
+    agree=st.booleans(),
 )
-def test_value_trees_are_lossless(prompt, capacity, max_new, seed, match, suffix, live, recycle):
+def test_value_trees_are_lossless(prompt, capacity, max_new, seed, match, suffix, live, recycle,
+                                  agree):
     """Every source (next and next-next chains in runs of rank buckets with made-on-demand
     tails, the successor table's chains, learned from verified tokens only or from the prompt's
     logits too, or its trees of two successors per node, or successors below every other
-    node, suffix-tree drafts, valued by their draft's match or by the match each node extends)
-    at fixed and automatic budgets."""
+    node, suffix-tree drafts, valued by their draft's match or by the match each node extends;
+    first tokens valued by how many sources agree on them) at fixed and automatic budgets."""
     model = MarkovLM(8, seed=seed, scale=4.0)
     config = GenerationConfig(max_new_tokens=max_new, eos_token_ids=(7,))
     vanilla = Decoder(model).generate(prompt, config)
@@ -292,7 +297,7 @@ def test_value_trees_are_lossless(prompt, capacity, max_new, seed, match, suffix
                         recycle_chains=3 if recycle != "off" else 0, recycle_depth=3,
                         recycle_breadth=2 if recycle == "breadth" else 1,
                         successor_children=2 if recycle == "successors" else 0,
-                        live_costs=live and capacity is None), CURVE,
+                        live_costs=live and capacity is None, agreement=agree), CURVE,
         SuccessorTable(8, 3) if recycle != "off" else None,
         model.lm_head if recycle == "prompt" else None)
     assert drafter.needs_hidden == (recycle == "prompt")
@@ -874,3 +879,42 @@ def test_successor_children_below_every_other_source():
         LogitSpecConfig(tree_policy="value", successor_children=2)
     with pytest.raises(ValueError, match="successor_hops"):
         LogitSpecConfig(tree_policy="value", recycle_chains=2, successor_children=2, successor_hops=0)
+
+
+def test_agreement_values_a_first_token_by_the_sources_that_propose_it():
+    """Context ``5 6 7 8 5 6``, root 7: the pool continues it with 8; the last logit's
+    next-next guesses are 8 (rank 1) and 9; the root's remembered successors are 8 and 10.
+    With ``agreement``, 8 (three sources) carries ``("agree", 3, f)`` for the feature ``f`` of
+    each source's node, the others their own features; a learned rate for three agreeing
+    sources puts 8 first in a one-draft tree even where the sources' own rates rank 10 first;
+    without it the tree drafts 10."""
+    table = SuccessorTable(64, 2)
+    table.update([7], np.array([[10, 8]]))
+    context, root, top = [5, 6, 7, 8, 5, 6], 7, np.array([7, 8, 9], dtype=np.int64)
+
+    def drafter(agreement: bool, capacity: int) -> ValueTreeDrafter:
+        config = LogitSpecConfig(pool=PoolConfig(2, 4, 1), draft_tree_capacity=capacity,
+                                 tree_policy="value", recycle_chains=2, recycle_depth=1,
+                                 num_next_next=2, agreement=agreement)
+        d = make_logitspec_drafter(config, None, table)
+        d.begin(context, 0)
+        return d
+
+    d = drafter(True, 64)
+    tree = d.draft(root, top, 8)
+    firsts = {tree.tokens[n]: d._features[n] for n in range(1, len(tree.tokens))
+              if tree.parents[n] == 0}
+    assert set(firsts) == {8, 9, 10}
+    assert firsts[8][:2] == ("agree", 3) and firsts[8][2][0] in ("next", "first", "rec")
+    assert firsts[9] == ("first", 2) and firsts[10][0] == "rec"
+    assert value_prior(("agree", 2, ("first", 2))) == pytest.approx(1 - (1 - 0.15) ** 2)
+
+    for agreement, first in ((False, 10), (True, 8)):
+        d = drafter(agreement, 2)  # the root and one draft
+        d.stats.counts.update({("rec", 1, 1): (90.0, 100.0), ("rec", 2, 1): (90.0, 100.0),
+                               ("next", 2, 1): (1.0, 100.0), ("first", 1): (1.0, 100.0),
+                               ("agree", 3, ("next", 2, 1)): (99.0, 100.0),
+                               ("agree", 3, ("first", 1)): (99.0, 100.0),
+                               ("agree", 3, ("rec", 2, 1)): (99.0, 100.0)})
+        tree = d.draft(root, top, 8)
+        assert list(tree.tokens[1:]) == [first], agreement
