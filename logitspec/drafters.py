@@ -529,13 +529,7 @@ class ValueTreeDrafter(_PoolDrafter):
         """``feature`` of a node right below the root, or ``("agree", v, feature)`` when ``v``
         >= 2 sources propose its token (``v`` capped at 3)."""
         votes = self._votes.get(token) if self._votes else None
-        if votes is None:
-            return feature
-        key = ("agree", votes, feature)
-        cached = self._feature_cache.get(key)
-        if cached is None:
-            cached = self._feature_cache[key] = key
-        return cached
+        return feature if votes is None else ("agree", votes, feature)
 
     def _agreed_nodes(self, nodes: list[Candidate]) -> list[Candidate]:
         if self._votes:
